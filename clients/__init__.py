@@ -1,0 +1,1 @@
+"""Clients of the pipeline: a library and the `classify` command line."""

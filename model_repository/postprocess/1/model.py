@@ -1,0 +1,34 @@
+"""Triton adapter for the postprocess stage; the logic is rtinfer.postprocess."""
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from rtinfer import labels, stage_config
+from rtinfer.postprocess import Postprocessor
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        cfg = stage_config.StageConfig(args)
+        self.post = Postprocessor(cfg.audit_writer(), labels.names(),
+                                  models=cfg.classifier_models(), version=args["model_version"])
+
+    def execute(self, requests):
+        logits, contexts, sizes = [], [], []
+        for request in requests:
+            lg = pb_utils.get_input_tensor_by_name(request, "LOGITS").as_numpy()
+            ctx = pb_utils.get_input_tensor_by_name(request, "AUDIT_CTX").as_numpy().reshape(-1)
+            logits.append(lg)
+            contexts.extend(bytes(c) for c in ctx)
+            sizes.append(lg.shape[0])
+        probs, refs = self.post.run(np.concatenate(logits), contexts)
+        responses, start = [], 0
+        for n in sizes:
+            responses.append(pb_utils.InferenceResponse(output_tensors=[
+                pb_utils.Tensor("PROBS", probs[start:start + n]),
+                pb_utils.Tensor("AUDIT_REF", np.array(refs[start:start + n], dtype=np.object_).reshape(n, 1)),
+            ]))
+            start += n
+        return responses
+
+    def finalize(self):
+        self.post.audit.close()

@@ -1,0 +1,6 @@
+"""Shared logic of the encrypted, audited classification service.
+
+The Triton adapters under model_repository/, the clients and the tests all import
+these modules, so the code that seals a payload in a client is the code that opens
+it in the server.
+"""

@@ -1,0 +1,94 @@
+"""Sealed envelope for an image payload (AES-256-GCM).
+
+Layout (all integers big-endian)::
+
+    magic   4  b"RTE1"
+    hlen    2  length of the header
+    header  hlen  canonical JSON: {"aud": pipeline, "cid": client id, "kid": key id, "ts": unix ms}
+    nonce   12 random
+    body    ciphertext || 16-byte GCM tag
+
+The associated data is magic + hlen + header, so key id, client id, target
+pipeline and timestamp are authenticated: changing any of them fails decryption.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from rtinfer.errors import RejectedRequest
+
+MAGIC = b"RTE1"
+NONCE_LEN = 12
+TAG_LEN = 16
+_PREFIX = struct.Struct(">4sH")
+MIN_LEN = _PREFIX.size + 2 + NONCE_LEN + TAG_LEN  # smallest header is "{}"
+
+
+@dataclass(frozen=True)
+class Header:
+    key_id: str
+    client_id: str
+    pipeline: str
+    timestamp_ms: int
+
+    def encode(self) -> bytes:
+        body = {"aud": self.pipeline, "cid": self.client_id, "kid": self.key_id, "ts": self.timestamp_ms}
+        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Opened:
+    header: Header
+    nonce: bytes
+    plaintext: bytes
+
+
+def seal(plaintext: bytes, key: bytes, *, key_id: str, client_id: str, pipeline: str,
+         timestamp_ms: int | None = None, nonce: bytes | None = None) -> bytes:
+    """Encrypt ``plaintext`` for ``pipeline``; a fresh random nonce unless one is given (tests)."""
+    ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
+    header = Header(key_id, client_id, pipeline, ts).encode()
+    aad = _PREFIX.pack(MAGIC, len(header)) + header
+    nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
+    return aad + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
+    """Split an envelope into (header, aad, nonce, body) without decrypting."""
+    if len(envelope) < MIN_LEN:
+        raise RejectedRequest("truncated", f"envelope truncated: {len(envelope)} bytes, at least {MIN_LEN} needed")
+    magic, hlen = _PREFIX.unpack_from(envelope)
+    if magic != MAGIC:
+        raise RejectedRequest("bad_format", "not an RTE1 envelope (bad magic bytes)")
+    start = _PREFIX.size
+    if len(envelope) < start + hlen + NONCE_LEN + TAG_LEN:
+        raise RejectedRequest("truncated", f"envelope truncated: header says {hlen} header bytes, "
+                              f"but only {len(envelope)} bytes in all")
+    try:
+        fields = json.loads(envelope[start:start + hlen])
+        header = Header(key_id=str(fields["kid"]), client_id=str(fields["cid"]),
+                        pipeline=str(fields["aud"]), timestamp_ms=int(fields["ts"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RejectedRequest("bad_format", f"envelope header is not valid: {exc.__class__.__name__}") from None
+    aad = envelope[:start + hlen]
+    nonce = envelope[start + hlen:start + hlen + NONCE_LEN]
+    return header, aad, nonce, envelope[start + hlen + NONCE_LEN:]
+
+
+def open_envelope(envelope: bytes, key_for) -> Opened:
+    """Authenticate and decrypt; ``key_for(header)`` returns the AES key or raises RejectedRequest."""
+    header, aad, nonce, body = parse_header(envelope)
+    key = key_for(header)
+    try:
+        plaintext = AESGCM(key).decrypt(nonce, body, aad)
+    except InvalidTag:
+        raise RejectedRequest("auth_failed", f"authentication failed for key id '{header.key_id}': "
+                              "ciphertext, header or key do not match") from None
+    return Opened(header, nonce, plaintext)

@@ -1,0 +1,108 @@
+"""The preprocess stage: open the envelope, decode the image, audit what is refused.
+
+Pure logic behind ``model_repository/preprocess/1/model.py``; tests drive it directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from rtinfer import envelope, imaging
+from rtinfer.audit import AuditWriter
+from rtinfer.errors import RejectedRequest
+from rtinfer.keyring import Keyring
+
+DEFAULT_MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
+
+
+@dataclass
+class Request:
+    envelope: bytes
+    request_id: str = ""
+    client_id: str = ""  # as the client declared it in request parameters (unauthenticated)
+
+
+@dataclass
+class Accepted:
+    image: np.ndarray  # CHW float32
+    context: bytes  # JSON carried straight to postprocess (AUDIT_CTX)
+
+
+@dataclass
+class Rejected:
+    reason: str
+    message: str
+
+
+class Preprocessor:
+    def __init__(self, keyring: Keyring, audit: AuditWriter, *, pipelines: set[str],
+                 max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
+                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1"):
+        self.keyring = keyring
+        self.audit = audit
+        self.pipelines = set(pipelines)
+        self.max_envelope_bytes = max_envelope_bytes
+        self.max_pixels = max_pixels
+        self.version = version
+
+    def _key_for(self, header: envelope.Header) -> bytes:
+        if header.pipeline not in self.pipelines:
+            raise RejectedRequest("wrong_pipeline", f"envelope is sealed for pipeline '{header.pipeline}', "
+                                  f"this service serves {sorted(self.pipelines)}")
+        return self.keyring.key(header.key_id)
+
+    def _one(self, req: Request, started_ns: int) -> Accepted:
+        if len(req.envelope) > self.max_envelope_bytes:
+            raise RejectedRequest("too_large", f"envelope is {len(req.envelope)} bytes, "
+                                  f"more than the limit of {self.max_envelope_bytes}")
+        opened = envelope.open_envelope(req.envelope, self._key_for)
+        hdr = opened.header
+        if req.client_id and req.client_id != hdr.client_id:
+            raise RejectedRequest("client_mismatch", f"client id '{req.client_id}' in the request does not match "
+                                  f"the envelope's sealed client id '{hdr.client_id}'")
+        image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels)
+        done_ns = time.time_ns()
+        ctx = {
+            "request_id": req.request_id, "client_id": hdr.client_id, "key_id": hdr.key_id,
+            "pipeline": hdr.pipeline, "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(),
+            "sealed_at_ms": hdr.timestamp_ms, "preprocess_version": self.version,
+            "t_start_ns": started_ns, "t_pre_done_ns": done_ns,
+        }
+        return Accepted(image, json.dumps(ctx, separators=(",", ":")).encode())
+
+    def run(self, requests: list[Request]) -> list[Accepted | Rejected]:
+        """Process one batch; rejections are audited together in one write before returning."""
+        results, rejected = [], []
+        for req in requests:
+            started = time.time_ns()
+            try:
+                results.append(self._one(req, started))
+            except RejectedRequest as exc:
+                results.append(Rejected(exc.reason, str(exc)))
+                rejected.append(self._rejection_record(req, exc, started))
+        self.audit.append(rejected)
+        return results
+
+    def _rejection_record(self, req: Request, exc: RejectedRequest, started_ns: int) -> dict:
+        rec = {
+            "event": "rejected", "stage": "preprocess", "time": _now_iso(),
+            "request_id": req.request_id, "client_id": req.client_id, "key_id": None,
+            "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(), "envelope_bytes": len(req.envelope),
+            "reason": exc.reason, "message": str(exc), "preprocess_version": self.version,
+            "timing_ms": {"preprocess": round((time.time_ns() - started_ns) / 1e6, 3)},
+        }
+        try:  # the header, when it parses, says who claims to have sent it (not authenticated if rejected)
+            hdr = envelope.parse_header(req.envelope)[0]
+            rec.update(key_id=hdr.key_id, claimed_client_id=hdr.client_id, pipeline=hdr.pipeline)
+        except RejectedRequest:
+            pass
+        return rec
+
+
+def _now_iso() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -1,0 +1,199 @@
+"""Launch the `tritonserver` binary shipped in the nvidia-pytriton wheel on this model repository.
+
+We use only the wheel's binary and Python backend, not PyTriton's serving API.
+The launcher assembles a backend directory (the Python backend, the stub for the
+running interpreter, and our Python-based `onnxruntime` backend), sets the
+environment the stub needs, starts the server with explicit model control, and
+waits until the models are ready. ``python -m rtinfer.server`` serves until Ctrl-C.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from pathlib import Path
+
+import pytriton
+
+ROOT = Path(__file__).resolve().parent.parent
+WHEEL = Path(pytriton.__file__).resolve().parent / "tritonserver"
+LIBS = WHEEL.parent.parent / "nvidia_pytriton.libs"
+
+
+def has_gpu() -> bool:
+    return Path("/dev/nvidia0").exists() and shutil.which("nvidia-smi") is not None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assemble_backends(target: Path) -> Path:
+    """backends/python (+ stub for this Python) and backends/onnxruntime/model.py, refreshed each start."""
+    py = target / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
+        shutil.copy2(WHEEL / "backends" / "python" / name, py / name)
+    stub = WHEEL / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
+    shutil.copy2(stub / "triton_python_backend_stub", py / "triton_python_backend_stub")
+    ort_dir = target / "onnxruntime"
+    ort_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(ROOT / "backends" / "onnxruntime" / "model.py", ort_dir / "model.py")
+    return target
+
+
+def server_env(extra: dict | None = None) -> dict:
+    """PATH with this venv's bin first (the stub finds packages through python3 on PATH);
+    the wheel's libs, and the base interpreter's lib dir first so the stub's libpython
+    matches the standard library it imports."""
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.executable).parent)
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(LIBS), env.get("LD_LIBRARY_PATH", "")]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
+    env.update(extra or {})
+    return env
+
+
+class TritonServer:
+    """A running tritonserver; a context manager that always stops it."""
+
+    def __init__(self, model_repository: str | os.PathLike = ROOT / "model_repository", *,
+                 models=("pipeline",), http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
+                 keyring: str | None = None, audit_dir: str | None = None, config_name: str | None = "auto",
+                 host: str = "127.0.0.1", extra_args=(), env: dict | None = None,
+                 workdir: str | os.PathLike = ROOT / "build" / "triton", log_file: str | None = None):
+        self.model_repository = Path(model_repository).resolve()
+        self.models = list(models)
+        self.host = host
+        self.http_port = http_port or free_port()
+        self.grpc_port = grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.config_name = ("cpu" if not has_gpu() else None) if config_name == "auto" else config_name
+        self.extra_args = list(extra_args)
+        self.workdir = Path(workdir)
+        self.log_file = Path(log_file) if log_file else self.workdir / f"server-{self.http_port}.log"
+        self.env = dict(env or {})
+        if keyring:
+            self.env["RTINFER_KEYRING"] = str(Path(keyring).resolve())
+        if audit_dir:
+            self.env["RTINFER_AUDIT_DIR"] = str(Path(audit_dir).resolve())
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def command(self) -> list[str]:
+        backends = assemble_backends(self.workdir / "backends")
+        cmd = [str(WHEEL / "bin" / "tritonserver"),
+               f"--model-repository={self.model_repository}",
+               f"--backend-directory={backends}",
+               f"--cache-directory={WHEEL / 'caches'}",
+               "--model-control-mode=explicit",
+               *[f"--load-model={m}" for m in self.models],
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}",
+               "--allow-metrics=true", "--log-verbose=0"]
+        if self.config_name:
+            cmd.append(f"--model-config-name={self.config_name}")
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 120.0) -> "TritonServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_file, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=server_env(self.env), start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tritonserver exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            for model in self.models:
+                url = f"http://{self.host}:{self.http_port}/v2/models/{model}/ready"
+                with urllib.request.urlopen(url, timeout=1) as resp:
+                    if resp.status != 200:
+                        return False
+            return True
+        except OSError:
+            return False
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rtinfer.server", description=__doc__)
+    p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
+    p.add_argument("--model", action="append", help="model to load (default: pipeline; its steps load with it)")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--keyring")
+    p.add_argument("--audit-dir")
+    p.add_argument("--config-name", default="auto", help="'auto' = cpu when no GPU is present; '' = config.pbtxt")
+    args, extra = p.parse_known_args(argv)
+    server = TritonServer(args.model_repository, models=args.model or ["pipeline"], host=args.host,
+                          http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
+                          keyring=args.keyring, audit_dir=args.audit_dir, config_name=args.config_name or None,
+                          extra_args=extra)
+    server.start()
+    print(f"tritonserver ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}"
+          f"  config {server.config_name or 'config.pbtxt'}  log {server.log_file}", flush=True)
+    try:
+        server.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
