@@ -1,0 +1,165 @@
+"""Client library and CLI for the encrypted pipeline, over gRPC or HTTP (tritonclient).
+
+    python -m clients.classify IMAGE... --protocol grpc --url 127.0.0.1:8001 --key-id k1 --top-k 5
+
+Each image is sealed with rtinfer.envelope (the code the server opens it with),
+sent with a request id and the client id as a request parameter, and the top-k
+comes from Triton's classification extension (class_count on PROBS).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rtinfer import envelope
+from rtinfer.keyring import DEFAULT_KEY_ID, Keyring
+
+DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
+
+
+@dataclass
+class Prediction:
+    score: float
+    index: int
+    label: str
+
+
+@dataclass
+class Result:
+    request_id: str
+    predictions: list[Prediction]
+    audit_ref: str  # hash of the audit record the server wrote for this request
+
+
+def _module(protocol: str, aio: bool = False):
+    if protocol == "grpc":
+        import tritonclient.grpc as m
+        import tritonclient.grpc.aio as a
+    elif protocol == "http":
+        import tritonclient.http as m
+        import tritonclient.http.aio as a
+    else:
+        raise ValueError(f"protocol must be grpc or http, not {protocol!r}")
+    return a if aio else m
+
+
+def parse_classes(raw: np.ndarray) -> list[Prediction]:
+    """Triton's classification output: b"score:index:label" per class, best first."""
+    out = []
+    for item in raw.reshape(-1):
+        score, index, label = (item.decode() if isinstance(item, bytes) else item).split(":", 2)
+        out.append(Prediction(float(score), int(index), label))
+    return out
+
+
+class PipelineClient:
+    """Seals images and calls the pipeline; one instance per server and identity."""
+
+    def __init__(self, url: str, *, protocol: str = "grpc", key: bytes, key_id: str = DEFAULT_KEY_ID,
+                 client_id: str = "cli", pipeline: str = "pipeline", headers: dict | None = None,
+                 aio: bool = False, **client_kwargs):
+        self.protocol, self.pipeline = protocol, pipeline
+        self.key, self.key_id, self.client_id = key, key_id, client_id
+        self.headers = headers or {}
+        self._m = _module(protocol, aio)
+        self.client = self._m.InferenceServerClient(url=url, **client_kwargs)
+
+    def seal(self, image: bytes) -> bytes:
+        return envelope.seal(image, self.key, key_id=self.key_id, client_id=self.client_id, pipeline=self.pipeline)
+
+    def request(self, sealed: bytes, top_k: int, request_id: str | None = None) -> dict:
+        """The keyword arguments of one infer() call (shared by the sync and async clients)."""
+        inp = self._m.InferInput("ENVELOPE", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[sealed]], dtype=np.object_))
+        outputs = [self._m.InferRequestedOutput("PROBS", class_count=top_k),
+                   self._m.InferRequestedOutput("AUDIT_REF")]
+        return dict(model_name=self.pipeline, inputs=[inp], outputs=outputs,
+                    request_id=request_id or uuid.uuid4().hex, parameters={"client_id": self.client_id},
+                    headers=self.headers)
+
+    @staticmethod
+    def result(kwargs: dict, response) -> Result:
+        ref = response.as_numpy("AUDIT_REF").reshape(-1)[0]
+        return Result(kwargs["request_id"], parse_classes(response.as_numpy("PROBS")),
+                      ref.decode() if isinstance(ref, bytes) else str(ref))
+
+    def infer_envelope(self, sealed: bytes, *, top_k: int = 5, request_id: str | None = None) -> Result:
+        kwargs = self.request(sealed, top_k, request_id)
+        return self.result(kwargs, self.client.infer(**kwargs))
+
+    def classify(self, image: bytes, *, top_k: int = 5, request_id: str | None = None) -> Result:
+        return self.infer_envelope(self.seal(image), top_k=top_k, request_id=request_id)
+
+    async def classify_async(self, image: bytes, *, top_k: int = 5, request_id: str | None = None) -> Result:
+        kwargs = self.request(self.seal(image), top_k, request_id)
+        return self.result(kwargs, await self.client.infer(**kwargs))
+
+    async def classify_many(self, images: list[bytes], *, top_k: int = 5, concurrency: int = 8) -> list:
+        """Many images at once (needs aio=True); a failed request yields its exception in place."""
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(img):
+            async with gate:
+                return await self.classify_async(img, top_k=top_k)
+        return await asyncio.gather(*(one(i) for i in images), return_exceptions=True)
+
+    def close(self):
+        result = self.client.close()
+        if asyncio.iscoroutine(result):
+            return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m clients.classify", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
+    p.add_argument("--url", help="host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
+    p.add_argument("--keyring", default="build/keys/keyring.json")
+    p.add_argument("--key-id", default=DEFAULT_KEY_ID)
+    p.add_argument("--client-id", default="cli")
+    p.add_argument("--pipeline", default="pipeline")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--concurrency", type=int, default=1, help=">1: send the images concurrently (asyncio)")
+    args = p.parse_args(argv)
+    url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
+    key = Keyring.load(args.keyring).key(args.key_id)
+    kw = dict(protocol=args.protocol, key=key, key_id=args.key_id, client_id=args.client_id, pipeline=args.pipeline)
+    images = [path.read_bytes() for path in args.images]
+    if args.concurrency > 1:
+        async def run():
+            client = PipelineClient(url, aio=True, **kw)
+            try:
+                return await client.classify_many(images, top_k=args.top_k, concurrency=args.concurrency)
+            finally:
+                await client.close()
+        results = asyncio.run(run())
+    else:
+        client = PipelineClient(url, **kw)
+        results = []
+        for img in images:
+            try:
+                results.append(client.classify(img, top_k=args.top_k))
+            except Exception as exc:  # one bad image must not hide the others' results
+                results.append(exc)
+        client.close()
+    status = 0
+    for path, res in zip(args.images, results):
+        if isinstance(res, Exception):
+            status = 1
+            print(f"{path}: ERROR {res}")
+            continue
+        print(f"{path}: request {res.request_id}, audit record {res.audit_ref[:16]}")
+        for pred in res.predictions:
+            print(f"  {pred.score:7.4f}  {pred.index:4d}  {pred.label}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
