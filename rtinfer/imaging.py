@@ -28,7 +28,8 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     except RejectedRequest:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RejectedRequest("too_many_pixels", "image dimensions are absurd (decompression bomb)") from None
+        raise RejectedRequest("too_many_pixels", "image dimensions are absurd (decompression bomb): "
+                              f"more than the limit of {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
         raise RejectedRequest("bad_image", "payload is not a JPEG or PNG image") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -27,8 +27,11 @@ class Postprocessor:
         self.models = models  # pipeline name -> "classifier model/version (sha256 prefix)"
         self.version = version
 
-    def run(self, logits: np.ndarray, contexts: list[bytes]) -> tuple[np.ndarray, list[str]]:
-        """Batch of logits [N,1000] + their audit contexts -> probabilities and audit record hashes."""
+    def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str]) -> tuple[np.ndarray, list[str]]:
+        """Batch of logits [N,1000] + audit contexts + Triton request ids -> probabilities and record hashes.
+
+        The request id is the one Triton hands this last step, so the record shows it
+        reached the end of the ensemble; preprocess saw the same id (``ctx``)."""
         started = time.time_ns()
         probs = softmax(logits.astype(np.float32))
         top = probs.argmax(axis=1)
@@ -39,7 +42,7 @@ class Postprocessor:
             idx = int(top[i])
             records.append({
                 "event": "served", "stage": "postprocess", "time": _now_iso(),
-                "request_id": ctx["request_id"], "client_id": ctx["client_id"], "key_id": ctx["key_id"],
+                "request_id": request_ids[i], "client_id": ctx["client_id"], "key_id": ctx["key_id"],
                 "envelope_sha256": ctx["envelope_sha256"], "pipeline": ctx["pipeline"],
                 "models": {"preprocess": ctx["preprocess_version"], "postprocess": self.version,
                            "classifier": self.models.get(ctx["pipeline"], "unknown")},

@@ -13,14 +13,15 @@ class TritonPythonModel:
                                   models=cfg.classifier_models(), version=args["model_version"])
 
     def execute(self, requests):
-        logits, contexts, sizes = [], [], []
+        logits, contexts, ids, sizes = [], [], [], []
         for request in requests:
             lg = pb_utils.get_input_tensor_by_name(request, "LOGITS").as_numpy()
             ctx = pb_utils.get_input_tensor_by_name(request, "AUDIT_CTX").as_numpy().reshape(-1)
             logits.append(lg)
             contexts.extend(bytes(c) for c in ctx)
             sizes.append(lg.shape[0])
-        probs, refs = self.post.run(np.concatenate(logits), contexts)
+            ids.extend([request.request_id()] * lg.shape[0])
+        probs, refs = self.post.run(np.concatenate(logits), contexts, ids)
         responses, start = [], 0
         for n in sizes:
             responses.append(pb_utils.InferenceResponse(output_tensors=[

@@ -1,0 +1,180 @@
+"""The encrypted pipeline on a real tritonserver, over real gRPC and HTTP sockets."""
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from clients import samples
+from clients.classify import PipelineClient
+from rtinfer import audit, envelope
+
+PROTOCOLS = ["grpc", "http"]
+CATS = range(281, 286)
+
+
+def url(server, protocol):
+    return server.grpc_url if protocol == "grpc" else server.http_url
+
+
+@pytest.fixture(params=PROTOCOLS)
+def client(request, server, keys):
+    c = PipelineClient(url(server, request.param), protocol=request.param, key=keys.key("k1"), key_id="k1",
+                       client_id=f"tester-{request.param}")
+    yield c
+    c.close()
+
+
+def records_for(audit_dir, request_id):
+    return [r for r in audit.read_records(audit_dir) if r.get("request_id") == request_id]
+
+
+def test_chelsea_is_a_cat_and_coffee_is_espresso(client, audit_dir):
+    cat = client.classify(samples.photo("chelsea"), top_k=5)
+    assert cat.predictions[0].index in CATS, cat.predictions
+    coffee = client.classify(samples.photo("coffee"), top_k=5)
+    assert coffee.predictions[0].index == 967 and coffee.predictions[0].label == "espresso"
+    for res in (cat, coffee):
+        scores = [p.score for p in res.predictions]
+        assert len(scores) == 5 and scores == sorted(scores, reverse=True) and sum(scores) <= 1.0 + 1e-6
+        [rec] = records_for(audit_dir, res.request_id)
+        assert rec["event"] == "served" and rec["hash"] == res.audit_ref
+        assert rec["client_id"] == client.client_id and rec["key_id"] == "k1"
+        assert rec["top1"]["index"] == res.predictions[0].index
+        assert set(rec["timing_ms"]) >= {"preprocess", "classifier_incl_queues", "postprocess", "total"}
+
+
+def test_png_and_second_key(server, keys, audit_dir):
+    c = PipelineClient(server.grpc_url, key=keys.key("k2"), key_id="k2", client_id="png-user")
+    res = c.classify(samples.photo("coffee", fmt="PNG"), top_k=1)
+    assert res.predictions[0].index == 967
+    assert records_for(audit_dir, res.request_id)[0]["key_id"] == "k2"
+
+
+def test_audit_never_holds_plaintext(client, audit_dir):
+    image = samples.photo("chelsea")
+    res = client.classify(image, top_k=1)
+    text = "\n".join(f.read_text() for f in audit.audit_files(audit_dir))
+    assert res.request_id in text and image.hex()[:64] not in text
+
+
+def expect_rejected(client, sealed, fragment, reason, audit_dir):
+    """Rejected with INVALID_ARGUMENT / 400, a message saying what was wrong, audited, no traceback."""
+    rid = uuid.uuid4().hex
+    with pytest.raises(InferenceServerException) as info:
+        client.infer_envelope(sealed, request_id=rid)
+    msg, status = info.value.message(), str(info.value.status())
+    assert fragment in msg, msg
+    assert "Traceback" not in msg and ".py" not in msg
+    assert status in ("StatusCode.INVALID_ARGUMENT", "400"), status
+    [rec] = records_for(audit_dir, rid)
+    assert rec["event"] == "rejected" and rec["reason"] == reason and rec["stage"] == "preprocess"
+    return rec
+
+
+def tampered(sealed: bytes) -> bytes:
+    b = bytearray(sealed)
+    b[-30] ^= 0xFF
+    return bytes(b)
+
+
+BAD_ENVELOPES = {
+    "tampered": (lambda c, k: tampered(c.seal(samples.photo("coffee"))), "authentication failed", "auth_failed"),
+    "wrong key": (lambda c, k: envelope.seal(b"x" * 100, k.key("k2"), key_id="k1", client_id=c.client_id,
+                                             pipeline="pipeline"), "authentication failed", "auth_failed"),
+    "unknown key": (lambda c, k: envelope.seal(b"x", os.urandom(32), key_id="k9", client_id=c.client_id,
+                                               pipeline="pipeline"), "unknown key id 'k9'", "unknown_key"),
+    "truncated": (lambda c, k: c.seal(samples.photo("coffee"))[:20], "envelope truncated", "truncated"),
+    "wrong pipeline": (lambda c, k: envelope.seal(samples.photo("coffee"), k.key("k1"), key_id="k1",
+                                                  client_id=c.client_id, pipeline="other_service"),
+                       "sealed for pipeline 'other_service'", "wrong_pipeline"),
+    "wrong client": (lambda c, k: envelope.seal(samples.photo("coffee"), k.key("k1"), key_id="k1",
+                                                client_id="somebody-else", pipeline="pipeline"),
+                     "does not match the envelope's sealed client id", "client_mismatch"),
+    "corrupt image": (lambda c, k: c.seal(samples.photo("coffee")[:3000]), "could not be decoded", "bad_image"),
+    "not an image": (lambda c, k: c.seal(b"GIF89a definitely not a photo"), "not a JPEG or PNG", "bad_image"),
+    "decompression bomb": (lambda c, k: c.seal(__import__("test_imaging")._png_header_only(60_000, 60_000)),
+                           "more than the limit", "too_many_pixels"),
+    "oversized": (lambda c, k: c.seal(b"\0" * (8 * 1024 * 1024 + 1)), "more than the limit of 8388608",
+                  "too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ENVELOPES))
+def test_bad_envelope_rejected_audited_and_server_keeps_serving(case, client, keys, audit_dir):
+    make, fragment, reason = BAD_ENVELOPES[case]
+    expect_rejected(client, make(client, keys), fragment, reason, audit_dir)
+    assert client.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_wrong_dtype_and_shape_rejected_by_triton(server, protocol):
+    mod = grpcclient if protocol == "grpc" else httpclient
+    c = mod.InferenceServerClient(url(server, protocol))
+    bad_dtype = mod.InferInput("ENVELOPE", [1, 1], "FP32")
+    bad_dtype.set_data_from_numpy(np.zeros((1, 1), np.float32))
+    bad_shape = mod.InferInput("ENVELOPE", [1, 3], "BYTES")
+    bad_shape.set_data_from_numpy(np.array([[b"a", b"b", b"c"]], dtype=np.object_))
+    for inp, fragment in ((bad_dtype, "data-type"), (bad_shape, "shape")):
+        with pytest.raises(InferenceServerException) as info:
+            c.infer("pipeline", [inp])
+        assert fragment in info.value.message().lower() or fragment.replace("-", " ") in info.value.message().lower()
+    assert c.is_model_ready("pipeline")
+    c.close()
+
+
+def batch_stats(server, model):
+    c = grpcclient.InferenceServerClient(server.grpc_url)
+    stats = c.get_inference_statistics(model, as_json=True)["model_stats"][0]
+    c.close()
+    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_mixed_batch_good_requests_succeed(server, keys, audit_dir, protocol):
+    """Concurrent requests, every third one tampered: dynamic batching groups them, only bad ones fail."""
+    before = batch_stats(server, "preprocess")
+    images = [samples.photo("chelsea"), samples.photo("coffee")]
+
+    async def run():
+        client = PipelineClient(url(server, protocol), protocol=protocol, aio=True, key=keys.key("k1"),
+                                key_id="k1", client_id="batcher")  # aio clients bind to the running loop
+        async def one(i):
+            sealed = client.seal(images[i % 2])
+            if i % 3 == 0:
+                sealed = tampered(sealed)
+            kwargs = client.request(sealed, 1, f"mix-{protocol}-{i}")
+            try:
+                return client.result(kwargs, await client.client.infer(**kwargs))
+            except InferenceServerException as exc:
+                return exc
+        try:
+            return await asyncio.gather(*(one(i) for i in range(24)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run())
+    for i, res in enumerate(results):
+        if i % 3 == 0:
+            assert isinstance(res, InferenceServerException) and "authentication failed" in res.message()
+        else:
+            assert not isinstance(res, Exception), res
+            assert res.predictions[0].index == (967 if i % 2 else 285) or res.predictions[0].index in CATS
+    after = batch_stats(server, "preprocess")
+    grouped = sum(after.get(b, 0) - before.get(b, 0) for b in after if b > 1)
+    assert grouped > 0, f"no preprocess execution batched more than one request: {before} -> {after}"
+    for i in range(24):
+        [rec] = records_for(audit_dir, f"mix-{protocol}-{i}")
+        assert rec["event"] == ("rejected" if i % 3 == 0 else "served")
+
+
+def test_audit_trail_verifies_after_all_requests(server, audit_dir):
+    for f in audit.audit_files(audit_dir):
+        rep = audit.verify_file(f)
+        assert rep.ok, (f, rep)
