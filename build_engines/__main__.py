@@ -24,7 +24,7 @@ def stage_source(weights_sha: str) -> Path:
         print(f"[source] exported {out} ({out.stat().st_size / 1e6:.1f} MB), sanity {sanity}", flush=True)
 
     run_stage("source", paths.SOURCE_DIR, {
-        "weights": weights_sha, "code": code_hash("source_model", "manifest", "sanity", "preprocess"),
+        "weights": weights_sha, "code": code_hash("source_model", "graph_clean", "manifest", "sanity", "preprocess"),
         "opset": 17}, [out, man], build)
     return out
 

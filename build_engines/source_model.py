@@ -2,8 +2,8 @@
 from pathlib import Path
 
 import onnx
-import onnx_graphsurgeon as gs
 
+from .graph_clean import clean_graph
 from .hashing import sha256_file
 from .paths import IMAGE_SIZE, INPUT_NAME, OUTPUT_NAME
 
@@ -15,14 +15,6 @@ def weights_path() -> Path:
 
 def weights_sha256() -> str:
     return sha256_file(weights_path())
-
-
-def clean_graph(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Fold constants and drop dead nodes so later graph surgery sees plain Conv/BN-free patterns."""
-    graph = gs.import_onnx(model)
-    graph.fold_constants().cleanup().toposort()
-    out = gs.export_onnx(graph)
-    return out
 
 
 def check(model: onnx.ModelProto) -> None:
