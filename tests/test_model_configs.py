@@ -1,0 +1,197 @@
+"""The model repository as Triton reads it: every config parses, ensembles line up under each
+host's config name (default = GPU hosts, cpu = CPU hosts), and the GPU-only models can never
+reach a CPU host. Triton itself only finds these mistakes when a server loads the model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from rtinfer import labels
+
+REPO = Path(__file__).resolve().parent.parent / "model_repository"
+CONFIG_FILES = sorted(REPO.glob("*/config.pbtxt")) + sorted(REPO.glob("*/configs/*.pbtxt"))
+MODELS = sorted(p.parent.name for p in REPO.glob("*/config.pbtxt"))
+VARIANTS = ["default"] + sorted({p.stem for p in REPO.glob("*/configs/*.pbtxt")})
+AB_ARMS = {"pipeline_fp16": "classifier_trt_fp16", "pipeline_int8": "classifier_trt_int8",
+           "pipeline_onnx": "classifier_onnx"}
+TRT_MODELS = ("classifier_trt_fp16", "classifier_trt_int8")
+CLASSIFIERS = ("classifier_onnx",) + TRT_MODELS
+
+
+def parse(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def config(model: str, variant: str) -> mc.ModelConfig:
+    """The config Triton loads for `model` under --model-config-name=<variant> (falls back to config.pbtxt)."""
+    chosen = REPO / model / "configs" / f"{variant}.pbtxt"
+    return parse(chosen if variant != "default" and chosen.exists() else REPO / model / "config.pbtxt")
+
+
+def ensembles() -> list[str]:
+    return [m for m in MODELS if parse(REPO / m / "config.pbtxt").platform == "ensemble"]
+
+
+def tensors(cfg: mc.ModelConfig, which: str) -> dict:
+    return {t.name: (mc.DataType.Name(t.data_type), list(t.dims)) for t in getattr(cfg, which)}
+
+
+def classifier_step(cfg: mc.ModelConfig) -> str:
+    steps = [s.model_name for s in cfg.ensemble_scheduling.step if s.model_name.startswith("classifier_")]
+    assert len(steps) == 1, (cfg.name, steps)
+    return steps[0]
+
+
+def closure(model: str, variant: str) -> set[str]:
+    """Everything `--load-model=<model>` loads under a config name (an ensemble brings its steps)."""
+    cfg = config(model, variant)
+    out = {model}
+    for step in cfg.ensemble_scheduling.step:
+        out |= closure(step.model_name, variant)
+    return out
+
+
+def test_repository_is_found():
+    assert {"pipeline", "preprocess", "postprocess", *CLASSIFIERS, *AB_ARMS} <= set(MODELS)
+    assert set(ensembles()) == {"pipeline", *AB_ARMS}
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_config_parses_and_is_named_after_its_directory(path):
+    cfg = parse(path)
+    model_dir = path.parent if path.name == "config.pbtxt" else path.parent.parent
+    assert cfg.name == model_dir.name
+    assert cfg.platform or cfg.backend
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("ensemble", ensembles())
+def test_ensemble_tensors_line_up(ensemble, variant):
+    """Each step input comes from the ensemble input or an earlier step output with the composing
+    model's dtype and dims; every composing input is fed; every ensemble output is produced."""
+    ens = config(ensemble, variant)
+    assert ens.platform == "ensemble" and ens.ensemble_scheduling.step
+    available = tensors(ens, "input")
+    ens_outputs = tensors(ens, "output")
+    for step in ens.ensemble_scheduling.step:
+        assert (REPO / step.model_name / "config.pbtxt").exists(), f"{ensemble}: no model {step.model_name}"
+        model = config(step.model_name, variant)
+        assert model.platform != "ensemble", "nested ensembles are not used here"
+        assert 0 < ens.max_batch_size <= model.max_batch_size, (step.model_name, model.max_batch_size)
+        m_in, m_out = tensors(model, "input"), tensors(model, "output")
+        assert set(step.input_map) == set(m_in), f"{ensemble}->{step.model_name}: inputs {set(m_in)}"
+        for model_input, ens_tensor in step.input_map.items():
+            assert ens_tensor in available, f"{ensemble}->{step.model_name}: {ens_tensor!r} not produced before"
+            assert available[ens_tensor] == m_in[model_input], (step.model_name, model_input, ens_tensor)
+        for model_output, ens_tensor in step.output_map.items():
+            assert model_output in m_out, f"{step.model_name} has no output {model_output!r}"
+            assert ens_tensor not in available, f"{ensemble}: {ens_tensor!r} produced twice"
+            if ens_tensor in ens_outputs:
+                assert ens_outputs[ens_tensor] == m_out[model_output], (ensemble, ens_tensor)
+            available[ens_tensor] = m_out[model_output]
+    assert set(ens_outputs) <= set(available), f"{ensemble}: outputs never produced"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_no_response_cache_on_audited_models(variant):
+    """A cache hit skips every step of an ensemble, so the audit record would never be written."""
+    for model in ["preprocess", "postprocess", *ensembles()]:
+        cfg = config(model, variant)
+        assert not (cfg.HasField("response_cache") and cfg.response_cache.enable), model
+
+
+def test_label_files_equal_rtinfer_labels():
+    found = 0
+    for model in MODELS:
+        for path in [REPO / model / "config.pbtxt", *sorted((REPO / model / "configs").glob("*.pbtxt"))]:
+            for out in parse(path).output:
+                if out.label_filename:
+                    names = (REPO / model / out.label_filename).read_text().splitlines()
+                    assert tuple(names) == labels.names(), f"{model}/{out.label_filename}"
+                    found += 1
+    assert found >= 1 + len(AB_ARMS)
+
+
+# --- GPU hosts (default configs) -------------------------------------------------------------
+
+def test_default_pipeline_runs_the_fp16_engine():
+    assert classifier_step(config("pipeline", "default")) == "classifier_trt_fp16"
+
+
+@pytest.mark.parametrize("arm", AB_ARMS)
+def test_ab_arms_are_the_pipeline_with_another_classifier(arm):
+    """Same tensors, steps and batching as `pipeline`: only the name and the classifier differ."""
+    got = config(arm, "default")
+    assert classifier_step(got) == AB_ARMS[arm]
+    want = config("pipeline", "default")
+    want.name = arm
+    for step in want.ensemble_scheduling.step:
+        if step.model_name.startswith("classifier_"):
+            step.model_name = AB_ARMS[arm]
+    assert got == want
+
+
+@pytest.mark.parametrize("model", TRT_MODELS)
+def test_tensorrt_models(model):
+    cfg = config(model, "default")
+    assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16
+    assert tensors(cfg, "input") == {"input": ("TYPE_FP32", [3, 224, 224])}
+    assert tensors(cfg, "output") == {"logits": ("TYPE_FP32", [1000])}
+    assert [(g.kind, g.count) for g in cfg.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2)]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
+    assert 0 < cfg.dynamic_batching.max_queue_delay_microseconds <= 1000
+    assert not (REPO / model / "configs").exists(), "GPU-only: no per-host config (the CPU host never loads it)"
+
+
+def test_onnx_classifier_is_heterogeneous_on_gpu_hosts():
+    kinds = {g.kind for g in config("classifier_onnx", "default").instance_group}
+    assert kinds == {mc.ModelInstanceGroup.KIND_GPU, mc.ModelInstanceGroup.KIND_CPU}
+
+
+@pytest.mark.parametrize("model", CLASSIFIERS)
+def test_classifier_warmup(model):
+    """Batch 1 and 8 warmups whose inputs match the model's inputs exactly."""
+    cfg = config(model, "default")
+    assert sorted(w.batch_size for w in cfg.model_warmup) == [1, 8]
+    for w in cfg.model_warmup:
+        assert 0 < w.batch_size <= cfg.max_batch_size
+        assert set(w.inputs) == set(tensors(cfg, "input"))
+        for name, data in w.inputs.items():
+            assert (mc.DataType.Name(data.data_type), list(data.dims)) == tensors(cfg, "input")[name]
+            assert data.WhichOneof("input_data_type") in ("zero_data", "random_data")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_preprocess_accepts_every_pipeline(variant):
+    params = config("preprocess", variant).parameters
+    assert set(ensembles()) <= set(params["pipelines"].string_value.split(","))
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param("default", marks=pytest.mark.xfail(
+        strict=True, reason="postprocess/config.pbtxt still maps pipeline=classifier_onnx; the default "
+                            "pipeline now runs classifier_trt_fp16 (owner of postprocess must update it)")),
+    *[v for v in VARIANTS if v != "default"]])
+def test_audit_names_the_classifier_each_pipeline_runs(variant):
+    """postprocess's classifier_models is what the audit record says served the request."""
+    raw = config("postprocess", variant).parameters["classifier_models"].string_value
+    mapping = dict(item.split("=", 1) for item in raw.split(",") if item)
+    for ens in ensembles():
+        runnable = variant == "default" or not (closure(ens, variant) & set(TRT_MODELS))
+        if runnable:
+            assert mapping.get(ens) == classifier_step(config(ens, variant)), (ens, mapping.get(ens))
+
+
+# --- CPU hosts -------------------------------------------------------------------------------
+
+def test_cpu_host_loads_no_gpu_model():
+    """`--model-config-name=cpu --load-model=pipeline` must bring only CPU instances and no engine."""
+    loaded = closure("pipeline", "cpu")
+    assert loaded == {"pipeline", "preprocess", "classifier_onnx", "postprocess"}
+    for model in loaded:
+        cfg = config(model, "cpu")
+        assert cfg.platform != "tensorrt_plan", model
+        assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in cfg.instance_group), model
