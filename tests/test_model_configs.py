@@ -170,11 +170,7 @@ def test_preprocess_accepts_every_pipeline(variant):
     assert set(ensembles()) <= set(params["pipelines"].string_value.split(","))
 
 
-@pytest.mark.parametrize("variant", [
-    pytest.param("default", marks=pytest.mark.xfail(
-        strict=True, reason="postprocess/config.pbtxt still maps pipeline=classifier_onnx; the default "
-                            "pipeline now runs classifier_trt_fp16 (owner of postprocess must update it)")),
-    *[v for v in VARIANTS if v != "default"]])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_audit_names_the_classifier_each_pipeline_runs(variant):
     """postprocess's classifier_models is what the audit record says served the request."""
     raw = config("postprocess", variant).parameters["classifier_models"].string_value
