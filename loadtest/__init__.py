@@ -1,0 +1,1 @@
+"""Load tests (Locust), per-stage latency breakdown from Triton's metrics, and the side-by-side benchmark."""

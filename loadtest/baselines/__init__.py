@@ -1,0 +1,1 @@
+"""Baselines the product is measured against; not part of the product."""
