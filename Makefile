@@ -34,9 +34,24 @@ bench-engines: engines
 keys: $(STAMP)
 	$(PY) -m rtinfer.keyring init $(KEYRING)
 
+# Security options of `make serve` (empty = off): API_KEY_FILE (inference needs the key),
+# ADMIN_KEY_FILE (model repository, shared memory, statistics, trace, logging need it),
+# TLS_CERT + TLS_KEY (gRPC over TLS), TLS_CLIENT_CA (mutual TLS). Audit checkpoints are
+# signed with AUDIT_SIGNING_KEY (created on first use; AUDIT_SIGNING_KEY= to turn off).
+API_KEY_FILE      ?=
+ADMIN_KEY_FILE    ?=
+TLS_CERT          ?=
+TLS_KEY           ?=
+TLS_CLIENT_CA     ?=
+AUDIT_SIGNING_KEY ?= build/keys/audit-signing.pem
+
 serve: engines keys
+	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
 	$(PY) -m rtinfer.server --model-repository model_repository --keyring $(KEYRING) --audit-dir $(AUDIT_DIR) \
-	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	  $(if $(AUDIT_SIGNING_KEY),--audit-signing-key $(AUDIT_SIGNING_KEY)) \
+	  $(if $(API_KEY_FILE),--api-key-file $(API_KEY_FILE)) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
+	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 
 demo: engines keys
 	$(PY) -m clients.demo --keyring $(KEYRING) --audit-dir $(AUDIT_DIR)

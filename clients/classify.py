@@ -4,20 +4,25 @@
 
 Each image is sealed with rtinfer.envelope (the code the server opens it with),
 sent with a request id and the client id as a request parameter, and the top-k
-comes from Triton's classification extension (class_count on PROBS).
+comes from Triton's classification extension (class_count on PROBS), or, with
+--seal-response, sealed back to the same key (private through TLS-terminating proxies).
+Access: --api-key-file (or $RTINFER_API_KEY) for servers that require an inference
+key; --tls-ca (+ --tls-cert/--tls-key for mutual TLS) for gRPC over TLS.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rtinfer import envelope
+from rtinfer import access, envelope
 from rtinfer.keyring import DEFAULT_KEY_ID, Keyring
 
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
@@ -63,29 +68,50 @@ class PipelineClient:
 
     def __init__(self, url: str, *, protocol: str = "grpc", key: bytes, key_id: str = DEFAULT_KEY_ID,
                  client_id: str = "cli", pipeline: str = "pipeline", headers: dict | None = None,
-                 aio: bool = False, **client_kwargs):
+                 aio: bool = False, api_key: str = "", tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None, seal_response: bool = False, **client_kwargs):
         self.protocol, self.pipeline = protocol, pipeline
         self.key, self.key_id, self.client_id = key, key_id, client_id
-        self.headers = headers or {}
+        self.seal_response = seal_response
+        self._sent = weakref.WeakKeyDictionary()  # InferInput -> the envelope it carries
+        self.headers = {**access.headers(protocol, api_key), **(headers or {})}
         self._m = _module(protocol, aio)
+        if protocol == "grpc":
+            client_kwargs = {**access.grpc_tls_kwargs(tls_ca, tls_cert, tls_key), **client_kwargs}
+        elif tls_ca or tls_cert:
+            raise ValueError("Triton's HTTP endpoint has no TLS; use gRPC, or a TLS proxy with ssl options")
         self.client = self._m.InferenceServerClient(url=url, **client_kwargs)
 
     def seal(self, image: bytes) -> bytes:
         return envelope.seal(image, self.key, key_id=self.key_id, client_id=self.client_id, pipeline=self.pipeline)
 
-    def request(self, sealed: bytes, top_k: int, request_id: str | None = None) -> dict:
+    def request(self, sealed: bytes, top_k: int, request_id: str | None = None,
+                seal_response: bool | None = None) -> dict:
         """The keyword arguments of one infer() call (shared by the sync and async clients)."""
         inp = self._m.InferInput("ENVELOPE", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[sealed]], dtype=np.object_))
-        outputs = [self._m.InferRequestedOutput("PROBS", class_count=top_k),
-                   self._m.InferRequestedOutput("AUDIT_REF")]
+        self._sent[inp] = sealed  # a sealed reply must answer exactly this envelope
+        params = {"client_id": self.client_id}
+        sealed_reply = self.seal_response if seal_response is None else seal_response
+        if sealed_reply:  # the answer comes back inside AUDIT_REF, sealed; PROBS would be zeros
+            params.update(seal_response=True, top_k=top_k)
+            outputs = [self._m.InferRequestedOutput("AUDIT_REF")]
+        else:
+            outputs = [self._m.InferRequestedOutput("PROBS", class_count=top_k),
+                       self._m.InferRequestedOutput("AUDIT_REF")]
         return dict(model_name=self.pipeline, inputs=[inp], outputs=outputs,
-                    request_id=request_id or uuid.uuid4().hex, parameters={"client_id": self.client_id},
-                    headers=self.headers)
+                    request_id=request_id or uuid.uuid4().hex, parameters=params, headers=self.headers)
 
-    @staticmethod
-    def result(kwargs: dict, response) -> Result:
+    def result(self, kwargs: dict, response) -> Result:
         ref = response.as_numpy("AUDIT_REF").reshape(-1)[0]
+        if kwargs["parameters"].get("seal_response"):
+            sealed = ref if isinstance(ref, bytes) else str(ref).encode()
+            request_envelope = self._sent[kwargs["inputs"][0]]
+            body = json.loads(envelope.open_response(sealed, self.key, request_envelope).plaintext)
+            if body["request_id"] != kwargs["request_id"]:
+                raise ValueError("sealed response answers another request id")
+            return Result(kwargs["request_id"], [Prediction(float(s), int(i), lbl) for s, i, lbl in body["predictions"]],
+                          body["audit_ref"])
         return Result(kwargs["request_id"], parse_classes(response.as_numpy("PROBS")),
                       ref.decode() if isinstance(ref, bytes) else str(ref))
 
@@ -115,6 +141,19 @@ class PipelineClient:
             return result
 
 
+def add_access_args(p: argparse.ArgumentParser) -> None:
+    """--api-key-file and gRPC TLS options (shared with other tools that call the server)."""
+    p.add_argument("--api-key-file", help=f"file holding the inference API key (or ${access.API_KEY_ENV})")
+    p.add_argument("--tls-ca", help="gRPC TLS: CA certificate (PEM) that signed the server's certificate")
+    p.add_argument("--tls-cert", help="gRPC mutual TLS: client certificate (PEM)")
+    p.add_argument("--tls-key", help="gRPC mutual TLS: client private key (PEM)")
+
+
+def access_kwargs(args) -> dict:
+    return dict(api_key=access.read_secret(file=args.api_key_file, env=access.API_KEY_ENV),
+                tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.classify", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -122,15 +161,19 @@ def main(argv=None) -> int:
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--url", help="host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     p.add_argument("--keyring", default="build/keys/keyring.json")
-    p.add_argument("--key-id", default=DEFAULT_KEY_ID)
+    p.add_argument("--key-id", help="default: the keyring's newest active key")
     p.add_argument("--client-id", default="cli")
     p.add_argument("--pipeline", default="pipeline")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--concurrency", type=int, default=1, help=">1: send the images concurrently (asyncio)")
+    p.add_argument("--seal-response", action="store_true", help="ask for the result sealed to the same key")
+    add_access_args(p)
     args = p.parse_args(argv)
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
-    key = Keyring.load(args.keyring).key(args.key_id)
-    kw = dict(protocol=args.protocol, key=key, key_id=args.key_id, client_id=args.client_id, pipeline=args.pipeline)
+    ring = Keyring.load(args.keyring)
+    key_id = args.key_id or ring.sealing_key_id()
+    kw = dict(protocol=args.protocol, key=ring.key(key_id), key_id=key_id, client_id=args.client_id,
+              pipeline=args.pipeline, seal_response=args.seal_response, **access_kwargs(args))
     images = [path.read_bytes() for path in args.images]
     if args.concurrency > 1:
         async def run():

@@ -1,26 +1,45 @@
 """Tamper-evident audit trail: append-only JSONL, each record chained to the previous one.
 
-Every record carries ``prev`` (the previous record's hash, 64 zeros for the first)
-and ``hash`` = SHA-256 of the record's canonical JSON without ``hash``. Editing,
-inserting or deleting a line breaks the chain at that point; ``python -m
-rtinfer.audit verify PATH`` reports the first broken link. Each Triton model
-instance writes its own file (one chain per file, no cross-process locking on the
-request path); records are written per ``execute()`` call in one write (group commit).
+Every record carries ``seq``, ``prev`` (the previous record's hash, 64 zeros for the
+first) and ``hash`` = SHA-256 of the record's canonical JSON without ``hash``.
+Editing, inserting or deleting a line breaks the chain at that point. Each Triton
+model instance writes its own chain (no cross-process locking on the request
+path); records of one ``execute()`` call go out in one write (group commit).
+
+Durability: a crash mid-write leaves at most one partial last line, which
+``verify`` reports as a torn tail and the writer cuts off on restart before it
+continues the chain. ``fsync`` policy: ``batch`` (every write is durable before the
+response), ``interval`` (a background fsync every ``fsync_interval_s``: a power cut
+loses at most that much), ``off`` (the page cache only: survives a process crash,
+not a power cut). Rotation: past ``max_bytes`` the file ``<chain>.jsonl`` is
+renamed ``<chain>.<NNNNNN>.jsonl`` and the chain goes on in a fresh file.
+Checkpoints: with a signer, a signed record of the chain head (``rtinfer.checkpoint``).
+
+``python -m rtinfer.audit verify PATH [--public-key PUB]`` checks every chain of a
+directory across its files; ``python -m rtinfer.audit bench`` measures the fsync cost.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import hashlib
 import json
 import os
+import re
 import sys
+import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rtinfer import checkpoint
+
 GENESIS = "0" * 64
 ENV_DIR = "RTINFER_AUDIT_DIR"
+FSYNC_POLICIES = ("off", "batch", "interval")
+_SEGMENT = re.compile(r"^(?P<chain>.+)\.(?P<n>\d{6})$")
 
 
 def canonical(record: dict) -> bytes:
@@ -32,19 +51,93 @@ def record_hash(record: dict) -> str:
     return hashlib.sha256(canonical(body)).hexdigest()
 
 
-class AuditWriter:
-    """Appends chained records to one file; continues the chain of an existing file."""
+def fsync_policy(value) -> str:
+    """'batch' | 'interval' | 'off'; true/false kept for older configs."""
+    v = str(value).strip().lower()
+    v = {"true": "batch", "1": "batch", "yes": "batch", "false": "off", "0": "off", "no": "off", "": "off"}.get(v, v)
+    if v not in FSYNC_POLICIES:
+        raise ValueError(f"audit fsync policy must be one of {FSYNC_POLICIES}, not {value!r}")
+    return v
 
-    def __init__(self, path: str | os.PathLike, *, fsync: bool = False):
+
+def split_name(path: Path) -> tuple[str, float]:
+    """(chain, position): rotated segments by number, the live file last."""
+    base = path.name[:-len(".jsonl")]
+    m = _SEGMENT.match(base)
+    return (m["chain"], int(m["n"])) if m else (base, float("inf"))
+
+
+def chains(path: str | os.PathLike) -> dict[str, list[Path]]:
+    """Chain name -> its files in order (segments, then the live file)."""
+    out: dict[str, list] = {}
+    for f in audit_files(path):
+        chain, pos = split_name(f)
+        out.setdefault(chain, []).append((pos, f))
+    return {c: [f for _, f in sorted(v)] for c, v in sorted(out.items())}
+
+
+def _now_iso() -> str:
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def _last_record(path: Path) -> dict | None:
+    last = None
+    with open(path, "rb") as fh:
+        for line in fh:
+            if line.endswith(b"\n") and line.strip():
+                last = line
+    return json.loads(last) if last else None
+
+
+class AuditWriter:
+    """Appends chained records to ``<dir>/<chain>.jsonl``; continues the chain of existing files."""
+
+    def __init__(self, path: str | os.PathLike, *, fsync="off", fsync_interval_s: float = 1.0,
+                 max_bytes: int = 0, signer: checkpoint.Signer | None = None,
+                 checkpoint_interval_s: float = 30.0, checkpoint_records: int = 1000,
+                 lock_timeout_s: float = 0.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fsync = fsync
+        self.chain = self.path.name[:-len(".jsonl")] if self.path.name.endswith(".jsonl") else self.path.name
+        self.policy = fsync_policy(fsync)
+        self.fsync_interval_s = fsync_interval_s
+        self.max_bytes = max_bytes
+        self.signer = signer
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self.checkpoint_records = checkpoint_records
         self._lock = threading.Lock()
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
-        # An exclusive lock: a second writer on the same file would fork the chain.
-        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self._fd = self._open_locked(lock_timeout_s)
         self.repaired_bytes = self._repair_torn_tail()
         self._head, self._seq = self._read_head()
+        self._size = os.fstat(self._fd).st_size
+        self._dirty = False
+        self._unsigned = 0
+        self._last_sync = self._last_ckpt = time.monotonic()
+        self.fsyncs = self.checkpoints = self.rotations = 0
+        self._stop = threading.Event()
+        self._thread = None
+        if self.policy == "interval" or signer is not None:
+            self._thread = threading.Thread(target=self._background, name=f"audit-{self.chain}", daemon=True)
+            self._thread.start()
+
+    def _open_locked(self, timeout_s: float) -> int:
+        """Open and flock the live file; a second writer would fork the chain. Waits up to
+        ``timeout_s`` for a previous server's process to finish exiting."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+                continue
+            if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                return fd
+            os.close(fd)  # renamed away by a rotation while we waited: lock the new live file
 
     def _repair_torn_tail(self) -> int:
         """Drop a partial last line left by a crash mid-write; returns the bytes dropped."""
@@ -52,51 +145,138 @@ class AuditWriter:
         if size == 0:
             return 0
         with open(self.path, "rb") as fh:
+            fh.seek(max(0, size - 1))
+            if fh.read(1) == b"\n":
+                return 0
+            fh.seek(0)
             data = fh.read()
-        if data.endswith(b"\n"):
-            return 0
         keep = data.rfind(b"\n") + 1
         os.ftruncate(self._fd, keep)
+        os.fsync(self._fd)
         return size - keep
 
+    def _segments(self) -> list[Path]:
+        return [f for f in chains(self.path.parent).get(self.chain, []) if f != self.path]
+
     def _read_head(self) -> tuple[str, int]:
-        last = None
-        with open(self.path, "rb") as fh:
-            for line in fh:
-                if line.strip():
-                    last = line
-        if last is None:
-            return GENESIS, 0
-        rec = json.loads(last)
-        return rec["hash"], rec["seq"] + 1
+        """The last record of the live file, or of the newest segment when the live file is new
+        (a crash between a rotation's rename and its first write)."""
+        rep = verify_file(self.path, prev=None)
+        if not rep.ok:
+            raise RuntimeError(f"audit file {self.path} does not verify at line {rep.broken_at}: {rep.reason}; "
+                               "move it aside for investigation before restarting")
+        for f in [self.path, *reversed(self._segments())]:
+            rec = _last_record(f)
+            if rec is not None:
+                return rec["hash"], rec["seq"] + 1
+        return GENESIS, 0
 
     @property
     def head(self) -> str:
         return self._head
 
+    def _chain(self, records: list[dict]) -> tuple[list[bytes], list[str]]:
+        lines, hashes = [], []
+        for rec in records:
+            rec = dict(rec, seq=self._seq, prev=self._head)
+            rec["hash"] = self._head = record_hash(rec)
+            self._seq += 1
+            hashes.append(self._head)
+            lines.append(canonical(rec) + b"\n")
+        return lines, hashes
+
+    def _checkpoint_lines(self) -> list[bytes]:
+        ckpt = self.signer.checkpoint(self.chain, self._seq - 1, self._head, _now_iso())
+        self._unsigned, self._last_ckpt = 0, time.monotonic()
+        self.checkpoints += 1
+        return self._chain([ckpt])[0]
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._size += len(data)
+        self._dirty = True
+
+    def _sync(self) -> None:
+        os.fsync(self._fd)
+        self._dirty, self._last_sync = False, time.monotonic()
+        self.fsyncs += 1
+
     def append(self, records: list[dict]) -> list[str]:
-        """Chain and write ``records`` in one write; returns their hashes."""
+        """Chain and write ``records`` in one write (plus a checkpoint when due); returns their hashes."""
         if not records:
             return []
         with self._lock:
-            lines, hashes = [], []
-            head, seq = self._head, self._seq
-            for rec in records:
-                rec = dict(rec, seq=seq, prev=head)
-                rec["hash"] = head = record_hash(rec)
-                seq += 1
-                hashes.append(head)
-                lines.append(canonical(rec) + b"\n")
-            os.write(self._fd, b"".join(lines))
-            if self.fsync:
-                os.fsync(self._fd)
-            self._head, self._seq = head, seq
+            state = (self._head, self._seq, self._unsigned)
+            lines, hashes = self._chain(records)
+            self._unsigned += len(records)
+            if self.signer is not None and self._unsigned >= self.checkpoint_records:
+                lines += self._checkpoint_lines()
+            try:
+                self._write(b"".join(lines))
+            except OSError:  # e.g. disk full: the chain must not advance past what is on disk
+                self._head, self._seq, self._unsigned = state
+                self._repair_torn_tail()
+                raise
+            if self.policy == "batch":
+                self._sync()
+            if self.max_bytes and self._size >= self.max_bytes:
+                self._rotate()
             return hashes
 
+    def _rotate(self) -> None:
+        """Seal the live file (checkpoint, fsync), rename it to the next segment, go on in a new one."""
+        if self.signer is not None and self._unsigned:
+            self._write(b"".join(self._checkpoint_lines()))
+        self._sync()
+        segs = [split_name(f)[1] for f in self._segments()]
+        target = self.path.with_name(f"{self.chain}.{int(max(segs, default=0)) + 1:06d}.jsonl")
+        os.rename(self.path, target)
+        old = self._fd
+        self._fd = self._open_locked(0)
+        os.close(old)
+        dfd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)  # the rename and the new file survive a power cut
+        finally:
+            os.close(dfd)
+        self._size = 0
+        self.rotations += 1
+
+    def _background(self) -> None:
+        period = min(self.fsync_interval_s if self.policy == "interval" else 3600,
+                     self.checkpoint_interval_s if self.signer else 3600)
+        while not self._stop.wait(max(0.01, period / 2)):
+            with self._lock:
+                if self._fd < 0:
+                    return
+                now = time.monotonic()
+                if self.signer and self._unsigned and now - self._last_ckpt >= self.checkpoint_interval_s:
+                    self._write(b"".join(self._checkpoint_lines()))
+                    if self.policy == "batch":
+                        self._sync()
+                if self.policy == "interval" and self._dirty and now - self._last_sync >= self.fsync_interval_s:
+                    self._sync()
+
     def close(self) -> None:
-        if self._fd >= 0:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        with self._lock:
+            if self._fd < 0:
+                return
+            if self.signer is not None and self._unsigned:
+                self._write(b"".join(self._checkpoint_lines()))
+            if self.policy != "off" and self._dirty:
+                self._sync()
             os.close(self._fd)
             self._fd = -1
+
+
+FIRST_LINK = ("the first record does not continue where the chain stood before this file "
+              "(a file or the first records are missing, or the file was replaced)")
 
 
 @dataclass
@@ -108,10 +288,17 @@ class Report:
     reason: str = ""
     torn_tail: bool = False
     head: str = GENESIS
+    next_seq: int = 0
+    checkpoints: int = 0  # valid signed checkpoints (with a public key)
+    unsigned: int = 0  # records after the last valid checkpoint
     problems: list = field(default_factory=list)
 
 
-def verify_file(path: str | os.PathLike) -> Report:
+def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int | None = 0,
+                public=None) -> Report:
+    """Check one file's links. ``prev``/``seq``: where the previous file ended (default: the genesis;
+    None: take the file's own first record as the start, for a segment checked on its own).
+    ``public``: an Ed25519 public key; every checkpoint record must carry a valid signature of its head."""
     path = Path(path)
     report = Report(str(path))
     data = path.read_bytes()
@@ -119,24 +306,64 @@ def verify_file(path: str | os.PathLike) -> Report:
     tail = lines.pop()  # b"" when the file ends with a newline
     if tail:
         report.torn_tail = True
-    prev, seq = GENESIS, 0
+    chain = split_name(path)[0] if path.name.endswith(".jsonl") else path.name
     for lineno, line in enumerate(lines, 1):
         try:
             rec = json.loads(line)
             claimed = rec["hash"]
         except (ValueError, KeyError, TypeError):
             return _broken(report, lineno, "line is not a JSON audit record")
+        if lineno == 1 and prev is None:
+            prev, seq = rec.get("prev"), rec.get("seq")
+            if not isinstance(seq, int) or (seq == 0) != (prev == GENESIS):
+                return _broken(report, lineno, "first record's seq and prev do not fit together")
         if rec.get("prev") != prev:
-            return _broken(report, lineno, "prev does not match the previous record's hash "
-                                           "(a record was deleted, inserted or reordered)")
+            return _broken(report, lineno, FIRST_LINK if lineno == 1 else
+                           "prev does not match the previous record's hash (a record was deleted, inserted or reordered)")
         if rec.get("seq") != seq:
             return _broken(report, lineno, f"seq is {rec.get('seq')}, expected {seq}")
         if record_hash(rec) != claimed:
             return _broken(report, lineno, "hash does not match the record's content (the record was edited)")
+        report.unsigned += 1
+        if public is not None and rec.get("event") == "checkpoint":
+            why = checkpoint.check(rec, public)
+            c = rec.get("checkpoint") or {}
+            if not why and (c.get("head") != prev or c.get("seq") != seq - 1 or c.get("chain") != chain):
+                why = "checkpoint does not sign this chain's head at this point"
+            if why:
+                return _broken(report, lineno, why)
+            report.checkpoints += 1
+            report.unsigned = 0
         prev, seq = claimed, seq + 1
         report.records += 1
-    report.head = prev
+    report.head = prev if prev is not None else GENESIS
+    report.next_seq = seq if seq is not None else 0
     return report
+
+
+def verify_chain(files: list[Path], *, public=None) -> list[Report]:
+    """One chain across its files: each file must start where the previous one ended; the first
+    starts at the genesis; only the last may have a torn tail. Stops at the first break."""
+    reports, prev, seq, unsigned = [], GENESIS, 0, 0
+    for i, f in enumerate(files):
+        rep = verify_file(f, prev=prev, seq=seq, public=public)
+        if rep.ok and rep.torn_tail and i < len(files) - 1:
+            _broken(rep, rep.records + 1, "partial line inside a rotated file (only the live file may have one)")
+        if rep.checkpoints == 0:
+            rep.unsigned += unsigned
+        unsigned = rep.unsigned
+        reports.append(rep)
+        if not rep.ok:
+            break
+        prev, seq = rep.head, rep.next_seq
+    return reports
+
+
+def verify_path(path: str | os.PathLike, *, public=None) -> dict[str, list[Report]]:
+    path = Path(path)
+    if path.is_dir():
+        return {c: verify_chain(fs, public=public) for c, fs in chains(path).items()}
+    return {path.name: [verify_file(path, prev=GENESIS, seq=0, public=public)]}
 
 
 def _broken(report: Report, lineno: int, reason: str) -> Report:
@@ -161,21 +388,62 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+def bench(batches: int = 300, batch: int = 8, directory: str | None = None) -> list[dict]:
+    """Cost of each fsync policy: mean microseconds per write of ``batch`` records (a dynamic batch)."""
+    rows = []
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        for policy in FSYNC_POLICIES:
+            w = AuditWriter(Path(tmp) / f"bench-{policy}.jsonl", fsync=policy, fsync_interval_s=0.1)
+            recs = [{"event": "served", "request_id": f"r{i}", "client_id": "bench", "top1": {"index": 1}}
+                    for i in range(batch)]
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                w.append(recs)
+            dt = time.perf_counter() - t0
+            fsyncs = w.fsyncs
+            w.close()
+            rows.append({"policy": policy, "us_per_batch": dt / batches * 1e6,
+                         "us_per_record": dt / batches / batch * 1e6, "fsyncs": fsyncs})
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rtinfer.audit")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    ver = sub.add_parser("verify", help="check the hash chain of an audit file or a directory of them")
+    ver = sub.add_parser("verify", help="check the hash chains of an audit file or a directory of them")
     ver.add_argument("path")
+    ver.add_argument("--public-key", help="Ed25519 public key (PEM): check the signed checkpoints")
+    ver.add_argument("--max-unsigned", type=int, default=None,
+                     help="with --public-key: fail when more records than this follow a chain's last checkpoint")
+    b = sub.add_parser("bench", help="measure the cost of each fsync policy")
+    b.add_argument("--batches", type=int, default=300)
+    b.add_argument("--batch", type=int, default=8)
+    b.add_argument("--dir", help="directory on the file system to measure (default: the system temp dir)")
     args = parser.parse_args(argv)
+    if args.cmd == "bench":
+        for row in bench(args.batches, args.batch, args.dir):
+            print(f"{row['policy']:8s} {row['us_per_batch']:9.1f} us/write of {args.batch} records "
+                  f"({row['us_per_record']:.1f} us/record, {row['fsyncs']} fsyncs)")
+        return 0
+    public = checkpoint.load_public(args.public_key) if args.public_key else None
     status = 0
-    for f in audit_files(args.path):
-        rep = verify_file(f)
-        if rep.ok:
-            tail = " (torn tail: a partial last line, from a crash mid-write)" if rep.torn_tail else ""
-            print(f"OK      {f}: {rep.records} records, head {rep.head[:16]}{tail}")
-        else:
-            status = 1
-            print(f"BROKEN  {f}: line {rep.broken_at}: {rep.reason} ({rep.records} records verified before it)")
+    for chain, reports in verify_path(args.path, public=public).items():
+        for rep in reports:
+            if rep.ok:
+                tail = " (torn tail: a partial last line, from a crash mid-write)" if rep.torn_tail else ""
+                print(f"OK      {rep.path}: {rep.records} records, head {rep.head[:16]}{tail}")
+            else:
+                status = 1
+                print(f"BROKEN  {rep.path}: line {rep.broken_at}: {rep.reason} "
+                      f"({rep.records} records verified before it)")
+        last = reports[-1]
+        if public is not None and last.ok:
+            signed = sum(r.checkpoints for r in reports)
+            print(f"        chain {chain}: {signed} valid signed checkpoints, {last.unsigned} records after the last")
+            if args.max_unsigned is not None and last.unsigned > args.max_unsigned:
+                status = 1
+                print(f"UNSIGNED chain {chain}: {last.unsigned} records not covered by a signature "
+                      f"(more than {args.max_unsigned})")
     return status
 
 

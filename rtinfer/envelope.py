@@ -5,14 +5,18 @@ Layout (all integers big-endian)::
     magic   4  b"RTE1"
     hlen    2  length of the header
     header  hlen  canonical JSON: {"aud": pipeline, "cid": client id, "kid": key id, "ts": unix ms}
+                  a sealed response adds "typ": "res" and "rq": SHA-256 (hex) of the request envelope
     nonce   12 random
     body    ciphertext || 16-byte GCM tag
 
 The associated data is magic + hlen + header, so key id, client id, target
 pipeline and timestamp are authenticated: changing any of them fails decryption.
+A response is bound to the exact request it answers (``rq``) and cannot be fed
+back as a request (``typ``): the server seals results with the client's own key.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -28,6 +32,7 @@ MAGIC = b"RTE1"
 NONCE_LEN = 12
 TAG_LEN = 16
 _PREFIX = struct.Struct(">4sH")
+REQUEST, RESPONSE = "req", "res"
 MIN_LEN = _PREFIX.size + 2 + NONCE_LEN + TAG_LEN  # smallest header is "{}"
 
 
@@ -37,9 +42,13 @@ class Header:
     client_id: str
     pipeline: str
     timestamp_ms: int
+    kind: str = REQUEST
+    request_sha256: str = ""  # responses only: which request envelope this answers
 
     def encode(self) -> bytes:
         body = {"aud": self.pipeline, "cid": self.client_id, "kid": self.key_id, "ts": self.timestamp_ms}
+        if self.kind != REQUEST:
+            body.update(typ=self.kind, rq=self.request_sha256)
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -54,7 +63,26 @@ def seal(plaintext: bytes, key: bytes, *, key_id: str, client_id: str, pipeline:
          timestamp_ms: int | None = None, nonce: bytes | None = None) -> bytes:
     """Encrypt ``plaintext`` for ``pipeline``; a fresh random nonce unless one is given (tests)."""
     ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-    header = Header(key_id, client_id, pipeline, ts).encode()
+    return _seal_header(plaintext, key, Header(key_id, client_id, pipeline, ts), nonce)
+
+
+def seal_response(plaintext: bytes, key: bytes, *, key_id: str, client_id: str, pipeline: str,
+                  request_sha256: str) -> bytes:
+    """Seal a result to the request's key and client, bound to that exact request envelope (its SHA-256)."""
+    header = Header(key_id, client_id, pipeline, int(time.time() * 1000), RESPONSE, request_sha256)
+    return _seal_header(plaintext, key, header, None)
+
+
+def open_response(sealed: bytes, key: bytes, request_envelope: bytes) -> Opened:
+    """Client side: open a sealed result and check it answers ``request_envelope``."""
+    opened = open_envelope(sealed, lambda header: key)
+    if opened.header.kind != RESPONSE or opened.header.request_sha256 != hashlib.sha256(request_envelope).hexdigest():
+        raise RejectedRequest("wrong_response", "sealed response does not answer this request")
+    return opened
+
+
+def _seal_header(plaintext: bytes, key: bytes, hdr: Header, nonce: bytes | None) -> bytes:
+    header = hdr.encode()
     aad = _PREFIX.pack(MAGIC, len(header)) + header
     nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
     return aad + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
@@ -74,8 +102,9 @@ def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
     try:
         fields = json.loads(envelope[start:start + hlen])
         header = Header(key_id=str(fields["kid"]), client_id=str(fields["cid"]),
-                        pipeline=str(fields["aud"]), timestamp_ms=int(fields["ts"]))
-    except (ValueError, KeyError, TypeError) as exc:
+                        pipeline=str(fields["aud"]), timestamp_ms=int(fields["ts"]),
+                        kind=str(fields.get("typ", REQUEST)), request_sha256=str(fields.get("rq", "")))
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
         raise RejectedRequest("bad_format", f"envelope header is not valid: {exc.__class__.__name__}") from None
     aad = envelope[:start + hlen]
     nonce = envelope[start + hlen:start + hlen + NONCE_LEN]

@@ -1,105 +1,332 @@
-"""Keyring: AES-256 keys by key id, loaded from a JSON file only the service can read.
+"""Keyring: AES-256 keys by key id, with rotation, loaded from a file only the service can read.
 
 File format::
 
-    {"keys": {"<key id>": {"key": "<base64 of 32 bytes>", "state": "active"}}}
+    {"keys": {"<key id>": {"key": "<base64 of 32 bytes>", "state": "active", "created": <unix s>},
+              "<old id>": {"key": "...", "state": "retired", "retired_at": <unix s>, "grace_s": 86400}}}
 
-``python -m rtinfer.keyring init PATH`` creates one with a fresh key (mode 0600).
+``active`` keys seal and open; a ``retired`` key only opens envelopes until
+``retired_at + grace_s`` (so clients that sealed just before a rotation still get
+served), then it is refused like an unknown key. ``KeyringSource`` reloads the file
+when it changes, so rotation needs no server restart. Key material is never part of
+a repr, a message or the CLI's output. ``python -m rtinfer.keyring`` creates, rotates,
+retires, prunes and lists keys (writes are atomic renames, mode 0600).
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import binascii
 import json
 import os
 import stat
 import sys
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from rtinfer.errors import RejectedRequest
 
 ENV_VAR = "RTINFER_KEYRING"
 DEFAULT_KEY_ID = "k1"
+DEFAULT_GRACE_S = 24 * 3600
+STATES = ("active", "retired")
 
 
 class KeyringError(RuntimeError):
     """The keyring file is missing, malformed or too open; a deployment error, not a client's."""
 
 
-class Keyring:
-    def __init__(self, keys: dict[str, bytes]):
-        self._keys = dict(keys)
+@dataclass(frozen=True)
+class Entry:
+    key: bytes
+    state: str = "active"
+    created: float = 0.0
+    retired_at: float | None = None
+    grace_s: float = DEFAULT_GRACE_S
 
     def __repr__(self) -> str:  # never show key material
-        return f"Keyring(key_ids={sorted(self._keys)})"
+        return f"Entry(state={self.state!r}, created={self.created}, retired_at={self.retired_at})"
+
+    def usable_until(self) -> float | None:
+        """None: no end (active); else the unix time after which this key opens nothing."""
+        return None if self.state == "active" else (self.retired_at or 0.0) + self.grace_s
+
+    def to_json(self) -> dict:
+        out = {"key": base64.b64encode(self.key).decode(), "state": self.state, "created": self.created}
+        if self.state == "retired":
+            out.update(retired_at=self.retired_at, grace_s=self.grace_s)
+        return out
+
+
+class Keyring:
+    def __init__(self, keys: dict[str, bytes | Entry]):
+        self._entries = {k: v if isinstance(v, Entry) else Entry(v) for k, v in keys.items()}
+
+    def __repr__(self) -> str:  # never show key material
+        return f"Keyring(key_ids={self.key_ids})"
 
     @property
     def key_ids(self) -> list[str]:
-        return sorted(self._keys)
+        return sorted(self._entries)
 
-    def key(self, key_id: str) -> bytes:
-        try:
-            return self._keys[key_id]
-        except KeyError:
-            raise RejectedRequest("unknown_key", f"unknown key id '{key_id}'") from None
+    def entries(self) -> dict[str, Entry]:
+        return dict(self._entries)
+
+    def key(self, key_id: str, *, now: float | None = None) -> bytes:
+        """The key that opens (and answers) envelopes sealed with ``key_id``: active, or retired within grace."""
+        entry = self._entries.get(key_id)
+        if entry is None:
+            raise RejectedRequest("unknown_key", f"unknown key id '{key_id}'")
+        until = entry.usable_until()
+        if until is not None and (time.time() if now is None else now) > until:
+            raise RejectedRequest("retired_key", f"key id '{key_id}' was retired and its grace period has ended; "
+                                  "seal with an active key")
+        return entry.key
+
+    def sealing_key_id(self) -> str:
+        """The newest active key: what clients should seal with now."""
+        active = [(e.created, k) for k, e in self._entries.items() if e.state == "active"]
+        if not active:
+            raise KeyringError("the keyring has no active key")
+        return max(active)[1]
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Keyring":
-        path = Path(path)
-        try:
-            mode = path.stat().st_mode
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise KeyringError(f"keyring file not found: {path}") from None
-        except ValueError as exc:
-            raise KeyringError(f"keyring file {path} is not valid JSON: {exc}") from None
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise KeyringError(f"keyring file {path} is readable by group/others (mode {stat.S_IMODE(mode):o}); "
-                               "chmod 600 it")
-        keys = {}
-        for key_id, entry in data.get("keys", {}).items():
-            raw = base64.b64decode(entry["key"])
-            if len(raw) != 32:
-                raise KeyringError(f"key '{key_id}' in {path} is {len(raw)} bytes, AES-256 needs 32")
-            keys[key_id] = raw
-        if not keys:
-            raise KeyringError(f"keyring file {path} holds no keys")
-        return cls(keys)
+        return cls(_read(Path(path)))
 
     @classmethod
     def from_env_or(cls, path: str | None) -> "Keyring":
-        path = path or os.environ.get(ENV_VAR)
-        if not path:
-            raise KeyringError(f"no keyring: set the model parameter 'keyring' or ${ENV_VAR}")
-        return cls.load(path)
+        return cls.load(resolve_path(path))
+
+
+def resolve_path(path: str | None) -> Path:
+    path = path or os.environ.get(ENV_VAR)
+    if not path:
+        raise KeyringError(f"no keyring: set the model parameter 'keyring' or ${ENV_VAR}")
+    return Path(path)
+
+
+def _read(path: Path) -> dict[str, Entry]:
+    try:
+        with open(path, "rb") as fh:  # check the mode of the file we read, not of a name that may be swapped
+            mode = os.fstat(fh.fileno()).st_mode
+            raw = fh.read()
+    except FileNotFoundError:
+        raise KeyringError(f"keyring file not found: {path}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyringError(f"keyring file {path} is readable by group/others (mode {stat.S_IMODE(mode):o}); "
+                           "chmod 600 it")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise KeyringError(f"keyring file {path} is not valid JSON: {exc.__class__.__name__}") from None
+    entries = {}
+    for key_id, item in (data.get("keys") or {}).items() if isinstance(data, dict) else []:
+        try:
+            key = base64.b64decode(item["key"], validate=True)
+            state = item.get("state", "active")
+            entry = Entry(key, state, float(item.get("created", 0)),
+                          None if item.get("retired_at") is None else float(item["retired_at"]),
+                          float(item.get("grace_s", DEFAULT_GRACE_S)))
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise KeyringError(f"key '{key_id}' in {path} is malformed (needs base64 'key', 'state')") from None
+        if len(key) != 32:
+            raise KeyringError(f"key '{key_id}' in {path} is {len(key)} bytes, AES-256 needs 32")
+        if state not in STATES:
+            raise KeyringError(f"key '{key_id}' in {path} has state '{state}', expected one of {STATES}")
+        entries[key_id] = entry
+    if not entries:
+        raise KeyringError(f"keyring file {path} holds no keys")
+    return entries
+
+
+class KeyringSource:
+    """The keyring of a file, reloaded when the file changes (checked at most every ``check_s``).
+
+    A reload that fails (bad JSON, too-open mode) keeps the last good keyring and
+    reports the error through ``on_error`` once per change: a botched edit must not
+    take the service down, nor widen what it accepts."""
+
+    def __init__(self, path: str | os.PathLike, *, check_s: float = 1.0, on_error=None):
+        self.path = Path(path)
+        self.check_s = check_s
+        self.on_error = on_error or (lambda msg: print(f"rtinfer.keyring: {msg}", file=sys.stderr, flush=True))
+        self._lock = threading.Lock()
+        self._stamp = self._stat()
+        self._ring = Keyring.load(self.path)  # the first load must succeed
+        self._checked = time.monotonic()
+        self.reloads = 0
+
+    def _stat(self):
+        try:
+            st = os.stat(self.path)
+            return st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode
+        except OSError:
+            return None
+
+    def current(self) -> Keyring:
+        now = time.monotonic()
+        if now - self._checked < self.check_s:
+            return self._ring
+        with self._lock:
+            self._checked = now
+            stamp = self._stat()
+            if stamp != self._stamp:
+                self._stamp = stamp
+                try:
+                    self._ring = Keyring.load(self.path)
+                    self.reloads += 1
+                except KeyringError as exc:
+                    self.on_error(f"keyring not reloaded, keeping the previous keys: {exc}")
+            return self._ring
+
+    def __repr__(self) -> str:
+        return f"KeyringSource({self.path}, {self._ring!r})"
+
+
+def save(path: str | os.PathLike, entries: dict[str, Entry]) -> Path:
+    """Write atomically (temp file 0600 + rename), so a reloading server never reads half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"keys": {k: e.to_json() for k, e in sorted(entries.items())}}, fh, indent=2)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def new_entry() -> Entry:
+    return Entry(os.urandom(32), "active", time.time())
 
 
 def write_new(path: str | os.PathLike, key_ids=(DEFAULT_KEY_ID,)) -> Path:
     """Create a keyring with fresh random keys, readable by its owner only."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"keys": {k: {"key": base64.b64encode(os.urandom(32)).decode(), "state": "active"} for k in key_ids}}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(doc, fh, indent=2)
-    os.chmod(path, 0o600)
-    return path
+    return save(path, {k: new_entry() for k in key_ids})
+
+
+def next_key_id(entries: dict[str, Entry]) -> str:
+    n = 1
+    while f"k{n}" in entries:
+        n += 1
+    return f"k{n}"
+
+
+def add_key(path, key_id: str | None = None) -> str:
+    entries = _read(Path(path))
+    key_id = key_id or next_key_id(entries)
+    if key_id in entries:
+        raise KeyringError(f"key id '{key_id}' already exists in {path}")
+    entries[key_id] = new_entry()
+    save(path, entries)
+    return key_id
+
+
+def retire_key(path, key_id: str, grace_s: float = DEFAULT_GRACE_S, *, now: float | None = None) -> None:
+    entries = _read(Path(path))
+    if key_id not in entries:
+        raise KeyringError(f"no key id '{key_id}' in {path}")
+    old = entries[key_id]
+    entries[key_id] = Entry(old.key, "retired", old.created, time.time() if now is None else now, grace_s)
+    save(path, entries)
+
+
+def rotate(path, grace_s: float = DEFAULT_GRACE_S, new_id: str | None = None) -> tuple[str, list[str]]:
+    """Add a new active key and retire every other active key with ``grace_s`` to drain."""
+    entries = _read(Path(path))
+    new_id = new_id or next_key_id(entries)
+    if new_id in entries:
+        raise KeyringError(f"key id '{new_id}' already exists in {path}")
+    now = time.time()
+    retired = [k for k, e in entries.items() if e.state == "active"]
+    for k in retired:
+        entries[k] = Entry(entries[k].key, "retired", entries[k].created, now, grace_s)
+    entries[new_id] = new_entry()
+    save(path, entries)
+    return new_id, retired
+
+
+def prune(path, *, now: float | None = None) -> list[str]:
+    """Delete retired keys whose grace period is over (they open nothing any more)."""
+    entries = _read(Path(path))
+    now = time.time() if now is None else now
+    gone = [k for k, e in entries.items() if e.usable_until() is not None and now > e.usable_until()]
+    if gone and len(gone) == len(entries):
+        raise KeyringError("pruning would leave the keyring empty; add a key first")
+    for k in gone:
+        del entries[k]
+    if gone:
+        save(path, entries)
+    return gone
+
+
+def describe(path) -> list[str]:
+    """One line per key: id, state, dates. No key material."""
+    out = []
+    now = time.time()
+    for k, e in sorted(_read(Path(path)).items()):
+        line = f"{k}\t{e.state}\tcreated {_iso(e.created)}"
+        if e.state == "retired":
+            until = e.usable_until()
+            line += f"\tretired {_iso(e.retired_at)}\topens until {_iso(until)}" + (" (expired)" if now > until else "")
+        out.append(line)
+    return out
+
+
+def _iso(t: float | None) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t or 0))
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m rtinfer.keyring")
+    parser = argparse.ArgumentParser(prog="python -m rtinfer.keyring", description="create and rotate payload keys")
     sub = parser.add_subparsers(dest="cmd", required=True)
     init = sub.add_parser("init", help="create a keyring if it does not exist yet")
     init.add_argument("path")
     init.add_argument("--key-id", action="append", default=None)
     init.add_argument("--force", action="store_true", help="overwrite an existing keyring")
+    add = sub.add_parser("add", help="add a new active key")
+    add.add_argument("path")
+    add.add_argument("--key-id")
+    rot = sub.add_parser("rotate", help="add a new active key; retire the other active keys after a grace period")
+    rot.add_argument("path")
+    rot.add_argument("--key-id", help="id of the new key (default: next free kN)")
+    rot.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S)
+    ret = sub.add_parser("retire", help="make a key decrypt-only for a grace period (0 = refuse it now)")
+    ret.add_argument("path")
+    ret.add_argument("key_id")
+    ret.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S)
+    pr = sub.add_parser("prune", help="delete retired keys whose grace period is over")
+    pr.add_argument("path")
+    ls = sub.add_parser("list", help="key ids, states and dates (never key material)")
+    ls.add_argument("path")
     args = parser.parse_args(argv)
-    if args.cmd == "init":
-        if Path(args.path).exists() and not args.force:
-            print(f"keyring exists: {args.path} ({Keyring.load(args.path)})")
-            return 0
-        write_new(args.path, args.key_id or [DEFAULT_KEY_ID])
-        print(f"created keyring {args.path} ({Keyring.load(args.path)})")
+    try:
+        if args.cmd == "init":
+            if Path(args.path).exists() and not args.force:
+                print(f"keyring exists: {args.path} ({Keyring.load(args.path)})")
+                return 0
+            write_new(args.path, args.key_id or [DEFAULT_KEY_ID])
+            print(f"created keyring {args.path} ({Keyring.load(args.path)})")
+        elif args.cmd == "add":
+            print(f"added active key '{add_key(args.path, args.key_id)}' to {args.path}")
+        elif args.cmd == "rotate":
+            new_id, retired = rotate(args.path, args.grace_s, args.key_id)
+            print(f"new active key '{new_id}'; retired {retired or 'none'} (grace {args.grace_s:.0f} s)")
+        elif args.cmd == "retire":
+            retire_key(args.path, args.key_id, args.grace_s)
+            print(f"retired '{args.key_id}' (grace {args.grace_s:.0f} s)")
+        elif args.cmd == "prune":
+            print(f"pruned {prune(args.path) or 'nothing'}")
+        elif args.cmd == "list":
+            print("\n".join(describe(args.path)))
+    except KeyringError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

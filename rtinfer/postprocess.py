@@ -1,7 +1,10 @@
-"""The postprocess stage: softmax, top-1 for the audit, and the served record.
+"""The postprocess stage: softmax, top-1 for the audit, the served record, and optionally a sealed result.
 
 Pure logic behind ``model_repository/postprocess/1/model.py``. Top-k for clients
-comes from Triton's classification extension on the PROBS output (``class_count``).
+comes from Triton's classification extension on the PROBS output (``class_count``),
+or, when the request asks for ``seal_response``, inside an envelope sealed to the
+request's own key: then PROBS is all zeros and AUDIT_REF carries the sealed result,
+so a TLS-terminating proxy sees neither the answer nor the audit reference.
 """
 from __future__ import annotations
 
@@ -10,8 +13,12 @@ import time
 
 import numpy as np
 
+from rtinfer import envelope
 from rtinfer.audit import AuditWriter
+from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.preprocess import _now_iso
+
+MAX_TOP_K = 1000
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -20,25 +27,42 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
+def wants_sealed(params: dict) -> bool:
+    return str(params.get("seal_response", "")).lower() in ("1", "true", "yes")
+
+
+def top_k_of(params: dict, default: int = 5) -> int:
+    try:
+        return max(1, min(MAX_TOP_K, int(params.get("top_k", default))))
+    except (TypeError, ValueError):
+        return default
+
+
 class Postprocessor:
-    def __init__(self, audit: AuditWriter, labels: tuple[str, ...], *, models: dict[str, str], version: str = "1"):
+    def __init__(self, audit: AuditWriter, labels: tuple[str, ...], *, models: dict[str, str], version: str = "1",
+                 keyring: Keyring | KeyringSource | None = None):
         self.audit = audit
         self.labels = labels
         self.models = models  # pipeline name -> "classifier model/version (sha256 prefix)"
         self.version = version
+        self.keys = keyring  # only needed to seal responses
 
-    def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str]) -> tuple[np.ndarray, list[str]]:
-        """Batch of logits [N,1000] + audit contexts + Triton request ids -> probabilities and record hashes.
+    def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
+            params: list[dict] | None = None) -> tuple[np.ndarray, list]:
+        """Batch of logits [N,1000] + audit contexts + Triton request ids (+ request parameters)
+        -> probabilities and, per row, the record hash (str) or the sealed result (bytes).
 
         The request id is the one Triton hands this last step, so the record shows it
         reached the end of the ensemble; preprocess saw the same id (``ctx``)."""
         started = time.time_ns()
+        params = params or [{}] * len(contexts)
         probs = softmax(logits.astype(np.float32))
         top = probs.argmax(axis=1)
         done = time.time_ns()
-        records = []
+        records, ctxs = [], []
         for i, raw in enumerate(contexts):
             ctx = json.loads(raw)
+            ctxs.append(ctx)
             idx = int(top[i])
             records.append({
                 "event": "served", "stage": "postprocess", "time": _now_iso(),
@@ -47,6 +71,7 @@ class Postprocessor:
                 "models": {"preprocess": ctx["preprocess_version"], "postprocess": self.version,
                            "classifier": self.models.get(ctx["pipeline"], "unknown")},
                 "top1": {"index": idx, "label": self.labels[idx], "score": round(float(probs[i, idx]), 6)},
+                "response_sealed": wants_sealed(params[i]),
                 "timing_ms": {
                     "preprocess": round((ctx["t_pre_done_ns"] - ctx["t_start_ns"]) / 1e6, 3),
                     "classifier_incl_queues": round((started - ctx["t_pre_done_ns"]) / 1e6, 3),
@@ -54,4 +79,20 @@ class Postprocessor:
                     "total": round((done - ctx["t_start_ns"]) / 1e6, 3),
                 },
             })
-        return probs, self.audit.append(records)
+        refs: list = self.audit.append(records)  # audited before anything is returned
+        for i, ctx in enumerate(ctxs):
+            if wants_sealed(params[i]):
+                refs[i] = self.seal(probs[i], refs[i], request_ids[i], ctx, top_k_of(params[i]))
+                probs[i] = 0.0
+        return probs, refs
+
+    def seal(self, probs: np.ndarray, audit_ref: str, request_id: str, ctx: dict, k: int) -> bytes:
+        ring = self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys
+        order = np.argsort(-probs, kind="stable")[:k]
+        body = {"request_id": request_id, "audit_ref": audit_ref,
+                "predictions": [[round(float(probs[j]), 6), int(j), self.labels[j]] for j in order]}
+        # The key opened this request moments ago; a retired key still answers within its grace period.
+        key = ring.key(ctx["key_id"])
+        return envelope.seal_response(json.dumps(body, separators=(",", ":")).encode(), key,
+                                      key_id=ctx["key_id"], client_id=ctx["client_id"], pipeline=ctx["pipeline"],
+                                      request_sha256=ctx["envelope_sha256"])

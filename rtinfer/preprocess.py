@@ -14,7 +14,8 @@ import numpy as np
 from rtinfer import envelope, imaging
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import RejectedRequest
-from rtinfer.keyring import Keyring
+from rtinfer.keyring import Keyring, KeyringSource
+from rtinfer.replay import ReplayGuard
 
 DEFAULT_MAX_ENVELOPE_BYTES = 8 * 1024 * 1024
 
@@ -39,31 +40,49 @@ class Rejected:
 
 
 class Preprocessor:
-    def __init__(self, keyring: Keyring, audit: AuditWriter, *, pipelines: set[str],
+    """Checks run cheapest first: size, then authentication, freshness, replay, and only then decoding."""
+
+    def __init__(self, keyring: Keyring | KeyringSource, audit: AuditWriter, *, pipelines: set[str],
+                 replay: ReplayGuard | None = None,
                  max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
                  max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1"):
-        self.keyring = keyring
+        self.keys = keyring
         self.audit = audit
+        self.replay = replay
         self.pipelines = set(pipelines)
         self.max_envelope_bytes = max_envelope_bytes
         self.max_pixels = max_pixels
         self.version = version
 
-    def _key_for(self, header: envelope.Header) -> bytes:
-        if header.pipeline not in self.pipelines:
-            raise RejectedRequest("wrong_pipeline", f"envelope is sealed for pipeline '{header.pipeline}', "
-                                  f"this service serves {sorted(self.pipelines)}")
-        return self.keyring.key(header.key_id)
+    @property
+    def keyring(self) -> Keyring:
+        return self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys
 
-    def _one(self, req: Request, started_ns: int) -> Accepted:
+    def _key_for(self, ring: Keyring):
+        def key_for(header: envelope.Header) -> bytes:
+            if header.kind != envelope.REQUEST:
+                raise RejectedRequest("not_a_request", "envelope is a sealed response, not a request")
+            if header.pipeline not in self.pipelines:
+                raise RejectedRequest("wrong_pipeline", f"envelope is sealed for pipeline '{header.pipeline}', "
+                                      f"this service serves {sorted(self.pipelines)}")
+            return ring.key(header.key_id)
+        return key_for
+
+    def _open(self, req: Request, ring: Keyring) -> envelope.Opened:
         if len(req.envelope) > self.max_envelope_bytes:
             raise RejectedRequest("too_large", f"envelope is {len(req.envelope)} bytes, "
                                   f"more than the limit of {self.max_envelope_bytes}")
-        opened = envelope.open_envelope(req.envelope, self._key_for)
+        opened = envelope.open_envelope(req.envelope, self._key_for(ring))
         hdr = opened.header
         if req.client_id and req.client_id != hdr.client_id:
             raise RejectedRequest("client_mismatch", f"client id '{req.client_id}' in the request does not match "
                                   f"the envelope's sealed client id '{hdr.client_id}'")
+        if self.replay is not None:  # the timestamp is authenticated now, so the reason is the true one
+            self.replay.check_window(hdr.timestamp_ms)
+        return opened
+
+    def _accept(self, req: Request, opened: envelope.Opened, started_ns: int) -> Accepted:
+        hdr = opened.header
         image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels)
         done_ns = time.time_ns()
         ctx = {
@@ -76,14 +95,34 @@ class Preprocessor:
 
     def run(self, requests: list[Request]) -> list[Accepted | Rejected]:
         """Process one batch; rejections are audited together in one write before returning."""
-        results, rejected = [], []
-        for req in requests:
-            started = time.time_ns()
+        ring = self.keyring
+        results: list = [None] * len(requests)
+        opened, started, rejected = {}, {}, []
+
+        def reject(i, exc):
+            results[i] = Rejected(exc.reason, str(exc))
+            rejected.append(self._rejection_record(requests[i], exc, started[i]))
+
+        for i, req in enumerate(requests):
+            started[i] = time.time_ns()
             try:
-                results.append(self._one(req, started))
+                opened[i] = self._open(req, ring)
             except RejectedRequest as exc:
-                results.append(Rejected(exc.reason, str(exc)))
-                rejected.append(self._rejection_record(req, exc, started))
+                reject(i, exc)
+        if self.replay is not None and opened:  # one transaction for the batch; duplicates inside it count too
+            order = sorted(opened)
+            fresh = self.replay.record([(opened[i].header.key_id, opened[i].nonce, opened[i].header.timestamp_ms)
+                                        for i in order])
+            for i, ok in zip(order, fresh):
+                if not ok:
+                    del opened[i]
+                    reject(i, RejectedRequest("replayed", "envelope was already received (replay): "
+                                              "its nonce was seen within the replay window"))
+        for i in sorted(opened):
+            try:
+                results[i] = self._accept(requests[i], opened[i], started[i])
+            except RejectedRequest as exc:
+                reject(i, exc)
         self.audit.append(rejected)
         return results
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytriton
 
+from rtinfer import access
+
 ROOT = Path(__file__).resolve().parent.parent
 WHEEL = Path(pytriton.__file__).resolve().parent / "tritonserver"
 LIBS = WHEEL.parent.parent / "nvidia_pytriton.libs"
@@ -70,6 +72,8 @@ class TritonServer:
     def __init__(self, model_repository: str | os.PathLike = ROOT / "model_repository", *,
                  models=("pipeline",), http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
                  keyring: str | None = None, audit_dir: str | None = None, config_name: str | None = "auto",
+                 audit_signing_key: str | None = None, api_key: str = "", admin_key: str = "",
+                 tls_cert: str | None = None, tls_key: str | None = None, tls_client_ca: str | None = None,
                  host: str = "127.0.0.1", extra_args=(), env: dict | None = None,
                  workdir: str | os.PathLike = ROOT / "build" / "triton", log_file: str | None = None):
         self.model_repository = Path(model_repository).resolve()
@@ -79,7 +83,12 @@ class TritonServer:
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.config_name = ("cpu" if not has_gpu() else None) if config_name == "auto" else config_name
-        self.extra_args = list(extra_args)
+        self.api_key, self.admin_key = api_key, admin_key
+        self.tls = bool(tls_cert or tls_key)
+        # Secrets end up in tritonserver's argv (its only way to take them): readable in /proc by
+        # other users of this host unless /proc is mounted hidepid. Keep them out of our logs.
+        self.extra_args = (access.server_args(api_key, admin_key)
+                           + access.tls_server_args(tls_cert, tls_key, tls_client_ca) + list(extra_args))
         self.workdir = Path(workdir)
         self.log_file = Path(log_file) if log_file else self.workdir / f"server-{self.http_port}.log"
         self.env = dict(env or {})
@@ -87,6 +96,8 @@ class TritonServer:
             self.env["RTINFER_KEYRING"] = str(Path(keyring).resolve())
         if audit_dir:
             self.env["RTINFER_AUDIT_DIR"] = str(Path(audit_dir).resolve())
+        if audit_signing_key:
+            self.env["RTINFER_AUDIT_SIGNING_KEY"] = str(Path(audit_signing_key).resolve())
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -160,6 +171,20 @@ class TritonServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
+    def kill(self, timeout: float = 15.0) -> None:
+        """SIGKILL the server and its backend stubs (its process group): a crash, for fault tests."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # the stubs are reaped by init; wait until none is left
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+
     def __enter__(self) -> "TritonServer":
         return self.start()
 
@@ -178,14 +203,29 @@ def main(argv=None) -> int:
     p.add_argument("--keyring")
     p.add_argument("--audit-dir")
     p.add_argument("--config-name", default="auto", help="'auto' = cpu when no GPU is present; '' = config.pbtxt")
+    p.add_argument("--audit-signing-key", help="Ed25519 key (PEM, 0600) for signed audit checkpoints")
+    p.add_argument("--api-key-file", help=f"inference needs this key (header {access.API_KEY_HEADER}); "
+                   f"or ${access.API_KEY_ENV}")
+    p.add_argument("--admin-key-file", help="model-repository, shared-memory, statistics, trace and logging need "
+                   f"this key (header {access.ADMIN_KEY_HEADER}); or ${access.ADMIN_KEY_ENV}")
+    p.add_argument("--tls-cert", help="gRPC TLS: server certificate (PEM)")
+    p.add_argument("--tls-key", help="gRPC TLS: server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="gRPC mutual TLS: CA that signs client certificates")
     args, extra = p.parse_known_args(argv)
     server = TritonServer(args.model_repository, models=args.model or ["pipeline"], host=args.host,
                           http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
                           keyring=args.keyring, audit_dir=args.audit_dir, config_name=args.config_name or None,
+                          audit_signing_key=args.audit_signing_key,
+                          api_key=access.read_secret(file=args.api_key_file, env=access.API_KEY_ENV),
+                          admin_key=access.read_secret(file=args.admin_key_file, env=access.ADMIN_KEY_ENV),
+                          tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                           extra_args=extra)
     server.start()
-    print(f"tritonserver ready: HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}"
-          f"  config {server.config_name or 'config.pbtxt'}  log {server.log_file}", flush=True)
+    print(f"tritonserver ready: HTTP {server.http_url}  gRPC {server.grpc_url}"
+          f"{' (TLS)' if server.tls else ''}  metrics {server.metrics_url}"
+          f"  config {server.config_name or 'config.pbtxt'}  log {server.log_file}"
+          f"  inference key {'required' if server.api_key else 'OFF'}"
+          f"  admin key {'required' if server.admin_key else 'OFF'}", flush=True)
     try:
         server.proc.wait()
     except KeyboardInterrupt:

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from rtinfer import audit, keyring
+from rtinfer import audit, checkpoint, keyring, replay
 
 
 class StageConfig:
@@ -21,15 +21,36 @@ class StageConfig:
     def param(self, key: str, default: str = "") -> str:
         return self.config.get("parameters", {}).get(key, {}).get("string_value", "") or default
 
-    def keyring(self) -> keyring.Keyring:
-        return keyring.Keyring.from_env_or(self.param("keyring"))
+    def keyring(self) -> keyring.KeyringSource:
+        """Reloaded when the file changes (rotation without a restart)."""
+        return keyring.KeyringSource(keyring.resolve_path(self.param("keyring")),
+                                     check_s=float(self.param("keyring_check_s", "1")))
 
-    def audit_writer(self) -> audit.AuditWriter:
+    def audit_dir(self) -> Path:
         directory = self.param("audit_dir") or os.environ.get(audit.ENV_DIR)
         if not directory:
             raise RuntimeError(f"no audit directory: set the model parameter 'audit_dir' or ${audit.ENV_DIR}")
-        fsync = self.param("audit_fsync", "false").lower() in ("1", "true", "yes")
-        return audit.AuditWriter(Path(directory) / f"{self.instance}.jsonl", fsync=fsync)
+        return Path(directory)
+
+    def audit_writer(self) -> audit.AuditWriter:
+        key = self.param("audit_signing_key") or os.environ.get(checkpoint.ENV_VAR)
+        return audit.AuditWriter(
+            self.audit_dir() / f"{self.instance}.jsonl",
+            fsync=self.param("audit_fsync", "off"),
+            fsync_interval_s=float(self.param("audit_fsync_interval_s", "1")),
+            max_bytes=int(self.param("audit_max_bytes", "0")),
+            signer=checkpoint.Signer.load(key) if key else None,
+            checkpoint_interval_s=float(self.param("audit_checkpoint_interval_s", "30")),
+            checkpoint_records=int(self.param("audit_checkpoint_records", "1000")),
+            lock_timeout_s=30.0,  # a killed server's stub processes may take a moment to let go
+        )
+
+    def replay_guard(self) -> replay.ReplayGuard:
+        """One store for all instances of the stage: by default in the audit directory."""
+        return replay.ReplayGuard(self.param("replay_db") or self.audit_dir() / "replay-nonces.sqlite3",
+                                  window_s=float(self.param("replay_window_s", str(replay.DEFAULT_WINDOW_S))),
+                                  future_skew_s=float(self.param("replay_future_skew_s",
+                                                                 str(replay.DEFAULT_FUTURE_SKEW_S))))
 
     def classifier_models(self) -> dict[str, str]:
         """pipeline -> 'model (sha256 prefix of the installed file)', read once at load."""

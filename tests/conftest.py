@@ -1,12 +1,46 @@
-"""Shared fixtures: a keyring, and one real tritonserver per test session on free loopback ports."""
+"""Shared fixtures: keys, and one real tritonserver per test session on free loopback ports.
+
+``model_repository_with`` builds a copy of the repository for servers that need other
+stage parameters (rotation size, replay window, ...): the stages are copied with their
+``parameters`` changed, every other model is a symlink to the real one.
+"""
 from __future__ import annotations
 
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
-from rtinfer import keyring
+from rtinfer import checkpoint, keyring
 from rtinfer.server import ROOT, TritonServer
+
+REPO = ROOT / "model_repository"
+
+
+def require_model():
+    if not (REPO / "classifier_onnx" / "1" / "model.onnx").exists():
+        pytest.fail("the CPU model is not built: run `make engines` (make test does it first)")
+
+
+def model_repository_with(target: Path, overrides: dict[str, dict[str, str]]) -> Path:
+    """A repository in ``target`` where model -> {parameter: value} replaces those parameter values."""
+    target.mkdir(parents=True, exist_ok=True)
+    for model in REPO.iterdir():
+        if not model.is_dir():
+            continue
+        if model.name not in overrides:
+            (target / model.name).symlink_to(model, target_is_directory=True)
+            continue
+        shutil.copytree(model, target / model.name, ignore=shutil.ignore_patterns("__pycache__"))
+        for cfg in [target / model.name / "config.pbtxt", *(target / model.name / "configs").glob("*.pbtxt")]:
+            text = cfg.read_text()
+            for key, value in overrides[model.name].items():
+                pattern = re.compile(r'(\{ key: "%s" value: \{ string_value: ")[^"]*(" \} \})' % re.escape(key))
+                text, n = pattern.subn(lambda m: m.group(1) + value + m.group(2), text)
+                assert n == 1, f"parameter {key} not found once in {cfg}"
+            cfg.write_text(text)
+    return target
 
 
 @pytest.fixture(scope="session")
@@ -20,15 +54,21 @@ def keys(keyring_path) -> keyring.Keyring:
 
 
 @pytest.fixture(scope="session")
+def signing_key(tmp_path_factory) -> tuple[Path, Path]:
+    """Ed25519 audit signing key (private, public)."""
+    return checkpoint.keygen(tmp_path_factory.mktemp("signing") / "audit-signing.pem")
+
+
+@pytest.fixture(scope="session")
 def audit_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("audit")
 
 
 @pytest.fixture(scope="session")
-def server(keyring_path, audit_dir, tmp_path_factory):
+def server(keyring_path, audit_dir, signing_key, tmp_path_factory):
     """The pipeline on the embedded server; stopped at the end of the session."""
-    if not (ROOT / "model_repository" / "classifier_onnx" / "1" / "model.onnx").exists():
-        pytest.fail("the CPU model is not built: run `make engines` (make test does it first)")
+    require_model()
     work = tmp_path_factory.mktemp("triton")
-    with TritonServer(keyring=str(keyring_path), audit_dir=str(audit_dir), workdir=work) as srv:
+    with TritonServer(keyring=str(keyring_path), audit_dir=str(audit_dir), audit_signing_key=str(signing_key[0]),
+                      workdir=work) as srv:
         yield srv

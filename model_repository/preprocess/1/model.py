@@ -14,6 +14,7 @@ class TritonPythonModel:
         self.pre = Preprocessor(
             cfg.keyring(), cfg.audit_writer(),
             pipelines=set(cfg.param("pipelines").split(",")),
+            replay=cfg.replay_guard(),
             max_envelope_bytes=int(cfg.param("max_envelope_bytes")),
             max_pixels=int(cfg.param("max_pixels")),
             version=args["model_version"],
@@ -40,3 +41,4 @@ class TritonPythonModel:
 
     def finalize(self):
         self.pre.audit.close()
+        self.pre.replay.close()

@@ -1,0 +1,74 @@
+"""Who may call which Triton API: restricted-API flags for the server, headers and TLS for clients.
+
+One module builds both sides, so the header a client sends is the one the server checks.
+Triton checks a header per API group: inference needs the API key; the groups that
+change or reveal the deployment (model repository, shared memory, statistics, trace,
+logging) need the admin key. gRPC clients must prefix the header with
+``triton-grpc-protocol-`` (Triton only passes such metadata to the check).
+Health and metadata stay open (load balancers probe them).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+API_KEY_HEADER = "x-api-key"
+ADMIN_KEY_HEADER = "x-admin-key"
+GRPC_HEADER_PREFIX = "triton-grpc-protocol-"
+INFERENCE_APIS = ("inference",)
+ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+API_KEY_ENV, ADMIN_KEY_ENV = "RTINFER_API_KEY", "RTINFER_ADMIN_KEY"
+
+
+def read_secret(value: str | None = None, file: str | os.PathLike | None = None, env: str | None = None) -> str:
+    """A key from a file (preferred: not in shell history), a value, or an environment variable."""
+    if file:
+        return Path(file).read_text().strip()
+    return value or (os.environ.get(env, "") if env else "")
+
+
+def _check(key: str) -> str:
+    if not key or any(c in key for c in ",:= \t\n") or not key.isprintable():
+        raise ValueError("API keys must be non-empty printable strings without ',', ':', '=' or spaces")
+    return key
+
+
+def server_args(api_key: str = "", admin_key: str = "") -> list[str]:
+    """tritonserver flags restricting inference to ``api_key`` and the admin APIs to ``admin_key``."""
+    args = []
+    for apis, header, key in ((INFERENCE_APIS, API_KEY_HEADER, api_key), (ADMIN_APIS, ADMIN_KEY_HEADER, admin_key)):
+        if key:
+            spec = f"{','.join(apis)}:{header}={_check(key)}"
+            args += [f"--http-restricted-api={spec}", f"--grpc-restricted-protocol={spec}"]
+    return args
+
+
+def tls_server_args(cert: str | None, key: str | None, client_ca: str | None = None) -> list[str]:
+    """gRPC over TLS (Triton's HTTP endpoint has no TLS: put a TLS proxy in front, or use gRPC).
+    ``client_ca`` turns on mutual TLS: clients need a certificate signed by it."""
+    if not cert and not key:
+        return []
+    if not (cert and key):
+        raise ValueError("gRPC TLS needs both a server certificate and its key")
+    args = [f"--grpc-server-cert={Path(cert).resolve()}", f"--grpc-server-key={Path(key).resolve()}"]
+    if client_ca:
+        return args + ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(client_ca).resolve()}"]
+    return args + ["--grpc-use-ssl=true"]
+
+
+def headers(protocol: str, api_key: str = "", admin_key: str = "") -> dict[str, str]:
+    """Request headers carrying the keys, named as Triton expects them on ``protocol``."""
+    prefix = GRPC_HEADER_PREFIX if protocol == "grpc" else ""
+    out = {}
+    if api_key:
+        out[prefix + API_KEY_HEADER] = api_key
+    if admin_key:
+        out[prefix + ADMIN_KEY_HEADER] = admin_key
+    return out
+
+
+def grpc_tls_kwargs(ca: str | None = None, cert: str | None = None, key: str | None = None) -> dict:
+    """tritonclient.grpc.InferenceServerClient arguments for TLS (file paths; cert+key for mutual TLS)."""
+    if not (ca or cert or key):
+        return {}
+    return {"ssl": True, "root_certificates": ca, "certificate_chain": cert, "private_key": key}
