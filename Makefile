@@ -59,5 +59,25 @@ demo: engines keys
 test: engines
 	$(PY) -m pytest -q
 
+# Locust load test of the pipeline (own server on free loopback ports unless LOADTEST_TARGET
+# gives "--grpc H:P --http H:P --metrics URL"), per-stage breakdown, SLO check (fails on a miss).
+# STEP=1: rising users to find the knee. Reports in build/loadtest/.
+USERS      ?= 8
+SPAWN_RATE ?= 4
+DURATION   ?= 60s
+SLO        ?= loadtest/slo.toml
+STEP       ?=
+LOADTEST_TARGET ?=
+loadtest: engines keys
+	$(PY) -m loadtest.run --keyring $(KEYRING) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+	  --slo $(SLO) $(if $(STEP),--step) $(LOADTEST_TARGET)
+
+# Side by side, one run: bare ONNX Runtime, the Triton pipeline (gRPC, HTTP), the FastAPI baseline.
+# Reports in build/bench/ (bench.json, bench.md, bench.png).
+BENCH_LEVELS  ?= 1,2,4,8,16
+BENCH_SECONDS ?= 6
+bench: engines keys
+	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS)
+
 clean:
 	rm -rf build model_repository/*/1/*.onnx model_repository/*/1/*.plan model_repository/*/1/*.json

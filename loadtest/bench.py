@@ -1,0 +1,336 @@
+"""`make bench`: the encrypted Triton pipeline side by side with bare ONNX Runtime and a FastAPI baseline.
+
+    python -m loadtest.bench [--levels 1,2,4,8,16] [--seconds 6] [--out build/bench]
+
+One run, one machine, one model file, the same photos, the same concurrency levels.
+Arms (interleaved level by level, so background load drifts over all of them alike):
+
+- ``ort``: bare ONNX Runtime in this process, batch 1 per request from N threads, on
+  tensors decoded up front: the floor (no network, no crypto, no decode, no audit).
+- ``ort_batched``: bare ONNX Runtime, one batch of N at a time: the floor for a server that batches.
+- ``pipeline_grpc`` / ``pipeline_http``: the Triton ``pipeline`` (seal per request, decrypt,
+  decode, classify, softmax, top-k, audit) over tritonclient.
+- ``fastapi``: loadtest/baselines/fastapi_app.py under uvicorn, the same work with the same code.
+
+Also: single-request latency, 100 sequential requests of one image (gRPC pipeline vs bare
+ORT), and per level the CPU cores used by the load generator, each server, and the rest
+of the machine. Writes bench.json, bench.md, bench.png under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from loadtest import cpu, loadgen, plots, target
+from loadtest.payloads import PHOTOS, Sealer, photos
+from rtinfer import imaging
+from rtinfer.keyring import Keyring
+from rtinfer.server import ROOT, free_port, server_env
+
+MODEL = ROOT / "model_repository" / "classifier_onnx" / "1" / "model.onnx"
+ARMS = ("ort", "ort_batched", "pipeline_grpc", "pipeline_http", "fastapi")
+
+
+class Arms:
+    """Builds each arm's per-worker request function; owns the clients' configuration."""
+
+    def __init__(self, tgt: target.Target, baseline_port: int, key: bytes, key_id: str, top_k: int, ort_threads: int):
+        self.tgt, self.baseline_port, self.key, self.key_id, self.top_k = tgt, baseline_port, key, key_id, top_k
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = ort_threads
+        self.session = ort.InferenceSession(str(MODEL), opts, providers=["CPUExecutionProvider"])
+        self.tensors = [imaging.preprocess(p) for p in photos()]
+
+    def _sealer(self, worker: int) -> Sealer:
+        return Sealer(self.key, key_id=self.key_id, client_id="bench", pipeline="pipeline", start=worker)
+
+    def make(self, arm: str, concurrency: int):
+        return getattr(self, arm)(concurrency)
+
+    def ort(self, concurrency: int):
+        def make_call(worker: int):
+            it = iter(range(worker, 10**12))
+            def call() -> int:
+                x = self.tensors[next(it) % len(self.tensors)][np.newaxis]
+                self.session.run(None, {"input": x})
+                return 1
+            return call
+        return make_call, concurrency
+
+    def ort_batched(self, concurrency: int):
+        batch = np.stack([self.tensors[i % len(self.tensors)] for i in range(concurrency)])
+        def make_call(worker: int):
+            def call() -> int:
+                self.session.run(None, {"input": batch})
+                return concurrency
+            return call
+        return make_call, 1
+
+    def _triton(self, mod, url: str, **kw):
+        def make_call(worker: int):
+            client = mod.InferenceServerClient(url, **kw)
+            sealer = self._sealer(worker)
+            def call() -> int:
+                inp = mod.InferInput("ENVELOPE", [1, 1], "BYTES")
+                inp.set_data_from_numpy(np.array([[sealer.next()]], dtype=np.object_))
+                res = client.infer("pipeline", [inp], outputs=[mod.InferRequestedOutput("PROBS", class_count=self.top_k),
+                                                             mod.InferRequestedOutput("AUDIT_REF")],
+                                   request_id=uuid.uuid4().hex, parameters={"client_id": "bench"})
+                if len(res.as_numpy("PROBS").reshape(-1)) != self.top_k:
+                    raise ValueError("wrong number of classes")
+                return 1
+            return call
+        return make_call
+
+    def pipeline_grpc(self, concurrency: int):
+        import tritonclient.grpc as grpcclient
+        return self._triton(grpcclient, self.tgt.grpc), concurrency
+
+    def pipeline_http(self, concurrency: int):
+        import tritonclient.http as httpclient
+        return self._triton(httpclient, self.tgt.http, concurrency=1, network_timeout=120.0), concurrency
+
+    def fastapi(self, concurrency: int):
+        def make_call(worker: int):
+            conn = http.client.HTTPConnection("127.0.0.1", self.baseline_port, timeout=120)
+            sealer = self._sealer(worker)
+            def call() -> int:
+                conn.request("POST", f"/classify?top_k={self.top_k}", body=sealer.next(),
+                             headers={"x-client-id": "bench", "x-request-id": uuid.uuid4().hex,
+                                      "content-type": "application/octet-stream"})
+                resp = conn.getresponse()
+                body = resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}: {body[:200]!r}")
+                if len(json.loads(body)["predictions"]) != self.top_k:
+                    raise ValueError("wrong number of classes")
+                return 1
+            return call
+        return make_call, concurrency
+
+
+class Baseline:
+    """The FastAPI baseline under uvicorn (one worker) on a free loopback port; always stopped."""
+
+    def __init__(self, out: Path, keyring_path: Path, ort_threads: int):
+        self.port = free_port()
+        self.env = server_env({"RTINFER_KEYRING": str(keyring_path.resolve()),
+                               "RTINFER_AUDIT_DIR": str((out / "audit_baseline").resolve()),
+                               "BASELINE_ORT_THREADS": str(ort_threads)})
+        self.log = out / "baseline.log"
+
+    def __enter__(self) -> "Baseline":
+        cmd = [sys.executable, "-m", "uvicorn", "loadtest.baselines.fastapi_app:app", "--host", "127.0.0.1",
+               "--port", str(self.port), "--workers", "1", "--no-access-log", "--log-level", "warning"]
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"baseline exited: {self.log.read_text()[-2000:]}")
+            try:
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
+                conn.request("GET", "/openapi.json")
+                if conn.getresponse().status == 200:
+                    return self
+            except OSError:
+                time.sleep(0.2)
+        self.__exit__()
+        raise TimeoutError("baseline not ready in 60 s")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def single_request(arms: Arms, n: int) -> dict:
+    """p50 of n sequential requests of one image (chelsea): gRPC pipeline vs bare ORT (with and without decode)."""
+    chelsea = photos()[PHOTOS.index("chelsea")]
+    x = imaging.preprocess(chelsea)[np.newaxis]
+    import tritonclient.grpc as grpcclient
+    client = grpcclient.InferenceServerClient(arms.tgt.grpc)
+    sealer = Sealer(arms.key, key_id=arms.key_id, client_id="bench", pipeline="pipeline", names=("chelsea",))
+    calls = {
+        "ort": lambda: arms.session.run(None, {"input": x}),
+        "ort_with_decode": lambda: arms.session.run(None, {"input": imaging.preprocess(chelsea)[np.newaxis]}),
+        "pipeline_grpc": lambda: client.infer("pipeline", [_envelope_input(grpcclient, sealer.next())],
+                                              outputs=[grpcclient.InferRequestedOutput("PROBS", class_count=arms.top_k)],
+                                              request_id=uuid.uuid4().hex, parameters={"client_id": "bench"}),
+    }
+    out = {name: [] for name in calls}
+    for _ in range(10):  # warm-up
+        for call in calls.values():
+            call()
+    for _ in range(n):  # interleaved, so drifting background load hits each alike
+        for name, call in calls.items():
+            t0 = time.perf_counter()
+            call()
+            out[name].append((time.perf_counter() - t0) * 1000.0)
+    client.close()
+    res = {name: {"p50_ms": round(loadgen.percentile(sorted(v), 0.5), 2),
+                  "p90_ms": round(loadgen.percentile(sorted(v), 0.9), 2), "n": len(v)} for name, v in out.items()}
+    res["pipeline_minus_ort_p50_ms"] = round(res["pipeline_grpc"]["p50_ms"] - res["ort"]["p50_ms"], 2)
+    return res
+
+
+def _envelope_input(mod, sealed: bytes):
+    inp = mod.InferInput("ENVELOPE", [1, 1], "BYTES")
+    inp.set_data_from_numpy(np.array([[sealed]], dtype=np.object_))
+    return inp
+
+
+def best_within(levels: list[dict], p99: float) -> float:
+    """Highest throughput among an arm's levels whose p99 is at most ``p99`` (0 when none is)."""
+    return max([lv["throughput"] for lv in levels if lv["p99_ms"] <= p99 and not lv["errors"]], default=0.0)
+
+
+def ratios(results: dict[str, list[dict]], single: dict) -> dict:
+    sat = {arm: max(lv["throughput"] for lv in levels) for arm, levels in results.items()}
+    out = {"saturated_throughput": sat}
+    for arm in ("pipeline_grpc", "pipeline_http"):
+        if arm not in sat:
+            continue
+        if "ort" in sat:
+            out[f"{arm}/ort_saturated"] = round(sat[arm] / sat["ort"], 3)
+        if "ort_batched" in sat:
+            out[f"{arm}/ort_batched_saturated"] = round(sat[arm] / sat["ort_batched"], 3)
+        if "fastapi" in sat:
+            out[f"{arm}/fastapi_saturated"] = round(sat[arm] / sat["fastapi"], 3)
+            fast = max(results["fastapi"], key=lambda lv: lv["throughput"])
+            mine = best_within(results[arm], fast["p99_ms"])
+            out[f"{arm}/fastapi_at_equal_p99"] = {
+                "fastapi_p99_ms": fast["p99_ms"], "fastapi_throughput": fast["throughput"],
+                f"{arm}_throughput_at_p99_within": mine, "ratio": round(mine / fast["throughput"], 3)}
+    if single:
+        out["single_request_p50_pipeline_minus_ort_ms"] = single["pipeline_minus_ort_p50_ms"]
+    return out
+
+
+def markdown(results: dict, single: dict, rat: dict, meta: dict) -> str:
+    levels = sorted({lv["concurrency"] for arm in results.values() for lv in arm})
+    lines = [f"Model: `{meta['model']['file']}` ({meta['model'].get('variant')}, {meta['model'].get('precision')}, "
+             f"sha256 {meta['model'].get('sha256', '')[:12]}); host {meta['host_cores']} cores; "
+             f"{meta['seconds']} s per point after {meta['warmup']} s warm-up.", "",
+             "| arm | " + " | ".join(f"c={c}: img/s, p50/p99 ms" for c in levels) + " |",
+             "|---|" + "---:|" * len(levels)]
+    for arm, lvls in results.items():
+        by = {lv["concurrency"]: lv for lv in lvls}
+        cells = [f"{by[c]['throughput']:.1f}, {by[c]['p50_ms']:.1f}/{by[c]['p99_ms']:.1f}"
+                 + (f" ({by[c]['errors']} err)" if by[c]["errors"] else "") if c in by else "" for c in levels]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    lines += ["", "CPU cores used while measuring (client = this load generator; other = the rest of the machine):", "",
+              "| arm | " + " | ".join(f"c={c}" for c in levels) + " |", "|---|" + "---:|" * len(levels)]
+    for arm, lvls in results.items():
+        by = {lv["concurrency"]: lv["cpu"] for lv in lvls}
+        cells = []
+        for c in levels:
+            u = by.get(c)
+            if u:
+                server = sum(v for k, v in u.items() if k in ("triton", "fastapi"))
+                cells.append(f"client {u['client']:.2f}, server {server:.2f}, other {u['other']:.2f}")
+            else:
+                cells.append("")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if single:
+        lines += ["", f"Single request, {single['ort']['n']} sequential requests of chelsea, p50 (p90): "
+                  f"pipeline gRPC {single['pipeline_grpc']['p50_ms']:.2f} ({single['pipeline_grpc']['p90_ms']:.2f}) ms, "
+                  f"bare ORT {single['ort']['p50_ms']:.2f} ({single['ort']['p90_ms']:.2f}) ms, "
+                  f"bare ORT incl. decode {single['ort_with_decode']['p50_ms']:.2f} ms; "
+                  f"pipeline - ORT = **{single['pipeline_minus_ort_p50_ms']:+.2f} ms** (target <= +3 ms)."]
+    lines += ["", "Ratios:", ""]
+    for k, v in rat.items():
+        if k != "saturated_throughput":
+            lines.append(f"- {k}: {json.dumps(v) if isinstance(v, dict) else v}")
+    lines.append(f"- saturated throughput (img/s): {json.dumps(rat['saturated_throughput'])}")
+    return "\n".join(lines)
+
+
+def model_info() -> dict:
+    manifest = MODEL.parent / "manifest.json"
+    info = {"file": str(MODEL.relative_to(ROOT))}
+    if manifest.exists():
+        m = json.loads(manifest.read_text())
+        info.update({k: m.get(k) for k in ("variant", "precision", "sha256", "size_bytes")})
+    return info
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=ROOT / "build" / "bench")
+    p.add_argument("--keyring", type=Path, default=ROOT / "build" / "keys" / "keyring.json")
+    p.add_argument("--key-id", default="k1")
+    p.add_argument("--levels", default="1,2,4,8,16")
+    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--seconds", type=float, default=6.0)
+    p.add_argument("--warmup", type=float, default=1.5)
+    p.add_argument("--single", type=int, default=100, help="sequential requests for the single-request p50 (0: skip)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--ort-threads", type=int, default=0, help="bare ORT and baseline intra-op threads (0: all cores)")
+    p.add_argument("--grpc", default="")
+    p.add_argument("--http", default="")
+    p.add_argument("--metrics", default="")
+    args = p.parse_args(argv)
+    levels = [int(x) for x in args.levels.split(",")]
+    arms_wanted = [a for a in args.arms.split(",") if a]
+    args.out.mkdir(parents=True, exist_ok=True)
+    target.ensure_keyring(args.keyring)
+    key = Keyring.load(args.keyring).key(args.key_id)
+    started = time.monotonic()
+    with target.serve(args.out, args.keyring, grpc=args.grpc, http=args.http, metrics=args.metrics) as tgt, \
+            Baseline(args.out, args.keyring, args.ort_threads) as base:
+        arms = Arms(tgt, base.port, key, args.key_id, args.top_k, args.ort_threads)
+        single = {}
+        if args.single:
+            print(f"single-request latency: {args.single} sequential requests per arm ...", flush=True)
+            single = single_request(arms, args.single)
+            print(f"  {json.dumps(single)}", flush=True)
+        results: dict[str, list[dict]] = {a: [] for a in arms_wanted}
+        total = len(levels) * len(arms_wanted)
+        for i, c in enumerate(levels):
+            for j, arm in enumerate(arms_wanted):
+                make_call, workers = arms.make(arm, c)
+                with cpu.CpuMeter({"triton": tgt.pid, "fastapi": base.proc.pid}) as meter:
+                    level = loadgen.run(make_call, c, workers=workers, warmup=args.warmup, seconds=args.seconds)
+                row = dict(asdict(level), cpu=meter.cores)
+                results[arm].append(row)
+                n = i * len(arms_wanted) + j + 1
+                print(f"[{n}/{total}] {time.monotonic() - started:5.0f}s  c={c:<3} {arm:<14} "
+                      f"{level.throughput:7.1f} img/s  p50 {level.p50_ms:7.1f}  p99 {level.p99_ms:7.1f} ms  "
+                      f"errors {level.errors}  cores: {meter.cores}", flush=True)
+                if level.first_error:
+                    print(f"    first error: {level.first_error}", flush=True)
+    meta = {"model": model_info(), "host_cores": os.cpu_count(), "seconds": args.seconds, "warmup": args.warmup,
+            "levels": levels, "ort_threads": args.ort_threads, "wall_s": round(time.monotonic() - started, 1)}
+    rat = ratios(results, single)
+    (args.out / "bench.json").write_text(json.dumps({"meta": meta, "single_request": single, "results": results,
+                                                     "ratios": rat}, indent=1))
+    table = markdown(results, single, rat, meta)
+    (args.out / "bench.md").write_text("# Benchmark\n\n" + table + "\n")
+    plots.latency_vs_throughput(results, args.out / "bench.png",
+                                f"EfficientNet-Lite0 on {meta['host_cores']} CPU cores: Triton pipeline vs bare ONNX "
+                                f"Runtime vs FastAPI baseline ({meta['model'].get('variant')} {meta['model'].get('precision')})")
+    print("\n" + table)
+    print(f"\nreports: {args.out}/bench.json, bench.md, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
