@@ -1,0 +1,192 @@
+"""Audit durability: fsync policies, a writer killed mid-write, rotation across files, signed checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from rtinfer import audit, checkpoint
+
+
+def recs(n, tag="r"):
+    return [{"event": "served", "request_id": f"{tag}{i}"} for i in range(n)]
+
+
+def all_ok(path, **kw):
+    return all(r.ok for reps in audit.verify_path(path, **kw).values() for r in reps)
+
+
+def test_fsync_policies(tmp_path):
+    counts = {}
+    for policy in audit.FSYNC_POLICIES:
+        w = audit.AuditWriter(tmp_path / f"{policy}.jsonl", fsync=policy, fsync_interval_s=0.05)
+        for _ in range(20):
+            w.append(recs(4))
+        time.sleep(0.2)  # the interval thread syncs what is dirty
+        counts[policy] = w.fsyncs
+        w.close()
+    assert counts["batch"] == 20 and counts["off"] == 0 and 1 <= counts["interval"] < 20, counts
+    with pytest.raises(ValueError, match="fsync policy"):
+        audit.AuditWriter(tmp_path / "x.jsonl", fsync="sometimes")
+
+
+def test_bench_measures_every_policy():
+    rows = audit.bench(batches=20, batch=4)
+    assert [r["policy"] for r in rows] == list(audit.FSYNC_POLICIES) and all(r["us_per_batch"] > 0 for r in rows)
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from rtinfer import audit
+    w = audit.AuditWriter(sys.argv[1])
+    big = [{"event": "served", "request_id": f"r{i}", "pad": "x" * 2000} for i in range(400)]
+    print("ready", flush=True)
+    while True:
+        w.append(big)   # ~800 kB per write(): a SIGKILL can land inside one
+""")
+
+
+def test_writer_killed_mid_write_leaves_a_torn_tail_that_restart_repairs(tmp_path):
+    f = tmp_path / "chain.jsonl"
+    torn = 0
+    for attempt in range(3):  # the kill lands inside a write most of the time; the checks hold either way
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(f)], stdout=subprocess.PIPE)
+        assert proc.stdout.readline().strip() == b"ready"
+        time.sleep(0.15 + 0.05 * attempt)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        rep = audit.verify_file(f)
+        assert rep.ok, rep  # a torn tail is not tampering
+        torn += rep.torn_tail
+        complete = rep.records
+        w = audit.AuditWriter(f)
+        assert (w.repaired_bytes > 0) == rep.torn_tail
+        w.append([{"event": "served", "request_id": f"after-{attempt}"}])
+        w.close()
+        rep = audit.verify_file(f)
+        assert rep.ok and not rep.torn_tail and rep.records == complete + 1
+    print(f"\nkilled writer 3 times: {torn} torn tails, all repaired, chain continued")
+
+
+def test_rotation_continues_the_chain_across_files(tmp_path):
+    w = audit.AuditWriter(tmp_path / "pre_0.jsonl", max_bytes=2000)
+    for i in range(30):
+        w.append(recs(2, f"b{i}-"))
+    w.close()
+    files = audit.chains(tmp_path)["pre_0"]
+    assert len(files) > 3 and files[-1].name == "pre_0.jsonl" and files[0].name == "pre_0.000001.jsonl"
+    reports = audit.verify_path(tmp_path)["pre_0"]
+    assert all(r.ok for r in reports) and sum(r.records for r in reports) == 60
+    seqs = [r["seq"] for r in audit.read_records(tmp_path)]
+    assert sorted(seqs) == list(range(60))
+    out = subprocess.run([sys.executable, "-m", "rtinfer.audit", "verify", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.count("OK") == len(files)
+
+
+def test_missing_or_damaged_segment_is_found(tmp_path):
+    w = audit.AuditWriter(tmp_path / "c.jsonl", max_bytes=1500)
+    for i in range(20):
+        w.append(recs(2, f"b{i}-"))
+    w.close()
+    files = audit.chains(tmp_path)["c"]
+    files[1].unlink()  # an attacker drops a whole rotated file
+    reports = audit.verify_path(tmp_path)["c"]
+    assert not reports[-1].ok and "where the chain stood" in reports[-1].reason
+    with open(files[0], "ab") as fh:
+        fh.write(b'{"partial')
+    reports = audit.verify_path(tmp_path)["c"]
+    assert not reports[0].ok and "rotated file" in reports[0].reason
+
+
+def test_crash_between_rotation_rename_and_first_write(tmp_path):
+    w = audit.AuditWriter(tmp_path / "c.jsonl")
+    w.append(recs(3))
+    w.close()
+    os.rename(tmp_path / "c.jsonl", tmp_path / "c.000001.jsonl")  # renamed, new file never written
+    w = audit.AuditWriter(tmp_path / "c.jsonl")
+    w.append(recs(2, "after"))
+    w.close()
+    assert all_ok(tmp_path) and [r["seq"] for r in audit.read_records(tmp_path)] == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def signer_files(tmp_path):
+    return checkpoint.keygen(tmp_path / "keys" / "sign.pem")
+
+
+def rechain(lines, keep=lambda r: True, edit=lambda r: r):
+    """What someone who can rewrite the whole file does: edit, drop, and recompute every hash."""
+    out, prev, seq = [], audit.GENESIS, 0
+    for line in lines:
+        rec = json.loads(line)
+        if not keep(rec):
+            continue
+        rec = edit(dict(rec, seq=seq, prev=prev))
+        rec["hash"] = prev = audit.record_hash(rec)
+        seq += 1
+        out.append(audit.canonical(rec).decode() + "\n")
+    return "".join(out)
+
+
+def test_signed_checkpoints_defeat_a_whole_file_rewrite(tmp_path, signer_files):
+    priv, pub = signer_files
+    d = tmp_path / "a"
+    w = audit.AuditWriter(d / "post_0.jsonl", signer=checkpoint.Signer.load(priv), checkpoint_records=5)
+    for i in range(6):
+        w.append(recs(3, f"b{i}-"))
+    w.close()  # close signs the tail
+    public = checkpoint.load_public(pub)
+    reports = audit.verify_path(d, public=public)["post_0"]
+    assert reports[0].ok and reports[0].checkpoints == 3 and reports[0].unsigned == 0
+    f = d / "post_0.jsonl"
+    original = f.read_text().splitlines()
+
+    def forge(r):
+        return dict(r, top1="forged") if r.get("request_id") == "b1-0" else r
+    f.write_text(rechain(original, edit=forge))
+    assert all_ok(d), "a rewritten chain verifies by its hashes alone"
+    bad = audit.verify_path(d, public=public)["post_0"][0]
+    assert not bad.ok and "checkpoint" in bad.reason
+
+    f.write_text(rechain(original, keep=lambda r: r["event"] != "checkpoint", edit=forge))  # strip signatures
+    rep = audit.verify_path(d, public=public)["post_0"][0]
+    assert rep.ok and rep.checkpoints == 0 and rep.unsigned == 18
+    out = subprocess.run([sys.executable, "-m", "rtinfer.audit", "verify", str(d), "--public-key", str(pub),
+                          "--max-unsigned", "0"], capture_output=True, text=True)
+    assert out.returncode == 1 and "18 records not covered by a signature" in out.stdout
+
+    f.write_text("\n".join(original) + "\n")
+    other_pub = checkpoint.keygen(tmp_path / "other" / "k.pem")[1]
+    rep = audit.verify_path(d, public=checkpoint.load_public(other_pub))["post_0"][0]
+    assert not rep.ok and "not valid for this public key" in rep.reason
+
+
+def test_checkpoints_continue_across_rotation_and_on_an_interval(tmp_path, signer_files):
+    priv, pub = signer_files
+    w = audit.AuditWriter(tmp_path / "c.jsonl", signer=checkpoint.Signer.load(priv), max_bytes=3000,
+                          checkpoint_interval_s=0.05, checkpoint_records=10_000)
+    w.append(recs(2))
+    time.sleep(0.3)
+    assert w.checkpoints >= 1  # an idle writer signs what it wrote
+    for i in range(20):
+        w.append(recs(2, f"b{i}-"))
+    w.close()
+    reports = audit.verify_path(tmp_path, public=checkpoint.load_public(pub))["c"]
+    assert len(reports) > 2 and all(r.ok for r in reports) and reports[-1].unsigned == 0
+    for f in audit.chains(tmp_path)["c"][:-1]:  # every rotated file ends with a signature
+        assert json.loads(f.read_text().splitlines()[-1])["event"] == "checkpoint"
+
+
+def test_signing_key_must_be_private(tmp_path, signer_files):
+    priv, _ = signer_files
+    os.chmod(priv, 0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        checkpoint.Signer.load(priv)
+    os.chmod(priv, 0o600)
+    assert "PRIVATE" not in repr(checkpoint.Signer.load(priv))

@@ -1,0 +1,135 @@
+"""Replay protection: the freshness window and the shared nonce store, in the stage and on a real server.
+
+Also the response cache: every repeated identical request is audited (a cache hit would skip the stages).
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+import pytest
+from tritonclient.utils import InferenceServerException
+
+from clients import samples
+from clients.classify import PipelineClient
+from rtinfer import audit, envelope, replay
+from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
+from rtinfer.server import ROOT
+
+NOW = 1_700_000_000_000
+
+
+def test_window_refuses_old_and_future_envelopes(tmp_path):
+    g = replay.ReplayGuard(tmp_path / "r.db", window_s=60, future_skew_s=5)
+    g.check_window(NOW - 59_000, now_ms=NOW)
+    g.check_window(NOW + 4_000, now_ms=NOW)
+    for ts, reason in ((NOW - 61_000, "expired"), (NOW + 6_000, "from_future")):
+        with pytest.raises(Exception) as info:
+            g.check_window(ts, now_ms=NOW)
+        assert info.value.reason == reason
+    g.close()
+
+
+def test_nonces_are_refused_the_second_time_also_inside_one_batch(tmp_path):
+    g = replay.ReplayGuard(tmp_path / "r.db")
+    assert g.record([("k1", b"a" * 12, NOW), ("k1", b"b" * 12, NOW), ("k1", b"a" * 12, NOW)], now_ms=NOW) \
+        == [True, True, False]
+    assert g.record([("k1", b"b" * 12, NOW), ("k2", b"b" * 12, NOW)], now_ms=NOW) == [False, True]
+    g.close()
+
+
+def test_store_is_shared_between_instances_and_survives_a_restart(tmp_path):
+    """Two guards on one file stand for two Triton instances (separate processes in the server)."""
+    a, b = replay.ReplayGuard(tmp_path / "r.db"), replay.ReplayGuard(tmp_path / "r.db")
+    assert a.record([("k1", b"n" * 12, NOW)], now_ms=NOW) == [True]
+    assert b.record([("k1", b"n" * 12, NOW)], now_ms=NOW) == [False]
+    a.close(), b.close()
+    c = replay.ReplayGuard(tmp_path / "r.db")
+    assert c.record([("k1", b"n" * 12, NOW)], now_ms=NOW) == [False]
+    c.close()
+
+
+def test_store_is_bounded_by_the_window(tmp_path):
+    g = replay.ReplayGuard(tmp_path / "r.db", window_s=10, prune_every_s=0)
+    g.record([("k1", i.to_bytes(12, "big"), NOW) for i in range(500)], now_ms=NOW)
+    assert g.size() == 500
+    g.record([("k1", b"x" * 12, NOW + 11_000)], now_ms=NOW + 11_000)  # the old ones are out of the window
+    assert g.size() == 1
+    g.close()
+
+
+class _Audit:
+    def __init__(self):
+        self.records = []
+
+    def append(self, records):
+        self.records += records
+        return [str(i) for i in range(len(records))]
+
+
+def test_preprocessor_rejects_replays_and_expired_and_audits_the_reason(tmp_path, keys):
+    pre = Preprocessor(keys, _Audit(), pipelines={"pipeline"}, replay=replay.ReplayGuard(tmp_path / "r.db"))
+    img = samples.photo("coffee")
+    fresh = envelope.seal(img, keys.key("k1"), key_id="k1", client_id="c", pipeline="pipeline")
+    old = envelope.seal(img, keys.key("k1"), key_id="k1", client_id="c", pipeline="pipeline",
+                        timestamp_ms=int(time.time() * 1000) - 301_000)
+    out = pre.run([Request(fresh, "r1"), Request(fresh, "r2"), Request(old, "r3")])
+    assert isinstance(out[0], Accepted)
+    assert isinstance(out[1], Rejected) and out[1].reason == "replayed"
+    assert isinstance(out[2], Rejected) and out[2].reason == "expired" and "replay window" in out[2].message
+    assert {(r["request_id"], r["reason"]) for r in pre.audit.records} == {("r2", "replayed"), ("r3", "expired")}
+    assert isinstance(pre.run([Request(fresh, "r4")])[0], Rejected)  # and in a later batch
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_expired_and_replayed_envelopes_rejected_by_the_server(server, keys, audit_dir, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    c = PipelineClient(url, protocol=protocol, key=keys.key("k1"), key_id="k1", client_id=f"replayer-{protocol}")
+    sealed = c.seal(samples.photo("coffee"))
+    assert c.infer_envelope(sealed, top_k=1).predictions[0].index == 967
+    stale = envelope.seal(samples.photo("coffee"), keys.key("k1"), key_id="k1", client_id=c.client_id,
+                          pipeline="pipeline", timestamp_ms=int(time.time() * 1000) - 3_600_000)
+    for data, fragment, reason in ((sealed, "already received (replay)", "replayed"),
+                                   (stale, "outside the 300 s replay window", "expired")):
+        rid = uuid.uuid4().hex
+        with pytest.raises(InferenceServerException) as info:
+            c.infer_envelope(data, request_id=rid)
+        assert fragment in info.value.message() and str(info.value.status()) in ("400", "StatusCode.INVALID_ARGUMENT")
+        [rec] = [r for r in audit.read_records(audit_dir) if r.get("request_id") == rid]
+        assert rec["event"] == "rejected" and rec["reason"] == reason
+    c.close()
+
+
+def test_every_repeated_identical_request_is_audited(server, keys, audit_dir):
+    """The same envelope 5 times: 5 audit records (1 served, 4 replays). A response-cache hit
+    would have answered the repeats as successes without reaching the stages."""
+    c = PipelineClient(server.http_url, protocol="http", key=keys.key("k1"), key_id="k1", client_id="repeater")
+    sealed = c.seal(samples.photo("chelsea"))
+    outcomes = []
+    for i in range(5):
+        try:
+            c.infer_envelope(sealed, request_id=f"same-{i}")
+            outcomes.append("served")
+        except InferenceServerException:
+            outcomes.append("rejected")
+    c.close()
+    assert outcomes == ["served"] + ["rejected"] * 4
+    recs = [r for r in audit.read_records(audit_dir) if str(r.get("request_id", "")).startswith("same-")]
+    assert sorted(r["request_id"] for r in recs) == [f"same-{i}" for i in range(5)]
+    assert {r["envelope_sha256"] for r in recs} == {recs[0]["envelope_sha256"]}
+
+
+AUDITED = ("preprocess", "postprocess")
+
+
+def test_response_cache_is_off_on_audited_models_and_ensembles():
+    repo = ROOT / "model_repository"
+    checked = 0
+    for cfg in repo.glob("*/config.pbtxt"):
+        for f in [cfg, *cfg.parent.glob("configs/*.pbtxt")]:
+            text = re.sub(r"#.*", "", f.read_text())
+            if cfg.parent.name in AUDITED or any(f'model_name: "{m}"' in text for m in AUDITED):
+                checked += 1
+                assert "response_cache" not in text, f"{f}: a cache hit would skip the audit"
+    assert checked >= 3

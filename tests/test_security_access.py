@@ -1,0 +1,192 @@
+"""Access control and transport on a real server: API keys per API group on HTTP and gRPC, gRPC over TLS.
+
+The CA and the server certificate are made here with cryptography's x509 API; the
+server binds 127.0.0.1 on free ports and is stopped by the fixture.
+"""
+from __future__ import annotations
+
+import datetime
+import ipaddress
+
+import pytest
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from tritonclient.utils import InferenceServerException
+
+from clients import samples
+from clients.classify import PipelineClient
+from rtinfer import access, audit
+from rtinfer.server import TritonServer
+
+from conftest import require_model
+
+API_KEY, ADMIN_KEY = "infer-7d1b3f0c", "admin-92ac55e1"
+
+
+def _name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key):
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_ca_and_server_cert(directory):
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("rtinfer test CA")).issuer_name(_name("rtinfer test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["server"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["server-key"].write_bytes(_pem_key(key))
+    paths["server-key"].chmod(0o600)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    return make_ca_and_server_cert(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def secured(keyring_path, certs, tmp_path_factory):
+    """The pipeline with an inference key, an admin key and gRPC over TLS."""
+    require_model()
+    audit_dir = tmp_path_factory.mktemp("audit-secured")
+    with TritonServer(keyring=str(keyring_path), audit_dir=str(audit_dir), api_key=API_KEY, admin_key=ADMIN_KEY,
+                      tls_cert=str(certs["server"]), tls_key=str(certs["server-key"]),
+                      workdir=tmp_path_factory.mktemp("triton-secured")) as srv:
+        srv.audit_dir = audit_dir
+        yield srv
+
+
+def pipeline_client(srv, keys, protocol, certs, **kw):
+    url = srv.grpc_url if protocol == "grpc" else srv.http_url
+    tls = {"tls_ca": str(certs["ca"])} if protocol == "grpc" else {}
+    return PipelineClient(url, protocol=protocol, key=keys.key("k1"), key_id="k1", client_id=f"acl-{protocol}",
+                          **tls, **kw)
+
+
+def test_server_flags_use_the_grpc_header_prefix_on_the_client_side():
+    assert access.headers("grpc", API_KEY) == {"triton-grpc-protocol-x-api-key": API_KEY}
+    assert access.headers("http", API_KEY, ADMIN_KEY) == {"x-api-key": API_KEY, "x-admin-key": ADMIN_KEY}
+    assert "--grpc-restricted-protocol=inference:x-api-key=" + API_KEY in access.server_args(API_KEY)
+    with pytest.raises(ValueError):
+        access.server_args("bad,key")
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_inference_with_the_api_key_is_served_and_audited(secured, keys, certs, protocol):
+    c = pipeline_client(secured, keys, protocol, certs, api_key=API_KEY)
+    res = c.classify(samples.photo("coffee"), top_k=1)
+    c.close()
+    assert res.predictions[0].index == 967
+    [rec] = [r for r in audit.read_records(secured.audit_dir) if r.get("request_id") == res.request_id]
+    assert rec["event"] == "served"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("key", [None, "wrong-key", ADMIN_KEY])
+def test_missing_or_wrong_api_key_is_refused(secured, keys, certs, protocol, key):
+    c = pipeline_client(secured, keys, protocol, certs, api_key=key or "")
+    with pytest.raises(InferenceServerException) as info:
+        c.classify(samples.photo("coffee"), top_k=1)
+    c.close()
+    status = str(info.value.status())
+    assert status in ("403", "StatusCode.UNAVAILABLE"), status
+    # refused by Triton's front end: the request never reached the stages, so nothing was audited
+    assert info.value.message() and ".py" not in info.value.message()
+
+
+def test_plain_x_api_key_header_is_not_enough_on_grpc(secured, certs):
+    """Triton only checks gRPC metadata carrying its prefix; the bare HTTP header name is refused."""
+    c = grpcclient.InferenceServerClient(secured.grpc_url, ssl=True, root_certificates=str(certs["ca"]))
+    with pytest.raises(InferenceServerException):
+        c.get_inference_statistics("pipeline", headers={"x-admin-key": ADMIN_KEY})
+    c.close()
+
+
+ADMIN_CALLS = {  # one call per admin API group
+    "model-repository": lambda c, h: c.get_model_repository_index(headers=h),
+    "statistics": lambda c, h: c.get_inference_statistics("pipeline", headers=h),
+    "shared-memory": lambda c, h: c.get_system_shared_memory_status(headers=h),
+    "trace": lambda c, h: c.get_trace_settings(headers=h),
+    "logging": lambda c, h: c.get_log_settings(headers=h),
+}
+
+
+def raw_client(srv, protocol, certs):
+    if protocol == "grpc":
+        return grpcclient.InferenceServerClient(srv.grpc_url, ssl=True, root_certificates=str(certs["ca"]))
+    return httpclient.InferenceServerClient(srv.http_url)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+@pytest.mark.parametrize("group", list(ADMIN_CALLS))
+def test_admin_apis_need_the_admin_key(secured, certs, protocol, group):
+    c = raw_client(secured, protocol, certs)
+    call = ADMIN_CALLS[group]
+    for wrong in ({}, access.headers(protocol, api_key=API_KEY), access.headers(protocol, admin_key="nope")):
+        with pytest.raises(InferenceServerException) as info:
+            call(c, wrong)
+        assert str(info.value.status()) in ("403", "StatusCode.UNAVAILABLE"), (group, wrong, info.value)
+    assert call(c, access.headers(protocol, admin_key=ADMIN_KEY)) is not None
+    c.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_health_and_metadata_stay_open(secured, certs, protocol):
+    c = raw_client(secured, protocol, certs)
+    assert c.is_server_live() and c.is_model_ready("pipeline")
+    c.close()
+
+
+def test_grpc_without_tls_is_refused(secured):
+    c = grpcclient.InferenceServerClient(secured.grpc_url)
+    with pytest.raises(InferenceServerException):
+        c.is_server_live(client_timeout=5)
+    c.close()
+
+
+def test_grpc_tls_with_an_untrusted_ca_is_refused(secured, tmp_path):
+    other = make_ca_and_server_cert(tmp_path)  # same names, different CA
+    c = grpcclient.InferenceServerClient(secured.grpc_url, ssl=True, root_certificates=str(other["ca"]))
+    with pytest.raises(InferenceServerException):
+        c.is_server_live(client_timeout=5)
+    c.close()
+
+
+def test_classify_cli_takes_the_access_options(secured, keyring_path, certs, tmp_path, capsys):
+    from clients import classify
+    image = tmp_path / "coffee.jpg"
+    image.write_bytes(samples.photo("coffee"))
+    key_file = tmp_path / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    args = [str(image), "--protocol", "grpc", "--url", secured.grpc_url, "--keyring", str(keyring_path),
+            "--tls-ca", str(certs["ca"]), "--top-k", "1"]
+    assert classify.main(args + ["--api-key-file", str(key_file)]) == 0
+    assert "espresso" in capsys.readouterr().out
+    assert classify.main(args) == 1  # no key
+    assert "ERROR" in capsys.readouterr().out
