@@ -109,10 +109,9 @@ class AuditWriter:
         self._lock = threading.Lock()
         self._fd = self._open_locked(lock_timeout_s)
         self.repaired_bytes = self._repair_torn_tail()
-        self._head, self._seq = self._read_head()
+        self._head, self._seq, self._unsigned = self._read_head()
         self._size = os.fstat(self._fd).st_size
         self._dirty = False
-        self._unsigned = 0
         self._last_sync = self._last_ckpt = time.monotonic()
         self.fsyncs = self.checkpoints = self.rotations = 0
         self._stop = threading.Event()
@@ -158,18 +157,20 @@ class AuditWriter:
     def _segments(self) -> list[Path]:
         return [f for f in chains(self.path.parent).get(self.chain, []) if f != self.path]
 
-    def _read_head(self) -> tuple[str, int]:
-        """The last record of the live file, or of the newest segment when the live file is new
-        (a crash between a rotation's rename and its first write)."""
-        rep = verify_file(self.path, prev=None)
+    def _read_head(self) -> tuple[str, int, int]:
+        """(head, next seq, records after the last checkpoint) of the live file, or of the newest
+        segment when the live file is new (a crash between a rotation's rename and its first write).
+        The live file must verify (links, and signatures when signing): records a crash left
+        unsigned are signed by this writer's next checkpoint, so they are checked first."""
+        rep = verify_file(self.path, prev=None, public=self.signer.public if self.signer else None)
         if not rep.ok:
             raise RuntimeError(f"audit file {self.path} does not verify at line {rep.broken_at}: {rep.reason}; "
                                "move it aside for investigation before restarting")
         for f in [self.path, *reversed(self._segments())]:
             rec = _last_record(f)
             if rec is not None:
-                return rec["hash"], rec["seq"] + 1
-        return GENESIS, 0
+                return rec["hash"], rec["seq"] + 1, rep.unsigned if f == self.path else 0
+        return GENESIS, 0, 0
 
     @property
     def head(self) -> str:

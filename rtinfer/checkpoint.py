@@ -41,7 +41,8 @@ def fingerprint(public: Ed25519PublicKey) -> str:
 class Signer:
     def __init__(self, private: Ed25519PrivateKey):
         self._key = private
-        self.key_id = fingerprint(private.public_key())
+        self.public = private.public_key()
+        self.key_id = fingerprint(self.public)
 
     def __repr__(self) -> str:  # never show key material
         return f"Signer(key_id={self.key_id})"
