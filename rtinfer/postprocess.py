@@ -15,6 +15,7 @@ import numpy as np
 
 from rtinfer import envelope
 from rtinfer.audit import AuditWriter
+from rtinfer.errors import RejectedRequest
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.preprocess import _now_iso
 
@@ -50,7 +51,8 @@ class Postprocessor:
     def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
             params: list[dict] | None = None) -> tuple[np.ndarray, list]:
         """Batch of logits [N,1000] + audit contexts + Triton request ids (+ request parameters)
-        -> probabilities and, per row, the record hash (str) or the sealed result (bytes).
+        -> probabilities and, per row, the record hash (str), the sealed result (bytes), or the
+        RejectedRequest that failed that row alone.
 
         The request id is the one Triton hands this last step, so the record shows it
         reached the end of the ensemble; preprocess saw the same id (``ctx``)."""
@@ -59,12 +61,20 @@ class Postprocessor:
         probs = softmax(logits.astype(np.float32))
         top = probs.argmax(axis=1)
         done = time.time_ns()
-        records, ctxs = [], []
+        ring = self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys
+        records, ctxs, seal_keys, failed = [], [], {}, {}
         for i, raw in enumerate(contexts):
             ctx = json.loads(raw)
             ctxs.append(ctx)
+            if wants_sealed(params[i]):
+                # The key opened this request moments ago; a retired key still answers in its grace period,
+                # but one retired in between must fail this request alone, audited, not the batch.
+                try:
+                    seal_keys[i] = ring.key(ctx["key_id"])
+                except RejectedRequest as exc:
+                    failed[i] = exc
             idx = int(top[i])
-            records.append({
+            record = {
                 "event": "served", "stage": "postprocess", "time": _now_iso(),
                 "request_id": request_ids[i], "client_id": ctx["client_id"], "key_id": ctx["key_id"],
                 "envelope_sha256": ctx["envelope_sha256"], "pipeline": ctx["pipeline"],
@@ -78,21 +88,24 @@ class Postprocessor:
                     "postprocess": round((done - started) / 1e6, 3),
                     "total": round((done - ctx["t_start_ns"]) / 1e6, 3),
                 },
-            })
+            }
+            if i in failed:
+                del record["top1"]
+                record.update(event="rejected", reason=failed[i].reason, message=str(failed[i]))
+            records.append(record)
         refs: list = self.audit.append(records)  # audited before anything is returned
         for i, ctx in enumerate(ctxs):
-            if wants_sealed(params[i]):
-                refs[i] = self.seal(probs[i], refs[i], request_ids[i], ctx, top_k_of(params[i]))
+            if i in failed:
+                refs[i] = failed[i]
+            elif i in seal_keys:
+                refs[i] = self.seal(probs[i], refs[i], request_ids[i], ctx, top_k_of(params[i]), seal_keys[i])
                 probs[i] = 0.0
         return probs, refs
 
-    def seal(self, probs: np.ndarray, audit_ref: str, request_id: str, ctx: dict, k: int) -> bytes:
-        ring = self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys
+    def seal(self, probs: np.ndarray, audit_ref: str, request_id: str, ctx: dict, k: int, key: bytes) -> bytes:
         order = np.argsort(-probs, kind="stable")[:k]
         body = {"request_id": request_id, "audit_ref": audit_ref,
                 "predictions": [[round(float(probs[j]), 6), int(j), self.labels[j]] for j in order]}
-        # The key opened this request moments ago; a retired key still answers within its grace period.
-        key = ring.key(ctx["key_id"])
         return envelope.seal_response(json.dumps(body, separators=(",", ":")).encode(), key,
                                       key_id=ctx["key_id"], client_id=ctx["client_id"], pipeline=ctx["pipeline"],
                                       request_sha256=ctx["envelope_sha256"])

@@ -25,6 +25,7 @@ class Request:
     envelope: bytes
     request_id: str = ""
     client_id: str = ""  # as the client declared it in request parameters (unauthenticated)
+    count: int = 1  # envelopes in the Triton request; `envelope` is the first
 
 
 @dataclass
@@ -69,6 +70,9 @@ class Preprocessor:
         return key_for
 
     def _open(self, req: Request, ring: Keyring) -> envelope.Opened:
+        if req.count != 1:  # one response per request: a batch would fail or pass as a whole, unaudited per item
+            raise RejectedRequest("batched_request", f"one envelope per request, got {req.count}: "
+                                  "send them as separate requests (the server batches them itself)")
         if len(req.envelope) > self.max_envelope_bytes:
             raise RejectedRequest("too_large", f"envelope is {len(req.envelope)} bytes, "
                                   f"more than the limit of {self.max_envelope_bytes}")

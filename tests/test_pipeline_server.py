@@ -178,3 +178,20 @@ def test_audit_trail_verifies_after_all_requests(server, audit_dir):
     for f in audit.audit_files(audit_dir):
         rep = audit.verify_file(f)
         assert rep.ok, (f, rep)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_several_envelopes_in_one_request_refused(server, keys, audit_dir, protocol):
+    """A client-side batch would get one response for several envelopes: refused clearly, audited."""
+    client = PipelineClient(url(server, protocol), protocol=protocol, key=keys.key("k1"), key_id="k1",
+                            client_id="batch-sender")
+    kwargs = client.request(client.seal(samples.photo("coffee")), 1, uuid.uuid4().hex)
+    two = [client.seal(samples.photo("coffee")), client.seal(samples.photo("chelsea"))]
+    kwargs["inputs"][0] = client._m.InferInput("ENVELOPE", [2, 1], "BYTES")
+    kwargs["inputs"][0].set_data_from_numpy(np.array(two, dtype=np.object_).reshape(2, 1))
+    with pytest.raises(InferenceServerException) as info:
+        client.client.infer(**kwargs)
+    assert "one envelope per request, got 2" in info.value.message()
+    [rec] = records_for(audit_dir, kwargs["request_id"])
+    assert rec["reason"] == "batched_request"
+    client.close()

@@ -28,10 +28,16 @@ class TritonPythonModel:
         probs, refs = self.post.run(np.concatenate(logits), contexts, ids, params)
         responses, start = [], 0
         for n in sizes:
-            responses.append(pb_utils.InferenceResponse(output_tensors=[
-                pb_utils.Tensor("PROBS", probs[start:start + n]),
-                pb_utils.Tensor("AUDIT_REF", np.array(refs[start:start + n], dtype=np.object_).reshape(n, 1)),
-            ]))
+            rows = refs[start:start + n]
+            errors = [r for r in rows if isinstance(r, Exception)]
+            if errors:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(str(errors[0]), pb_utils.TritonError.INVALID_ARG)))
+            else:
+                responses.append(pb_utils.InferenceResponse(output_tensors=[
+                    pb_utils.Tensor("PROBS", probs[start:start + n]),
+                    pb_utils.Tensor("AUDIT_REF", np.array(rows, dtype=np.object_).reshape(n, 1)),
+                ]))
             start += n
         return responses
 

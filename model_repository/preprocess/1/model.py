@@ -25,8 +25,8 @@ class TritonPythonModel:
         for request in requests:
             params = json.loads(request.parameters() or "{}")
             raw = pb_utils.get_input_tensor_by_name(request, "ENVELOPE").as_numpy().reshape(-1)
-            batch.append(Request(envelope=bytes(raw[0]), request_id=request.request_id(),
-                                 client_id=str(params.get("client_id", ""))))
+            batch.append(Request(envelope=bytes(raw[0]) if len(raw) else b"", request_id=request.request_id(),
+                                 client_id=str(params.get("client_id", "")), count=len(raw)))
         responses = []
         for result in self.pre.run(batch):
             if isinstance(result, Accepted):
