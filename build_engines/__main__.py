@@ -1,15 +1,25 @@
-"""`python -m build_engines`: run every stage of `make engines`, skipping those already up to date."""
+"""`python -m build_engines`: run every stage of `make engines`, skipping those already up to date.
+
+source -> images -> prune -> cpu (INT8 / FP32, fastest within budget) -> fp16, int8_trt
+(precision-explicit ONNX for TensorRT) -> report -> install -> TensorRT engines (GPU hosts).
+"""
 import argparse
+import functools
+import json
 import time
 from pathlib import Path
 
-from . import paths
+import numpy as np
+import onnx
+
+from . import evaluate, images, paths, source_model
 from .hashing import code_hash, sha256_file
 from .install import MANIFEST as INSTALLED_MANIFEST, MODEL as INSTALLED_MODEL, install
 from .manifest import write_manifest
 from .sanity import check_sanity
-from .stages import run_stage, stage_key
-from . import source_model
+from .stages import run_stage
+
+MEASURE_CODE = ("evaluate", "runtime", "fidelity", "cost")
 
 
 def stage_source(weights_sha: str) -> Path:
@@ -29,27 +39,274 @@ def stage_source(weights_sha: str) -> Path:
     return out
 
 
-def stage_install(artifact: Path, weights_sha: str, precision: str, variant: str,
-                  figures: dict | None = None, extra: dict | None = None) -> None:
+def stage_images(args) -> tuple:
+    calib_files = images.folder_images(args.calib_dir) if args.calib_dir else images.packaged_photos()
+    eval_files = images.folder_images(args.eval_dir) if args.eval_dir else images.packaged_photos()
+    calib_p, eval_p = paths.IMAGES_DIR / "calib.npy", paths.IMAGES_DIR / "eval.npy"
+
+    def build():
+        ev = (images.user_set(eval_files, args.eval_n) if args.eval_dir
+              else images.expanded_set(eval_files, args.eval_n, images.EVAL_SEED, include_full=True))
+        ca = (images.user_set(calib_files, args.calib_n) if args.calib_dir
+              else images.expanded_set(calib_files, args.calib_n, images.CALIB_SEED, include_full=False))
+        ca = images.disjoint(ca, ev)
+        np.save(calib_p, ca)
+        np.save(eval_p, ev)
+        print(f"[images] calibration {len(ca)}, evaluation {len(ev)} images (disjoint)", flush=True)
+
+    run_stage("images", paths.IMAGES_DIR, {
+        "calib": images.source_fingerprint(calib_files), "eval": images.source_fingerprint(eval_files),
+        "calib_user": bool(args.calib_dir), "eval_user": bool(args.eval_dir),
+        "calib_n": args.calib_n, "eval_n": args.eval_n, "code": code_hash("images")}, [calib_p, eval_p], build)
+    return calib_p, eval_p
+
+
+class Data:
+    """Image splits and the original model's logits on them, loaded only if a stage needs them."""
+
+    def __init__(self, source: Path, calib_p: Path, eval_p: Path, search_n: int):
+        self.source, self.calib_p, self.eval_p, self.search_n = source, calib_p, eval_p, search_n
+        self.sha = sha256_file(calib_p) + sha256_file(eval_p) + f":{search_n}"
+
+    @functools.cached_property
+    def calib(self):
+        return images.to_batch(np.load(self.calib_p))
+
+    @functools.cached_property
+    def eval(self):
+        return images.to_batch(np.load(self.eval_p))
+
+    @property
+    def search(self):
+        return self.calib[: self.search_n]
+
+    @functools.cached_property
+    def eval_ref(self):
+        return evaluate.run(self.source, self.eval)
+
+    @functools.cached_property
+    def search_ref(self):
+        return evaluate.run(self.source, self.search)
+
+
+def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
+    out, man, log_p = paths.PRUNED_DIR / "model.onnx", paths.PRUNED_DIR / "manifest.json", paths.PRUNED_DIR / "prune_log.json"
+
+    def build():
+        from . import prune, report
+        pruned, log = prune.prune(src, data.calib, data.search, data.search_ref, data.eval, data.eval_ref,
+                                  args.budget, args.margin)
+        onnx.save(pruned, str(out))
+        score = evaluate.score(out, data.eval, data.eval_ref)
+        check_sanity(out)
+        log["final"] = score
+        log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
+        report.prune_curve_chart(log, paths.PRUNED_DIR / "prune_curve.png")
+        from .cost import summary
+        base, now = summary(src), summary(out)
+        figures = {**score, "gflops": now["gflops"], "params": now["params"],
+                   "flops_reduction": 1 - now["macs"] / base["macs"], "budget": args.budget}
+        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32", variant="pruned",
+                       figures=figures, extra={"plan": log["chosen_plan"], "log": log_p.name})
+        print(f"[prune] FLOPs -{figures['flops_reduction']:.1%}, eval top-1 agreement "
+              f"{score['top1_agreement']:.2%}, curve in {paths.PRUNED_DIR / 'prune_curve.png'}", flush=True)
+
+    run_stage("prune", paths.PRUNED_DIR, {
+        "source": sha256_file(src), "images": data.sha, "budget": args.budget, "margin": args.margin,
+        "code": code_hash("prune", "report", "manifest", "sanity", *MEASURE_CODE)}, [out, man, log_p], build)
+    return out
+
+
+def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Path:
+    out, man, log_p = paths.CPU_DIR / "model.onnx", paths.CPU_DIR / "manifest.json", paths.CPU_DIR / "cpu_log.json"
+
+    def build():
+        from . import cpu_variant
+        log = cpu_variant.build(src, pruned, paths.CPU_DIR, data.calib, data.search, data.search_ref,
+                                data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods))
+        c = log["candidates"][log["chosen"]]
+        q = log["quantization"]
+        write_manifest(out, man, source_weights_sha256=weights_sha, precision=c["precision"],
+                       variant=log["chosen"], figures={k: c[k] for k in (
+                           "top1_agreement", "top5_overlap", "mean_kl", "n_images", "b1", "b8",
+                           "speedup_b1", "speedup_b8", "gflops", "params")} | {"budget": args.budget},
+                       extra={"calibration_method": q["method"], "int8_layers": q["n_quantized"],
+                              "layers": q["n_layers"], "built_from_pruned_sha256": sha256_file(pruned),
+                              "log": log_p.name})
+
+    run_stage("cpu", paths.CPU_DIR, {
+        "source": sha256_file(src), "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget,
+        "margin": args.margin, "methods": args.calib_methods,
+        "code": code_hash("cpu_variant", "quantize", "ort_offline", "throughput", "sanity", "preprocess",
+                          "manifest", *MEASURE_CODE)}, [out, man, log_p], build)
+    return out
+
+
+def stage_fp16(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Path:
+    out, man = paths.FP16_DIR / "model.onnx", paths.FP16_DIR / "manifest.json"
+
+    def build():
+        from . import fp16
+        base = pruned
+        log = fp16.build(pruned, out, data.eval, data.eval_ref, args.budget)
+        if not log["meets_budget"]:
+            print("  [fp16] the pruned model in FP16 misses the budget; using the unpruned source", flush=True)
+            base, log = src, fp16.build(src, out, data.eval, data.eval_ref, args.budget)
+        final = log["tried"][-1]
+        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp16 (I/O fp32)",
+                       variant="fp16-for-tensorrt",
+                       figures={k: final[k] for k in ("top1_agreement", "top5_overlap", "mean_kl", "n_images")},
+                       extra={"fp32_ops": log["fp32_ops"], "built_from": str(base), "tried": log["tried"],
+                              "target": "TensorRT strongly typed network; fidelity measured with ONNX Runtime CPU"})
+
+    run_stage("fp16", paths.FP16_DIR, {
+        "source": sha256_file(src), "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget,
+        "code": code_hash("fp16", "manifest", *MEASURE_CODE)}, [out, man], build)
+    return out
+
+
+def stage_int8_trt(pruned: Path, data: Data, args, weights_sha: str) -> Path:
+    out, man, log_p = (paths.INT8_TRT_DIR / "model.onnx", paths.INT8_TRT_DIR / "manifest.json",
+                       paths.INT8_TRT_DIR / "quant_log.json")
+
+    def build():
+        from . import quantize
+        log = quantize.accuracy_aware(pruned, paths.INT8_TRT_DIR / "work", data.calib, data.search,
+                                      data.search_ref, data.eval, data.eval_ref, args.budget, args.margin,
+                                      quantize.TENSORRT, methods=tuple(args.calib_methods))
+        Path(log["model"]).replace(out)
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+        score = evaluate.score(out, data.eval, data.eval_ref)
+        log["final"] = score
+        log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
+        write_manifest(out, man, source_weights_sha256=weights_sha,
+                       precision=f"int8 Q/DQ symmetric ({log['n_quantized']}/{log['n_layers']} layers INT8)",
+                       variant="int8-qdq-for-tensorrt", figures=score,
+                       extra={"calibration_method": log["method"], "activations": "int8 symmetric (zero point 0)",
+                              "weights": "int8 symmetric per-channel", "bias": "fp32",
+                              "built_from_pruned_sha256": sha256_file(pruned), "log": log_p.name,
+                              "target": "TensorRT strongly typed network; fidelity measured with ONNX Runtime CPU"})
+        print(f"[int8_trt] {log['n_quantized']}/{log['n_layers']} layers INT8, eval top-1 "
+              f"{score['top1_agreement']:.2%}", flush=True)
+
+    run_stage("int8_trt", paths.INT8_TRT_DIR, {
+        "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget, "margin": args.margin,
+        "methods": args.calib_methods, "code": code_hash("quantize", "manifest", *MEASURE_CODE)},
+        [out, man, log_p], build)
+    return out
+
+
+def report_candidates(src, pruned, cpu, fp16, int8_trt) -> tuple:
+    cpu_log = json.loads((paths.CPU_DIR / "cpu_log.json").read_text())
+    chosen = cpu_log["chosen"]
+    cands = {"original-fp32": src, "pruned-fp32": pruned, "cpu-variant": cpu}
+    graphs = {"cpu-variant": Path(cpu_log["candidates"][chosen]["graph"])}
+    notes = {"original-fp32": "reference", "pruned-fp32": "structured pruning",
+             "cpu-variant": f"installed: {chosen}"}
+    for name, c in cpu_log["candidates"].items():
+        if name != chosen:
+            cands[name] = Path(c["path"])
+            graphs[name] = Path(c["graph"])
+            notes[name] = "candidate, " + ("within budget" if c["meets_budget"] else "rejected: budget")
+    cands["fp16-trt-onnx"], notes["fp16-trt-onnx"] = fp16, "GPU-targeted; CPU run = fidelity proxy"
+    cands["int8-trt-qdq"], notes["int8-trt-qdq"] = int8_trt, "GPU-targeted; CPU run = fidelity proxy"
+    return cands, notes, graphs
+
+
+def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args) -> None:
+    outs = [paths.REPORT_DIR / f"report.{e}" for e in ("json", "md", "png")]
+
+    def build():
+        from . import report
+        cands, notes, graphs = report_candidates(src, pruned, cpu, fp16, int8_trt)
+        rows = report.measure(cands, data.eval, data.eval_ref, notes, graphs=graphs)
+        prune_log = json.loads((paths.PRUNED_DIR / "prune_log.json").read_text())
+        qlogs = {"cpu (uint8 asym.)": json.loads((paths.CPU_DIR / "cpu_log.json").read_text())["quantization"],
+                 "tensorrt (int8 sym.)": json.loads((paths.INT8_TRT_DIR / "quant_log.json").read_text())}
+        report.write(rows, paths.REPORT_DIR, "report", "EfficientNet-Lite0 variants vs original FP32", args.budget,
+                     extra={"prune_curve": prune_log["curve"]})
+        report.prune_curve_chart(prune_log, paths.REPORT_DIR / "prune_curve.png")
+        report.quant_curve_chart(qlogs, paths.REPORT_DIR / "quant_curve.png", args.budget)
+        with open(paths.REPORT_DIR / "report.md", "a") as f:
+            f.write("\n## Pruning curve (FLOPs vs agreement)\n\n| KL/MAC threshold | FLOPs removed | search top-1 | eval top-1 |\n"
+                    "|---|---|---|---|\n")
+            for p in sorted(prune_log["curve"], key=lambda p: p["flops_reduction"]):
+                f.write(f"| {p['threshold']:.3g} | {p['flops_reduction']:.1%} | {p['search']['top1_agreement']:.2%} "
+                        f"| {p['eval']['top1_agreement']:.2%} |\n")
+            f.write("\n![variants](report.png)\n![pruning](prune_curve.png)\n![int8](quant_curve.png)\n")
+        print("[report] side by side on the evaluation split:", flush=True)
+        report.console(rows)
+        print(f"[report] {paths.REPORT_DIR / 'report.md'} (+ .json, .png, prune_curve.png, quant_curve.png)",
+              flush=True)
+
+    run_stage("report", paths.REPORT_DIR, {
+        "artifacts": [sha256_file(p) for p in (src, pruned, cpu, fp16, int8_trt)], "images": data.sha,
+        "budget": args.budget, "code": code_hash("report", "throughput", "__main__", *MEASURE_CODE)}, outs, build)
+
+
+def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
+    m = json.loads(manifest.read_text())
+    figures = m.get("figures", {})
+    extra = {k: m[k] for k in ("calibration_method", "int8_layers", "layers") if k in m}
     run_stage("install", paths.BUILD / "install", {
-        "artifact": sha256_file(artifact), "variant": variant, "precision": precision,
-        "figures": figures or {}, "extra": extra or {},
+        "artifact": sha256_file(artifact), "manifest": sha256_file(manifest),
         "code": code_hash("install", "manifest", "sanity", "preprocess")},
         [INSTALLED_MODEL, INSTALLED_MANIFEST],
-        lambda: install(artifact, weights_sha=weights_sha, precision=precision, variant=variant,
-                        figures=figures or {}, extra=extra or {}))
+        lambda: install(artifact, weights_sha=weights_sha, precision=m["precision"], variant=m["variant"],
+                        figures=figures, extra=extra))
+
+
+def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:
+    try:
+        from build_engines.tensorrt_engines import build_all
+    except ImportError as e:
+        print(f"[tensorrt] stage not available ({e}); TensorRT engines skipped", flush=True)
+        return
+    build_all(fp16, int8_trt, paths.REPO)
+
+
+def _lock():
+    """One build at a time: tests and other targets run `make engines` too; a second run waits, then finds it up to date."""
+    import fcntl
+    paths.BUILD.mkdir(parents=True, exist_ok=True)
+    f = open(paths.BUILD / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("[engines] another build is running; waiting for it ...", flush=True)
+        fcntl.flock(f, fcntl.LOCK_EX)
+    return f
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m build_engines", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m build_engines", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-dir", type=Path, help="folder of images for INT8 calibration (default: packaged photos)")
     ap.add_argument("--eval-dir", type=Path, help="folder of images for fidelity evaluation (default: packaged photos)")
+    ap.add_argument("--budget", type=float, default=0.97, help="min top-1 agreement with the original (eval split)")
+    ap.add_argument("--margin", type=float, default=0.005, help="extra agreement required on the search split")
+    ap.add_argument("--eval-n", type=int, default=400, help="evaluation images (packaged set)")
+    ap.add_argument("--calib-n", type=int, default=256, help="calibration images (packaged set)")
+    ap.add_argument("--search-n", type=int, default=128,
+                    help="calibration images used to score candidates during sensitivity scans")
+    ap.add_argument("--calib-methods", nargs="+", default=["minmax", "percentile"],
+                    choices=["minmax", "percentile"], help="INT8 calibration methods to compare")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
+    lock = _lock()
     weights_sha = source_model.weights_sha256()
     src = stage_source(weights_sha)
-    stage_install(src, weights_sha, "fp32", "source")
+    calib_p, eval_p = stage_images(args)
+    data = Data(src, calib_p, eval_p, args.search_n)
+    pruned = stage_prune(src, data, args, weights_sha)
+    cpu = stage_cpu(src, pruned, data, args, weights_sha)
+    fp16 = stage_fp16(src, pruned, data, args, weights_sha)
+    int8_trt = stage_int8_trt(pruned, data, args, weights_sha)
+    stage_report(src, pruned, cpu, fp16, int8_trt, data, args)
+    stage_install(cpu, paths.CPU_DIR / "manifest.json", weights_sha)
+    stage_tensorrt(fp16, int8_trt)
     print(f"[engines] finished in {time.perf_counter() - t0:.1f} s", flush=True)
+    lock.close()
 
 
 if __name__ == "__main__":

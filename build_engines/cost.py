@@ -46,11 +46,17 @@ def _weight_shape(name: str, shapes: dict, producers: dict) -> list | None:
 
 
 def macs(model: onnx.ModelProto) -> int:
+    return sum(node_macs(model).values())
+
+
+def node_macs(model: onnx.ModelProto) -> dict:
+    """Multiply-accumulates per image of each Conv/Gemm/MatMul node, by node name."""
     m = _fix_batch(model)
     shapes = _shapes(m)
     producers = {o: n for n in m.graph.node for o in n.output}
-    total = 0
+    per_node = {}
     for n in m.graph.node:
+        total = 0
         if n.op_type in ("Conv", "ConvInteger", "QLinearConv"):
             w_in = n.input[3] if n.op_type == "QLinearConv" else n.input[1]
             w = _weight_shape(w_in, shapes, producers)
@@ -63,7 +69,9 @@ def macs(model: onnx.ModelProto) -> int:
             if w and y:
                 k = w[1] if (n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute)) else w[0]
                 total += int(np.prod(y[1:])) * int(k)
-    return total
+        if total:
+            per_node[n.name] = total
+    return per_node
 
 
 def params(model: onnx.ModelProto) -> int:

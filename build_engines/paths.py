@@ -1,8 +1,10 @@
 """Where every artifact lives: one place, because other engineers depend on these paths."""
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILD = ROOT / "build" / "engines"
+# Overridable so a scratch build never disturbs the shared build/ tree.
+BUILD = Path(os.environ.get("ENGINES_BUILD_DIR", ROOT / "build" / "engines")).resolve()
 REPO = ROOT / "model_repository"
 
 SOURCE_DIR = BUILD / "source"

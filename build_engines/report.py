@@ -1,0 +1,148 @@
+"""Fidelity report: every candidate next to the original, measured in one run.
+
+Per candidate: top-1 agreement, top-5 overlap and mean KL against the original FP32
+model on the evaluation split; parameters, GFLOPs, file size; CPU img/s at batch 1 and 8
+(ONNX Runtime, same threads, measured side by side). Written as JSON, a Markdown table
+and PNG charts, and printed on the console.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import cost, evaluate, throughput
+
+
+def measure(candidates: dict, eval_x: np.ndarray, eval_ref: np.ndarray, notes: dict | None = None,
+            speed: bool = True, graphs: dict | None = None) -> list[dict]:
+    """candidates: name -> ONNX path, the original first. Returns one row per candidate.
+
+    `graphs` (name -> path) gives the standard-ONNX graph a candidate was optimized from:
+    ORT's saved graphs use contrib ops (FusedConv, QLinearConv) that ONNX shape inference
+    cannot size, so parameters and FLOPs are counted on the graph before optimization.
+    """
+    notes, graphs = notes or {}, graphs or {}
+    rows = []
+    for name, path in candidates.items():
+        print(f"  [report] fidelity of {name} on {len(eval_x)} images ...", flush=True)
+        c = cost.summary(graphs.get(name, path))
+        c["size_bytes"] = path.stat().st_size if hasattr(path, "stat") else c["size_bytes"]
+        rows.append({"name": name, "path": str(path), "note": notes.get(name, ""), **c,
+                     **evaluate.score(path, eval_x, eval_ref)})
+    if speed:
+        ips = throughput.measure(candidates)
+        for r in rows:
+            r["img_s_b1"], r["img_s_b8"] = ips[r["name"]]["b1"], ips[r["name"]]["b8"]
+        base = rows[0]
+        for r in rows:
+            r["speedup_b8"] = r["img_s_b8"] / base["img_s_b8"]
+            r["speedup_b1"] = r["img_s_b1"] / base["img_s_b1"]
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| candidate | size MB | params M | GFLOPs | img/s b1 | img/s b8 | x b8 | top-1 agree | top-5 overlap "
+            "| mean KL | note |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        speed = (f"{r['img_s_b1']:.0f} | {r['img_s_b8']:.0f} | {r['speedup_b8']:.2f}" if "img_s_b1" in r
+                 else "- | - | -")
+        lines.append(f"| {r['name']} | {r['size_bytes'] / 1e6:.2f} | {r['params'] / 1e6:.3f} | {r['gflops']:.3f} "
+                     f"| {speed} | {r['top1_agreement']:.2%} | {r['top5_overlap']:.2%} | {r['mean_kl']:.5f} "
+                     f"| {r['note']} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def console(rows: list[dict]) -> None:
+    print(f"  {'candidate':22s} {'MB':>6s} {'GFLOPs':>7s} {'b1':>6s} {'b8':>6s} {'x b8':>5s} {'top1':>7s} "
+          f"{'top5':>7s} {'KL':>8s}")
+    for r in rows:
+        b1 = f"{r['img_s_b1']:6.0f}" if "img_s_b1" in r else f"{'-':>6s}"
+        b8 = f"{r['img_s_b8']:6.0f} {r['speedup_b8']:5.2f}" if "img_s_b8" in r else f"{'-':>6s} {'-':>5s}"
+        print(f"  {r['name']:22s} {r['size_bytes'] / 1e6:6.2f} {r['gflops']:7.3f} {b1} {b8} "
+              f"{r['top1_agreement']:7.2%} {r['top5_overlap']:7.2%} {r['mean_kl']:8.5f}", flush=True)
+
+
+def bar_chart(rows: list[dict], path: Path, title: str, budget: float | None = None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r["name"] for r in rows]
+    panels = [("top-1 agreement (%)", [100 * r["top1_agreement"] for r in rows]),
+              ("GFLOPs / image", [r["gflops"] for r in rows]),
+              ("size (MB)", [r["size_bytes"] / 1e6 for r in rows])]
+    if "img_s_b8" in rows[0]:
+        panels += [("img/s batch 1 (CPU, ORT)", [r["img_s_b1"] for r in rows]),
+                   ("img/s batch 8 (CPU, ORT)", [r["img_s_b8"] for r in rows])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2))
+    colors = plt.cm.tab10(np.arange(len(rows)) % 10)
+    for ax, (label, vals) in zip(axes, panels):
+        ax.bar(range(len(vals)), vals, color=colors)
+        ax.set_xticks(range(len(vals)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=10)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.1f}" if v < 1000 else f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+        if label.startswith("top-1") and budget is not None:
+            ax.axhline(100 * budget, color="red", ls="--", lw=1)
+            ax.set_ylim(min(min(vals), 100 * budget) - 5, 101)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def prune_curve_chart(prune_log: dict, path: Path) -> None:
+    """FLOPs reduction vs top-1 agreement for each threshold of the pruning sweep."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(prune_log["curve"], key=lambda p: p["flops_reduction"])
+    x = [100 * p["flops_reduction"] for p in pts]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(x, [100 * p["eval"]["top1_agreement"] for p in pts], "o-", label="evaluation split")
+    ax.plot(x, [100 * p["search"]["top1_agreement"] for p in pts], "s--", alpha=0.6, label="search split")
+    ax.axhline(100 * prune_log["budget"], color="red", ls="--", lw=1, label=f"budget {prune_log['budget']:.0%}")
+    ax.set_xlabel("FLOPs removed (%)")
+    ax.set_ylabel("top-1 agreement with original (%)")
+    ax.set_title("Structured pruning: FLOPs vs fidelity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def quant_curve_chart(logs: dict, path: Path, budget: float) -> None:
+    """Top-1 agreement (search split) vs number of layers in INT8, per quantization flavour."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, log in logs.items():
+        pts = sorted(log["curve"], key=lambda p: p["quantized_layers"])
+        ax.plot([p["quantized_layers"] for p in pts], [100 * p["top1_agreement"] for p in pts], "o-",
+                label=f"{name} ({log['method']})")
+    ax.axhline(100 * budget, color="red", ls="--", lw=1, label=f"budget {budget:.0%}")
+    ax.set_xlabel("layers quantized to INT8 (least KL per MAC first)")
+    ax.set_ylabel("top-1 agreement, search split (%)")
+    ax.set_title("Accuracy-aware INT8: mixed-precision search")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(rows: list[dict], out_dir: Path, stem: str, title: str, budget: float, extra: dict | None = None) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.json").write_text(json.dumps({"title": title, "budget": budget, "rows": rows,
+                                                       **(extra or {})}, indent=2, default=str) + "\n")
+    md = [f"# {title}", "", f"Reference: `{rows[0]['name']}`; budget: top-1 agreement >= {budget:.0%} on "
+          f"{rows[0]['n_images']} evaluation images. Throughput: ONNX Runtime CPU, same threads, candidates "
+          "measured in interleaved rounds (median); the machine is shared, so trust the ratios (x b8).", "",
+          table(rows)]
+    (out_dir / f"{stem}.md").write_text("\n".join(md))
+    bar_chart(rows, out_dir / f"{stem}.png", title, budget)
