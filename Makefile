@@ -68,8 +68,9 @@ DURATION   ?= 60s
 SLO        ?= loadtest/slo.toml
 STEP       ?=
 LOADTEST_TARGET ?=
+LOADTEST_OUT    ?= build/loadtest
 loadtest: engines keys
-	$(PY) -m loadtest.run --keyring $(KEYRING) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
+	$(PY) -m loadtest.run --keyring $(KEYRING) --out $(LOADTEST_OUT) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 	  --slo $(SLO) $(if $(STEP),--step) $(LOADTEST_TARGET)
 
 # Side by side, one run: bare ONNX Runtime, the Triton pipeline (gRPC, HTTP), the FastAPI baseline.

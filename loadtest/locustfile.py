@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+import weakref
 
 import grpc.experimental.gevent as grpc_gevent
 
@@ -52,6 +53,10 @@ def _options(parser):
     group.add_argument("--wait-max", type=float, default=0.0, env_var="LOCUST_WAIT_MAX")
 
 
+class TritonFailure(Exception):
+    """Triton's status and message, as Locust shows failures (it groups them by the exception's repr)."""
+
+
 class PipelineClient:
     """Calls the pipeline once per ``classify()`` and reports it to Locust's request event."""
 
@@ -67,6 +72,7 @@ class PipelineClient:
         else:
             self.mod, url = httpclient, opts.triton_http
             self.client = httpclient.InferenceServerClient(url, concurrency=1, network_timeout=60.0)
+        _open_clients.add(self)
 
     def classify(self) -> None:
         sealed = self.sealer.next()  # sealing is client work: outside the timed call
@@ -84,13 +90,27 @@ class PipelineClient:
             if len(classes) != self.top_k or not result.as_numpy("AUDIT_REF").reshape(-1)[0]:
                 exc = ValueError(f"answer has {len(classes)} classes (asked {self.top_k}) or no audit ref")
         except InferenceServerException as e:
-            exc = e
+            exc = TritonFailure(f"{e.status()}: {e.message()}")
         self.events.request.fire(request_type=self.protocol, name=self.pipeline,
                                  response_time=(time.perf_counter() - start) * 1000.0,
                                  response_length=length, exception=exc, context={})
 
     def close(self) -> None:
-        self.client.close()
+        """Close and drop the tritonclient now, while gevent's hub runs: tritonclient.grpc closes its
+        channel again in ``__del__``, and a close during interpreter shutdown can hang under gevent."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+
+_open_clients: "weakref.WeakSet[PipelineClient]" = weakref.WeakSet()
+
+
+@events.quitting.add_listener
+def _close_leftovers(**_kw):
+    """Users stopped without on_stop (killed at --stop-timeout) still hold a client: close it here."""
+    for client in list(_open_clients):
+        client.close()
 
 
 class PipelineUser(User):
