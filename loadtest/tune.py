@@ -35,6 +35,7 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "intra1_pre2": {"classifier_onnx": {"intra": 1}, "preprocess": {"instances": 2}},
     "intra2_pre2": {"preprocess": {"instances": 2}},
     "intra1_b248_d3000": {"classifier_onnx": {"intra": 1, "preferred": [2, 4, 8], "delay_us": 3000}},
+    "two_x_intra1_nodelay": {"classifier_onnx": {"instances": 2, "intra": 1, "delay_us": 0}},
     "intra1_nodelay": {"classifier_onnx": {"intra": 1, "delay_us": 0}, "preprocess": {"delay_us": 0},
                        "postprocess": {"delay_us": 0}},
 }
