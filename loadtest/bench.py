@@ -325,8 +325,8 @@ def main(argv=None) -> int:
     table = markdown(results, single, rat, meta)
     (args.out / "bench.md").write_text("# Benchmark\n\n" + table + "\n")
     plots.latency_vs_throughput(results, args.out / "bench.png",
-                                f"EfficientNet-Lite0 on {meta['host_cores']} CPU cores: Triton pipeline vs bare ONNX "
-                                f"Runtime vs FastAPI baseline ({meta['model'].get('variant')} {meta['model'].get('precision')})")
+                                f"EfficientNet-Lite0 ({meta['model'].get('variant')}), {meta['host_cores']} CPU cores: "
+                                "Triton pipeline vs bare ONNX Runtime vs FastAPI baseline")
     print("\n" + table)
     print(f"\nreports: {args.out}/bench.json, bench.md, bench.png")
     return 0

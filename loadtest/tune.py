@@ -22,7 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loadtest import cpu, loadgen, metrics, target
-from loadtest.bench import Arms
+from loadtest.bench import Arms, model_info
 from rtinfer.keyring import Keyring
 from rtinfer.server import ROOT, TritonServer
 
@@ -116,15 +116,19 @@ def main(argv=None) -> int:
                 print(f"{time.monotonic() - started:5.0f}s c={c:<3} {n:<20} {level.throughput:6.1f} img/s "
                       f"p50 {level.p50_ms:6.1f} p99 {level.p99_ms:6.1f} ms  cores {meter.cores}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    results["model"] = model_info()  # which model file was measured (another variant may be installed later)
     (args.out / "tune.json").write_text(json.dumps(results, indent=1))
     lines = ["| variant | overrides | " + " | ".join(f"c={c} img/s, p50/p99 ms" for c in levels) +
              f" | at c={levels[-1]}: per stage queue+infer ms (batch) |", "|---|---|" + "---:|" * len(levels) + "---|"]
     for n, r in results.items():
+        if n == "model":
+            continue
         cells = [f"{lv['throughput']:.1f}, {lv['p50_ms']:.1f}/{lv['p99_ms']:.1f}" for lv in r["levels"]]
         stages = r.get("breakdown", {}).get(str(levels[-1]), [])
         per = "; ".join(f"{s['model'].replace('classifier_onnx', 'clf')} {s['queue_ms']:.1f}+{s['infer_ms']:.1f} "
                         f"({s['avg_batch']:.1f})" for s in stages if s["model"] != "pipeline")
         lines.append(f"| {n} | `{json.dumps(r['overrides'])}` | " + " | ".join(cells) + f" | {per} |")
+    lines.append(f"\nModel: {json.dumps(results['model'])}")
     (args.out / "tune.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
