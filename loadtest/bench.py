@@ -201,14 +201,26 @@ def best_within(levels: list[dict], p99: float) -> float:
     return max([lv["throughput"] for lv in levels if lv["p99_ms"] <= p99 and not lv["errors"]], default=0.0)
 
 
+def cpu_ms_per_image(level: dict) -> float:
+    """CPU time the arm spent per answered image: load generator + server (for bare ORT both are this process)."""
+    u = level["cpu"]
+    used = u["client"] + u.get("triton", 0.0) + u.get("fastapi", 0.0)
+    return round(used / level["throughput"] * 1000.0, 2) if level["throughput"] else float("nan")
+
+
 def ratios(results: dict[str, list[dict]], single: dict) -> dict:
     sat = {arm: max(lv["throughput"] for lv in levels) for arm, levels in results.items()}
-    out = {"saturated_throughput": sat}
+    top = {arm: max(levels, key=lambda lv: lv["throughput"]) for arm, levels in results.items()}
+    out = {"saturated_throughput": sat,
+           "cpu_ms_per_image_at_saturation": {arm: cpu_ms_per_image(lv) for arm, lv in top.items()}}
+    cost = out["cpu_ms_per_image_at_saturation"]
     for arm in ("pipeline_grpc", "pipeline_http"):
         if arm not in sat:
             continue
         if "ort" in sat:
             out[f"{arm}/ort_saturated"] = round(sat[arm] / sat["ort"], 3)
+            # throughput ratio if both had the same cores to themselves: inverse ratio of CPU per image
+            out[f"{arm}/ort_same_cpu"] = round(cost["ort"] / cost[arm], 3)
         if "ort_batched" in sat:
             out[f"{arm}/ort_batched_saturated"] = round(sat[arm] / sat["ort_batched"], 3)
         if "fastapi" in sat:
@@ -256,9 +268,14 @@ def markdown(results: dict, single: dict, rat: dict, meta: dict) -> str:
                   f"pipeline - ORT = **{single['pipeline_minus_ort_p50_ms']:+.2f} ms** (target <= +3 ms)."]
     lines += ["", "Ratios:", ""]
     for k, v in rat.items():
-        if k != "saturated_throughput":
+        if k not in ("saturated_throughput", "cpu_ms_per_image_at_saturation"):
             lines.append(f"- {k}: {json.dumps(v) if isinstance(v, dict) else v}")
     lines.append(f"- saturated throughput (img/s): {json.dumps(rat['saturated_throughput'])}")
+    lines.append(f"- CPU ms per image at saturation (client + server): "
+                 f"{json.dumps(rat['cpu_ms_per_image_at_saturation'])}")
+    lines += ["", "`*/ort_saturated` compares throughputs measured under the same background load; when other "
+              "jobs take a share of the cores (column 'other'), each arm gets a different share, so "
+              "`*/ort_same_cpu` (ORT's CPU per image / the arm's) says what the ratio is with equal cores."]
     return "\n".join(lines)
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 import sys
+import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 
@@ -54,9 +56,17 @@ def parse(text: str) -> Snapshot:
     return out
 
 
-def scrape(url: str, timeout: float = 5.0) -> Snapshot:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
-        return parse(resp.read().decode())
+def scrape(url: str, timeout: float = 5.0, wait: float = 15.0) -> Snapshot:
+    """Retries for ``wait`` seconds: Triton reports ready a moment before its metrics port listens."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as resp:
+                return parse(resp.read().decode())
+        except urllib.error.URLError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 @dataclass

@@ -25,15 +25,15 @@ HERE = Path(__file__).resolve().parent
 def locust_command(args, tgt: target.Target, prefix: Path) -> list[str]:
     files = str(HERE / "locustfile.py") + ("," + str(HERE / "stepload.py") if args.step else "")
     cmd = [sys.executable, "-m", "locust", "-f", files, "--headless", "--csv", str(prefix), "--csv-full-history",
-           "--html", str(prefix.parent / "report.html"), "--stop-timeout", "10", "--reset-stats",
+           "--html", str(prefix.parent / "report.html"), "--stop-timeout", "10",
            "--triton-grpc", tgt.grpc, "--triton-http", tgt.http, "--keyring", str(args.keyring),
            "--pipeline", args.pipeline, "--top-k", str(args.top_k), "--key-id", args.key_id,
            "--wait-min", str(args.wait_min), "--wait-max", str(args.wait_max)]
-    if args.step:
+    if args.step:  # the SLO then covers the whole rise; the per-step table is what finds the knee
         cmd += ["--step-users", str(args.step_users), "--step-time", str(args.step_time),
                 "--step-max-users", str(args.step_max_users)]
-    else:
-        cmd += ["-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration]
+    else:  # --reset-stats: percentiles without the ramp-up
+        cmd += ["-u", str(args.users), "-r", str(args.spawn_rate), "-t", args.duration, "--reset-stats"]
     return cmd + [c for c in args.user_classes.split(",") if c]
 
 
@@ -104,6 +104,8 @@ def main(argv=None) -> int:
                           f"target gRPC {tgt.grpc} / HTTP {tgt.http}", ensembles=(args.pipeline,))
     verdicts = slo.check(stats_csv, thresholds)
     summary = ["# Load test", "", f"Locust: `{' '.join(cmd[3:])}`", "", "## Per-stage breakdown (server side)", "",
+               "Triton's counts include the ramp-up; with a fixed user count Locust's percentiles start after it "
+               "(--reset-stats).", "",
                table, "", "## SLO", "", *[f"- {v}" for v in verdicts]]
     if args.step:
         steps = json.loads(Path(f"{prefix}_steps.json").read_text())
