@@ -39,18 +39,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _install(src: Path, dst: Path) -> None:
+    """Copy beside and rename over: a running server's stub keeps its old inode ("Text file busy" otherwise)."""
+    if dst.exists() and dst.read_bytes() == src.read_bytes():
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
+
+
 def assemble_backends(target: Path) -> Path:
     """backends/python (+ stub for this Python) and backends/onnxruntime/model.py, refreshed each start."""
-    py = target / "python"
-    py.mkdir(parents=True, exist_ok=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
-        shutil.copy2(WHEEL / "backends" / "python" / name, py / name)
+        _install(WHEEL / "backends" / "python" / name, target / "python" / name)
     stub = WHEEL / "python_backend_stubs" / f"{sys.version_info.major}.{sys.version_info.minor}"
-    shutil.copy2(stub / "triton_python_backend_stub", py / "triton_python_backend_stub")
-    ort_dir = target / "onnxruntime"
-    ort_dir.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(ROOT / "backends" / "onnxruntime" / "model.py", ort_dir / "model.py")
+    _install(stub / "triton_python_backend_stub", target / "python" / "triton_python_backend_stub")
+    _install(ROOT / "backends" / "onnxruntime" / "model.py", target / "onnxruntime" / "model.py")
     return target
+
+
+def _die_with_parent() -> None:
+    """Runs in the child before exec: SIGTERM it when the launching process dies (a killed test run
+    must not leave servers behind)."""
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def server_env(extra: dict | None = None) -> dict:
@@ -132,7 +146,8 @@ class TritonServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "wb")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                     env=server_env(self.env), start_new_session=True)
+                                     env=server_env(self.env), start_new_session=True,
+                                     preexec_fn=_die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
