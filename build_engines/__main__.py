@@ -64,9 +64,9 @@ def stage_images(args) -> tuple:
 class Data:
     """Image splits and the original model's logits on them, loaded only if a stage needs them."""
 
-    def __init__(self, source: Path, calib_p: Path, eval_p: Path, search_n: int):
-        self.source, self.calib_p, self.eval_p, self.search_n = source, calib_p, eval_p, search_n
-        self.sha = sha256_file(calib_p) + sha256_file(eval_p) + f":{search_n}"
+    def __init__(self, source: Path, calib_p: Path, eval_p: Path, scan_n: int):
+        self.source, self.calib_p, self.eval_p, self.scan_n = source, calib_p, eval_p, scan_n
+        self.sha = sha256_file(calib_p) + sha256_file(eval_p) + f":{scan_n}"
 
     @functools.cached_property
     def calib(self):
@@ -78,7 +78,8 @@ class Data:
 
     @property
     def search(self):
-        return self.calib[: self.search_n]
+        """Candidates are chosen on the calibration split; the evaluation split only confirms."""
+        return self.calib
 
     @functools.cached_property
     def eval_ref(self):
@@ -95,7 +96,7 @@ def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
     def build():
         from . import prune, report
         pruned, log = prune.prune(src, data.calib, data.search, data.search_ref, data.eval, data.eval_ref,
-                                  args.budget, args.margin)
+                                  args.budget, args.margin, data.scan_n)
         onnx.save(pruned, str(out))
         score = evaluate.score(out, data.eval, data.eval_ref)
         check_sanity(out)
@@ -123,21 +124,25 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Pa
     def build():
         from . import cpu_variant
         log = cpu_variant.build(src, pruned, paths.CPU_DIR, data.calib, data.search, data.search_ref,
-                                data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods))
+                                data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods),
+                                data.scan_n)
         c = log["candidates"][log["chosen"]]
         q = log["quantization"]
+        extra = {"built_from_pruned_sha256": sha256_file(pruned), "log": log_p.name}
+        if "int8" in c["precision"]:
+            extra.update({"built_from": "unpruned source" if log["chosen"].startswith("unpruned") else "pruned",
+                          "calibration_method": q["method"], "weight_rounding": q["rounding"],
+                          "int8_layers": q["n_quantized"], "layers": q["n_layers"]})
         write_manifest(out, man, source_weights_sha256=weights_sha, precision=c["precision"],
                        variant=log["chosen"], figures={k: c[k] for k in (
                            "top1_agreement", "top5_overlap", "mean_kl", "n_images", "b1", "b8",
                            "speedup_b1", "speedup_b8", "gflops", "params")} | {"budget": args.budget},
-                       extra={"calibration_method": q["method"], "int8_layers": q["n_quantized"],
-                              "layers": q["n_layers"], "built_from_pruned_sha256": sha256_file(pruned),
-                              "log": log_p.name})
+                       extra=extra)
 
     run_stage("cpu", paths.CPU_DIR, {
         "source": sha256_file(src), "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget,
         "margin": args.margin, "methods": args.calib_methods,
-        "code": code_hash("cpu_variant", "quantize", "ort_offline", "throughput", "sanity", "preprocess",
+        "code": code_hash("cpu_variant", "quantize", "gptq", "ort_offline", "throughput", "sanity", "preprocess",
                           "manifest", *MEASURE_CODE)}, [out, man, log_p], build)
     return out
 
@@ -171,9 +176,9 @@ def stage_int8_trt(pruned: Path, data: Data, args, weights_sha: str) -> Path:
 
     def build():
         from . import quantize
-        log = quantize.accuracy_aware(pruned, paths.INT8_TRT_DIR / "work", data.calib, data.search,
+        log, _ = quantize.accuracy_aware(pruned, paths.INT8_TRT_DIR / "work", data.calib, data.search,
                                       data.search_ref, data.eval, data.eval_ref, args.budget, args.margin,
-                                      quantize.TENSORRT, methods=tuple(args.calib_methods))
+                                      quantize.TENSORRT, methods=tuple(args.calib_methods), scan_n=data.scan_n)
         Path(log["model"]).replace(out)
         onnx.checker.check_model(onnx.load(str(out)), full_check=True)
         score = evaluate.score(out, data.eval, data.eval_ref)
@@ -182,7 +187,8 @@ def stage_int8_trt(pruned: Path, data: Data, args, weights_sha: str) -> Path:
         write_manifest(out, man, source_weights_sha256=weights_sha,
                        precision=f"int8 Q/DQ symmetric ({log['n_quantized']}/{log['n_layers']} layers INT8)",
                        variant="int8-qdq-for-tensorrt", figures=score,
-                       extra={"calibration_method": log["method"], "activations": "int8 symmetric (zero point 0)",
+                       extra={"calibration_method": log["method"], "weight_rounding": log["rounding"],
+                              "activations": "int8 symmetric (zero point 0)",
                               "weights": "int8 symmetric per-channel", "bias": "fp32",
                               "built_from_pruned_sha256": sha256_file(pruned), "log": log_p.name,
                               "target": "TensorRT strongly typed network; fidelity measured with ONNX Runtime CPU"})
@@ -191,7 +197,7 @@ def stage_int8_trt(pruned: Path, data: Data, args, weights_sha: str) -> Path:
 
     run_stage("int8_trt", paths.INT8_TRT_DIR, {
         "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget, "margin": args.margin,
-        "methods": args.calib_methods, "code": code_hash("quantize", "manifest", *MEASURE_CODE)},
+        "methods": args.calib_methods, "code": code_hash("quantize", "gptq", "manifest", *MEASURE_CODE)},
         [out, man, log_p], build)
     return out
 
@@ -221,8 +227,9 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args) -> None:
         cands, notes, graphs = report_candidates(src, pruned, cpu, fp16, int8_trt)
         rows = report.measure(cands, data.eval, data.eval_ref, notes, graphs=graphs)
         prune_log = json.loads((paths.PRUNED_DIR / "prune_log.json").read_text())
-        qlogs = {"cpu (uint8 asym.)": json.loads((paths.CPU_DIR / "cpu_log.json").read_text())["quantization"],
-                 "tensorrt (int8 sym.)": json.loads((paths.INT8_TRT_DIR / "quant_log.json").read_text())}
+        qlogs = {f"cpu from {k} (uint8 asym.)": v
+                 for k, v in json.loads((paths.CPU_DIR / "cpu_log.json").read_text())["quantization_all"].items()}
+        qlogs["tensorrt from pruned (int8 sym.)"] = json.loads((paths.INT8_TRT_DIR / "quant_log.json").read_text())
         report.write(rows, paths.REPORT_DIR, "report", "EfficientNet-Lite0 variants vs original FP32", args.budget,
                      extra={"prune_curve": prune_log["curve"]})
         report.prune_curve_chart(prune_log, paths.REPORT_DIR / "prune_curve.png")
@@ -247,7 +254,8 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args) -> None:
 def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
     m = json.loads(manifest.read_text())
     figures = m.get("figures", {})
-    extra = {k: m[k] for k in ("calibration_method", "int8_layers", "layers") if k in m}
+    extra = {k: m[k] for k in ("built_from", "calibration_method", "weight_rounding", "int8_layers", "layers")
+             if k in m}
     run_stage("install", paths.BUILD / "install", {
         "artifact": sha256_file(artifact), "manifest": sha256_file(manifest),
         "code": code_hash("install", "manifest", "sanity", "preprocess")},
@@ -287,8 +295,8 @@ def main(argv=None) -> None:
     ap.add_argument("--margin", type=float, default=0.005, help="extra agreement required on the search split")
     ap.add_argument("--eval-n", type=int, default=400, help="evaluation images (packaged set)")
     ap.add_argument("--calib-n", type=int, default=256, help="calibration images (packaged set)")
-    ap.add_argument("--search-n", type=int, default=128,
-                    help="calibration images used to score candidates during sensitivity scans")
+    ap.add_argument("--scan-n", type=int, default=64,
+                    help="calibration images used to score each layer/block in sensitivity scans")
     ap.add_argument("--calib-methods", nargs="+", default=["minmax", "percentile"],
                     choices=["minmax", "percentile"], help="INT8 calibration methods to compare")
     args = ap.parse_args(argv)
@@ -297,7 +305,7 @@ def main(argv=None) -> None:
     weights_sha = source_model.weights_sha256()
     src = stage_source(weights_sha)
     calib_p, eval_p = stage_images(args)
-    data = Data(src, calib_p, eval_p, args.search_n)
+    data = Data(src, calib_p, eval_p, args.scan_n)
     pruned = stage_prune(src, data, args, weights_sha)
     cpu = stage_cpu(src, pruned, data, args, weights_sha)
     fp16 = stage_fp16(src, pruned, data, args, weights_sha)

@@ -10,7 +10,8 @@ Two kinds of cut, both found structurally in the graph (not by layer names):
   channels take over what the dropped ones carried, means go into the bias), which
   stands in for the fine-tuning that the classic recipe would do next;
 - removal of a whole residual block (its Add then passes the skip input through).
-The recipe: measure each block's sensitivity (KL to the original on the search split)
+The recipe: measure each block's sensitivity (KL to the original on the first images of
+the search split)
 at several pruning ratios and for removal, then for a sweep of thresholds on KL per MAC
 saved, cut every block as far as it stays under the threshold; the budget picks the
 threshold, and the sweep is the FLOPs-vs-agreement curve.
@@ -193,7 +194,7 @@ def plan_for(threshold: float, sens: dict, blocks: list[Block], base_macs: dict)
 
 
 def prune(source: Path, calib_x: np.ndarray, search_x: np.ndarray, search_ref: np.ndarray,
-          eval_x: np.ndarray, eval_ref: np.ndarray, budget: float, margin: float) -> tuple:
+          eval_x: np.ndarray, eval_ref: np.ndarray, budget: float, margin: float, scan_n: int = 64) -> tuple:
     """Returns (pruned model, log with sensitivities, curve and the chosen plan)."""
     model = onnx.load(str(source))
     blocks = find_blocks(model)
@@ -205,7 +206,8 @@ def prune(source: Path, calib_x: np.ndarray, search_x: np.ndarray, search_ref: n
           f"({time.perf_counter() - t0:.0f} s)", flush=True)
 
     def kl(plan):
-        return evaluate.score(apply(model, blocks, plan, stats).SerializeToString(), search_x, search_ref)
+        return evaluate.score(apply(model, blocks, plan, stats).SerializeToString(), search_x[:scan_n],
+                              search_ref[:scan_n])
 
     sens = {}
     t0 = time.perf_counter()

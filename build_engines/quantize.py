@@ -1,7 +1,8 @@
 """Accuracy-aware static INT8 quantization (Q/DQ, per-channel weights) with ONNX Runtime.
 
 A plain static quantization of EfficientNet-Lite0 loses too much fidelity, so:
-1. choose the calibration method by measurement (full INT8 with each; best agreement wins);
+1. choose the calibration method and the weight rounding (nearest, or GPTQ: see gptq.py)
+   by measurement: full INT8 with each; best agreement on the search split wins;
 2. measure each Conv/Gemm's sensitivity: quantize that layer alone and measure the
    softmax KL to the original on the search split (leave-one-out barely moved the KL:
    the error is spread over every layer, so excluding one at a time says little);
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_static)
 
@@ -54,19 +56,48 @@ class _Reader(CalibrationDataReader):
         return len(self._batches)
 
 
+def _with_rounding(fp32: Path, out: Path, rounding: dict, exclude) -> tuple:
+    """Model with GPTQ grid weights on the layers to quantize (originals on excluded ones) + their scales."""
+    m = onnx.load(str(fp32))
+    keep = {n.input[1] for n in m.graph.node if n.name in set(exclude) and len(n.input) > 1}
+    weights = {k: v for k, v in rounding["weights"].items() if k not in keep}
+    for init in m.graph.initializer:
+        if init.name in weights:
+            init.CopyFrom(numpy_helper.from_array(weights[init.name], init.name))
+    path = out.with_name(out.stem + "_grid_input.onnx")
+    onnx.save(m, str(path))
+    return path, {k: v for k, v in rounding["overrides"].items() if k in weights}
+
+
 def quantize(fp32: Path, out: Path, calib_x: np.ndarray, method: str, flavor: Flavor,
-             exclude=(), cache_dir: Path | None = None) -> None:
-    """One Q/DQ model. Calibration ranges are cached per (method, flavour) so scans do not recalibrate."""
+             exclude=(), cache_dir: Path | None = None, rounding: dict | None = None) -> None:
+    """One Q/DQ model. Calibration ranges are cached per (method, flavour) so scans do not recalibrate.
+
+    `rounding` (from `gptq_rounding`) replaces round-to-nearest weights by GPTQ's.
+    """
     cache = None
     if cache_dir is not None:
         cache = cache_dir / f"calib_{flavor.name}_{method}.json"
+    overrides, src = {}, fp32
+    if rounding is not None:
+        src, overrides = _with_rounding(fp32, out, rounding, exclude)
     quantize_static(
-        str(fp32), str(out), _Reader(calib_x), quant_format=QuantFormat.QDQ, per_channel=True,
+        str(src), str(out), _Reader(calib_x), quant_format=QuantFormat.QDQ, per_channel=True,
         activation_type=flavor.activation_type, weight_type=QuantType.QInt8,
         calibrate_method=METHODS[method], nodes_to_exclude=list(exclude),
         op_types_to_quantize=None, calibration_cache_path=str(cache) if cache else None,
         extra_options={"ActivationSymmetric": flavor.symmetric, "WeightSymmetric": True,
-                       "CalibTensorRangeSymmetric": flavor.symmetric, "QuantizeBias": flavor.quantize_bias})
+                       "CalibTensorRangeSymmetric": flavor.symmetric, "QuantizeBias": flavor.quantize_bias,
+                       "TensorQuantOverrides": overrides, "QDQDisableWeightAdjustForInt32Bias": bool(overrides)})
+    if src != fp32:
+        Path(src).unlink(missing_ok=True)
+
+
+def gptq_rounding(fp32: Path, x: np.ndarray) -> dict:
+    from . import gptq
+    moments = gptq.input_moments(fp32, x)
+    weights, overrides = gptq.round_model(fp32, moments)
+    return {"weights": weights, "overrides": overrides}
 
 
 def quantizable_nodes(fp32: Path) -> list[str]:
@@ -75,8 +106,9 @@ def quantizable_nodes(fp32: Path) -> list[str]:
 
 def accuracy_aware(fp32: Path, work: Path, calib_x: np.ndarray, search_x: np.ndarray, search_ref: np.ndarray,
                    eval_x: np.ndarray, eval_ref: np.ndarray, budget: float, margin: float, flavor: Flavor,
-                   methods=("minmax", "percentile")) -> dict:
-    """Returns the chosen method, INT8 layers, scans and the final model path (work/<flavor>.onnx)."""
+                   methods=("minmax", "percentile"), gptq_images: int = 128, scan_n: int = 64) -> dict:
+    """-> (log: chosen method and rounding, INT8 layers, scans, final model path (work/<flavor>.onnx);
+    the weight rounding used, for building more models the same way)."""
     work.mkdir(parents=True, exist_ok=True)
     private = work / "input_fp32.onnx"   # ORT writes `<input>-inferred.onnx` beside its input: keep that private
     private.write_bytes(Path(fp32).read_bytes())
@@ -84,19 +116,31 @@ def accuracy_aware(fp32: Path, work: Path, calib_x: np.ndarray, search_x: np.nda
     tmp = work / f"{flavor.name}_scan.onnx"
     log = {"flavor": flavor.name, "budget": budget, "margin": margin, "methods": {}}
 
-    def trial(method, exclude):
-        quantize(fp32, tmp, calib_x, method, flavor, exclude, work)
-        return evaluate.score(tmp, search_x, search_ref)
-
-    # 1. calibration method, by measurement
-    for m in methods:
+    roundings = {"nearest": None}
+    if gptq_images:
         t0 = time.perf_counter()
-        log["methods"][m] = trial(m, ())
-        print(f"  [{flavor.name}] calibration {m:10s}: search top-1 {log['methods'][m]['top1_agreement']:.3f} "
-              f"KL {log['methods'][m]['mean_kl']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    method = max(methods, key=lambda m: (log["methods"][m]["top1_agreement"], -log["methods"][m]["mean_kl"]))
-    base = log["methods"][method]
-    log["method"] = method
+        roundings["gptq"] = gptq_rounding(fp32, calib_x[:gptq_images])
+        print(f"  [{flavor.name}] GPTQ weight rounding ready ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    def trial(choice, exclude, n=None):
+        """Score on the search split, or on its first n images (per-layer scans: KL is smooth enough)."""
+        method, rnd = choice
+        quantize(fp32, tmp, calib_x, method, flavor, exclude, work, roundings[rnd])
+        return evaluate.score(tmp, search_x[:n], search_ref[:n])
+
+    # 1. calibration method and weight rounding, by measurement (everything INT8)
+    for m in methods:
+        for rnd in roundings:
+            t0 = time.perf_counter()
+            r = log["methods"][f"{m}+{rnd}"] = trial((m, rnd), ())
+            print(f"  [{flavor.name}] calibration {m:10s} rounding {rnd:7s}: search top-1 "
+                  f"{r['top1_agreement']:.3f} KL {r['mean_kl']:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    best = min(log["methods"], key=lambda k: (-log["methods"][k]["top1_agreement"], log["methods"][k]["mean_kl"]))
+    method = tuple(best.split("+"))
+    base = log["methods"][best]
+    log["method"], log["rounding"] = method
+    rounding = roundings[method[1]]
+    log["choice"] = best
 
     # 2. sensitivity of each layer alone: quantize only that layer, measure the KL it causes
     nodes = quantizable_nodes(fp32)
@@ -104,7 +148,7 @@ def accuracy_aware(fp32: Path, work: Path, calib_x: np.ndarray, search_x: np.nda
     sens = {}
     t0 = time.perf_counter()
     for i, n in enumerate(nodes):
-        sens[n] = trial(method, [m for m in all_nodes if m != n])
+        sens[n] = trial(method, [m for m in all_nodes if m != n], scan_n)
         if (i + 1) % 10 == 0 or i + 1 == len(nodes):
             print(f"  [{flavor.name}] sensitivity {i + 1}/{len(nodes)} layers "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
@@ -140,7 +184,7 @@ def accuracy_aware(fp32: Path, work: Path, calib_x: np.ndarray, search_x: np.nda
             hi = mid
     chosen = None
     while lo > 0:
-        quantize(fp32, tmp, calib_x, method, flavor, config(lo), work)
+        quantize(fp32, tmp, calib_x, method[0], flavor, config(lo), work, rounding)
         ev = evaluate.score(tmp, eval_x, eval_ref)
         print(f"  [{flavor.name}] {lo} layers INT8: eval split top-1 {ev['top1_agreement']:.3f}", flush=True)
         if ev["top1_agreement"] >= budget:
@@ -151,8 +195,8 @@ def accuracy_aware(fp32: Path, work: Path, calib_x: np.ndarray, search_x: np.nda
     log["curve"] = curve
     final = work / f"{flavor.name}.onnx"
     k = chosen or 0
-    quantize(fp32, final, calib_x, method, flavor, config(k), work)
+    quantize(fp32, final, calib_x, method[0], flavor, config(k), work, rounding)
     tmp.unlink(missing_ok=True)
     log.update({"quantized_layers": ranked[:k], "n_quantized": k, "n_layers": len(nodes),
                 "meets_budget": chosen is not None, "model": str(final)})
-    return log
+    return log, rounding

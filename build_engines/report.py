@@ -124,7 +124,7 @@ def quant_curve_chart(logs: dict, path: Path, budget: float) -> None:
     for name, log in logs.items():
         pts = sorted(log["curve"], key=lambda p: p["quantized_layers"])
         ax.plot([p["quantized_layers"] for p in pts], [100 * p["top1_agreement"] for p in pts], "o-",
-                label=f"{name} ({log['method']})")
+                label=f"{name} ({log['method']}, {log.get('rounding', 'nearest')} rounding)")
     ax.axhline(100 * budget, color="red", ls="--", lw=1, label=f"budget {budget:.0%}")
     ax.set_xlabel("layers quantized to INT8 (least KL per MAC first)")
     ax.set_ylabel("top-1 agreement, search split (%)")
