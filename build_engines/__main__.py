@@ -125,7 +125,7 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Pa
         from . import cpu_variant
         log = cpu_variant.build(src, pruned, paths.CPU_DIR, data.calib, data.search, data.search_ref,
                                 data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods),
-                                data.scan_n)
+                                data.scan_n, ("pruned", "unpruned") if args.int8_from_unpruned else ("pruned",))
         c = log["candidates"][log["chosen"]]
         q = log["quantization"]
         extra = {"built_from_pruned_sha256": sha256_file(pruned), "log": log_p.name}
@@ -141,7 +141,7 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Pa
 
     run_stage("cpu", paths.CPU_DIR, {
         "source": sha256_file(src), "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget,
-        "margin": args.margin, "methods": args.calib_methods,
+        "margin": args.margin, "methods": args.calib_methods, "int8_from_unpruned": args.int8_from_unpruned,
         "code": code_hash("cpu_variant", "quantize", "gptq", "ort_offline", "throughput", "sanity", "preprocess",
                           "manifest", *MEASURE_CODE)}, [out, man, log_p], build)
     return out
@@ -299,6 +299,8 @@ def main(argv=None) -> None:
                     help="calibration images used to score each layer/block in sensitivity scans")
     ap.add_argument("--calib-methods", nargs="+", default=["minmax", "percentile"],
                     choices=["minmax", "percentile"], help="INT8 calibration methods to compare")
+    ap.add_argument("--int8-from-unpruned", action="store_true",
+                    help="also try INT8 of the unpruned model as a CPU candidate (about +4 min)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     lock = _lock()

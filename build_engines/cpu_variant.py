@@ -1,7 +1,7 @@
 """The CPU variant: the fastest candidate that meets the budget.
 
 Candidates: the pruned FP32 graph, and accuracy-aware mixed INT8 graphs from the pruned
-and from the unpruned model, all with ONNX Runtime's optimizations saved offline; the
+(and, with `--int8-from-unpruned`, the unpruned) model, all with ONNX Runtime's optimizations saved offline; the
 fully INT8 graphs are measured too, so the report shows what the budget costs. Fidelity
 is against the original FP32 model on the evaluation split; speed is measured side by
 side with the original, in one run.
@@ -18,13 +18,15 @@ from .sanity import check_sanity
 
 
 def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_ref, eval_x, eval_ref,
-          budget: float, margin: float, method_choices=("minmax", "percentile"), scan_n: int = 64) -> dict:
+          budget: float, margin: float, method_choices=("minmax", "percentile"), scan_n: int = 64,
+          int8_bases=("pruned",)) -> dict:
     work = out_dir / "work"
     qlogs, cands, graphs = {}, {}, {"pruned-fp32-ortopt": Path(pruned)}
     cands["pruned-fp32-ortopt"] = (optimize(pruned, out_dir / "pruned_fp32_ortopt.onnx"), "fp32")
-    # INT8 from the pruned model, and from the unpruned one: pruning spends part of the budget
-    # that INT8 (the larger speed-up on CPU) then cannot use; the measurement decides.
-    for base_name, base in (("pruned", Path(pruned)), ("unpruned", Path(source))):
+    # INT8 from the pruned model and, on request, from the unpruned one: pruning spends part of
+    # the budget that INT8 (the larger speed-up on CPU) then cannot use; the measurement decides.
+    bases = {"pruned": Path(pruned), "unpruned": Path(source)}
+    for base_name, base in ((b, bases[b]) for b in int8_bases):
         methods = method_choices if not qlogs else (qlogs["pruned"]["method"],)
         print(f"  [cpu] accuracy-aware INT8 from the {base_name} model", flush=True)
         qlog, rounding = quantize.accuracy_aware(base, work / base_name, calib_x, search_x, search_ref, eval_x,
@@ -65,6 +67,7 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
     chosen = max(ok, key=lambda k: table[k]["b8"])
     shutil.copyfile(table[chosen]["path"], out_dir / "model.onnx")
     base_name = "unpruned" if chosen.startswith("unpruned") else "pruned"
+    base_name = base_name if base_name in qlogs else next(iter(qlogs))
     log = {"chosen": chosen, "budget": budget, "candidates": table, "original_img_s": ips["original"],
            "quantization": qlogs[base_name], "quantization_all": qlogs}
     (out_dir / "cpu_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")

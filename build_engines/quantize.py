@@ -110,6 +110,8 @@ def accuracy_aware(fp32: Path, work: Path, calib_x: np.ndarray, search_x: np.nda
     """-> (log: chosen method and rounding, INT8 layers, scans, final model path (work/<flavor>.onnx);
     the weight rounding used, for building more models the same way)."""
     work.mkdir(parents=True, exist_ok=True)
+    for stale in work.glob("calib_*.json"):   # ranges cached by an earlier build belong to another model
+        stale.unlink()
     private = work / "input_fp32.onnx"   # ORT writes `<input>-inferred.onnx` beside its input: keep that private
     private.write_bytes(Path(fp32).read_bytes())
     fp32 = private
