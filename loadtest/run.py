@@ -114,12 +114,7 @@ def main(argv=None) -> int:
     (args.out / "summary.md").write_text("\n".join(summary) + "\n")
     print("\n" + "\n".join(summary[4:]))
     print(f"\nreports: {args.out}/summary.md, report.html, breakdown.png, locust_*.csv")
-    failed = sorted({v.slo for v in verdicts if not v.ok})
-    if failed:
-        print(f"SLO check FAILED: {', '.join(failed)} (thresholds from {args.slo})")
-        return 1
-    print(f"SLO check passed ({args.slo})")
-    return 0
+    return slo.report(verdicts, args.slo)
 
 
 if __name__ == "__main__":

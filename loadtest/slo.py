@@ -62,6 +62,16 @@ def check(stats_csv: str | Path, slo: dict[str, float]) -> list[Verdict]:
     return verdicts
 
 
+def report(verdicts: list[Verdict], source) -> int:
+    """Say which SLOs failed, by name; the exit status for make."""
+    failed = sorted({v.slo for v in verdicts if not v.ok})
+    if failed:
+        print(f"SLO check FAILED: {', '.join(failed)} (thresholds from {source})")
+        return 1
+    print(f"SLO check passed ({source})")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
@@ -70,12 +80,7 @@ def main(argv=None) -> int:
     verdicts = check(argv[0], load(argv[1]))
     for v in verdicts:
         print(v)
-    failed = sorted({v.slo for v in verdicts if not v.ok})
-    if failed:
-        print(f"SLO check FAILED: {', '.join(failed)} (thresholds from {argv[1]})")
-        return 1
-    print(f"SLO check passed ({argv[1]})")
-    return 0
+    return report(verdicts, argv[1])
 
 
 if __name__ == "__main__":
