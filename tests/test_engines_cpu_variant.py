@@ -52,4 +52,8 @@ def test_cpu_variant_is_the_build_choice(manifest):
     log = json.loads((paths.CPU_DIR / "cpu_log.json").read_text())
     assert manifest["variant"] == log["chosen"]
     within = {k: v for k, v in log["candidates"].items() if v["meets_budget"]}
-    assert log["chosen"] == max(within, key=lambda k: within[k]["b8"])   # the fastest within budget
+    fastest = max(v["b8"] for v in within.values())
+    assert log["chosen"] in within
+    assert within[log["chosen"]]["b8"] >= 0.95 * fastest             # the fastest within budget, up to noise
+    assert not any(v["b8"] > fastest * 0.95 and v["top1_agreement"] > within[log["chosen"]]["top1_agreement"]
+                   for v in within.values())                         # and among ties, the most faithful
