@@ -82,7 +82,8 @@ def bar_chart(rows: list[dict], path: Path, title: str, budget: float | None = N
         ax.set_xticks(range(len(vals)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(label, fontsize=10)
         for i, v in enumerate(vals):
-            ax.text(i, v, f"{v:.1f}" if v < 1000 else f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+            ax.text(i, v, f"{v:.3f}" if v < 2 else f"{v:.1f}" if v < 1000 else f"{v:.0f}", ha="center",
+                    va="bottom", fontsize=7)
         if label.startswith("top-1") and budget is not None:
             ax.axhline(100 * budget, color="red", ls="--", lw=1)
             ax.set_ylim(min(min(vals), 100 * budget) - 5, 101)
