@@ -40,7 +40,7 @@ def stage_source(weights_sha: str) -> Path:
                        extra={"opset": 17, "sanity": sanity})
         print(f"[source] exported {out} ({out.stat().st_size / 1e6:.1f} MB), sanity {sanity}", flush=True)
 
-    run_stage("source", paths.SOURCE_DIR, {"stage_code": own_code(stage_source), 
+    run_stage("source", paths.SOURCE_DIR, {"stage_code": own_code(stage_source),
         "weights": weights_sha, "code": code_hash("source_model", "graph_clean", "manifest", "sanity", "preprocess"),
         "opset": 17}, [out, man], build)
     return out
@@ -61,7 +61,7 @@ def stage_images(args) -> tuple:
         np.save(eval_p, ev)
         print(f"[images] calibration {len(ca)}, evaluation {len(ev)} images (disjoint)", flush=True)
 
-    run_stage("images", paths.IMAGES_DIR, {"stage_code": own_code(stage_images), 
+    run_stage("images", paths.IMAGES_DIR, {"stage_code": own_code(stage_images),
         "calib": images.source_fingerprint(calib_files), "eval": images.source_fingerprint(eval_files),
         "calib_user": bool(args.calib_dir), "eval_user": bool(args.eval_dir),
         "calib_n": args.calib_n, "eval_n": args.eval_n, "code": code_hash("images")}, [calib_p, eval_p], build)
@@ -119,7 +119,7 @@ def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
         print(f"[prune] FLOPs -{figures['flops_reduction']:.1%}, eval top-1 agreement "
               f"{score['top1_agreement']:.2%}, curve in {paths.PRUNED_DIR / 'prune_curve.png'}", flush=True)
 
-    run_stage("prune", paths.PRUNED_DIR, {"stage_code": own_code(stage_prune), 
+    run_stage("prune", paths.PRUNED_DIR, {"stage_code": own_code(stage_prune),
         "source": sha256_file(src), "images": data.sha, "budget": args.budget, "margin": args.margin,
         "code": code_hash("prune", "report", "manifest", "sanity", *MEASURE_CODE)}, [out, man, log_p], build)
     return out
@@ -149,7 +149,7 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Pa
                            "speedup_b1", "speedup_b8", "gflops", "params")} | {"budget": args.budget},
                        extra=extra)
 
-    run_stage("cpu", paths.CPU_DIR, {"stage_code": own_code(stage_cpu), 
+    run_stage("cpu", paths.CPU_DIR, {"stage_code": own_code(stage_cpu),
         "source": sha256_file(src), "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget,
         "margin": args.margin, "methods": args.calib_methods, "int8_from_unpruned": args.int8_from_unpruned,
         "code": code_hash("cpu_variant", "quantize", "gptq", "ort_offline", "throughput", "sanity", "preprocess",
@@ -174,7 +174,7 @@ def stage_fp16(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> P
                        extra={"fp32_ops": log["fp32_ops"], "built_from": str(base), "tried": log["tried"],
                               "target": "TensorRT strongly typed network; fidelity measured with ONNX Runtime CPU"})
 
-    run_stage("fp16", paths.FP16_DIR, {"stage_code": own_code(stage_fp16), 
+    run_stage("fp16", paths.FP16_DIR, {"stage_code": own_code(stage_fp16),
         "source": sha256_file(src), "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget,
         "code": code_hash("fp16", "manifest", *MEASURE_CODE)}, [out, man], build)
     return out
@@ -205,7 +205,7 @@ def stage_int8_trt(pruned: Path, data: Data, args, weights_sha: str) -> Path:
         print(f"[int8_trt] {log['n_quantized']}/{log['n_layers']} layers INT8, eval top-1 "
               f"{score['top1_agreement']:.2%}", flush=True)
 
-    run_stage("int8_trt", paths.INT8_TRT_DIR, {"stage_code": own_code(stage_int8_trt), 
+    run_stage("int8_trt", paths.INT8_TRT_DIR, {"stage_code": own_code(stage_int8_trt),
         "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget, "margin": args.margin,
         "methods": args.calib_methods, "code": code_hash("quantize", "gptq", "manifest", *MEASURE_CODE)},
         [out, man, log_p], build)
@@ -256,7 +256,7 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args) -> None:
         print(f"[report] {paths.REPORT_DIR / 'report.md'} (+ .json, .png, prune_curve.png, quant_curve.png)",
               flush=True)
 
-    run_stage("report", paths.REPORT_DIR, {"stage_code": own_code(stage_report), 
+    run_stage("report", paths.REPORT_DIR, {"stage_code": own_code(stage_report),
         "artifacts": [sha256_file(p) for p in (src, pruned, cpu, fp16, int8_trt)], "images": data.sha,
         "budget": args.budget, "code": code_hash("report", "throughput", "__main__", *MEASURE_CODE)}, outs, build)
 
@@ -266,7 +266,7 @@ def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
     figures = m.get("figures", {})
     extra = {k: m[k] for k in ("built_from", "calibration_method", "weight_rounding", "int8_layers", "layers",
                                "optimized_offline_with") if k in m}
-    run_stage("install", paths.BUILD / "install", {"stage_code": own_code(stage_install), 
+    run_stage("install", paths.BUILD / "install", {"stage_code": own_code(stage_install),
         "artifact": sha256_file(artifact), "manifest": sha256_file(manifest),
         "code": code_hash("install", "manifest", "sanity", "preprocess")},
         [INSTALLED_MODEL, INSTALLED_MANIFEST],
