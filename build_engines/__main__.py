@@ -16,7 +16,7 @@ import onnx
 
 from . import evaluate, images, paths, source_model
 from .hashing import code_hash, sha256_file
-from .install import MANIFEST as INSTALLED_MANIFEST, MODEL as INSTALLED_MODEL, install
+from .install import MANIFEST as INSTALLED_MANIFEST, MODEL as INSTALLED_MODEL, PORTABLE as INSTALLED_PORTABLE, install
 from .manifest import write_manifest
 from .sanity import check_sanity
 from .stages import run_stage
@@ -266,12 +266,14 @@ def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
     figures = m.get("figures", {})
     extra = {k: m[k] for k in ("built_from", "calibration_method", "weight_rounding", "int8_layers", "layers",
                                "optimized_offline_with") if k in m}
+    log = json.loads((manifest.parent / "cpu_log.json").read_text())
+    portable = Path(log["candidates"][log["chosen"]]["graph"])  # the chosen candidate before ORT's fusions
     run_stage("install", paths.BUILD / "install", {"stage_code": own_code(stage_install),
-        "artifact": sha256_file(artifact), "manifest": sha256_file(manifest),
+        "artifact": sha256_file(artifact), "portable": sha256_file(portable), "manifest": sha256_file(manifest),
         "code": code_hash("install", "manifest", "sanity", "preprocess")},
-        [INSTALLED_MODEL, INSTALLED_MANIFEST],
-        lambda: install(artifact, weights_sha=weights_sha, precision=m["precision"], variant=m["variant"],
-                        figures=figures, extra=extra))
+        [INSTALLED_MODEL, INSTALLED_PORTABLE, INSTALLED_MANIFEST],
+        lambda: install(artifact, portable=portable, weights_sha=weights_sha, precision=m["precision"],
+                        variant=m["variant"], figures=figures, extra=extra))
 
 
 def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:

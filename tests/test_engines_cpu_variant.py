@@ -57,3 +57,20 @@ def test_cpu_variant_is_the_build_choice(manifest):
     assert within[log["chosen"]]["b8"] >= 0.95 * fastest             # the fastest within budget, up to noise
     assert not any(v["b8"] > fastest * 0.95 and v["top1_agreement"] > within[log["chosen"]]["top1_agreement"]
                    for v in within.values())                         # and among ties, the most faithful
+
+
+def test_portable_file_for_gpu_hosts(manifest):
+    """The default (GPU/NGC) config loads the chosen candidate before ORT's CPU-only fusions: standard
+    ONNX domains only, listed in the manifest, and the same answers as the CPU file."""
+    portable = paths.CPU_MODEL_DIR / manifest["portable"]["artifact"]
+    assert manifest["portable"]["sha256"] == sha256_file(portable)
+    graph = onnx.load(str(portable))
+    assert {n.domain for n in graph.graph.node} <= {"", "ai.onnx"}
+    assert "com.microsoft" in {n.domain for n in onnx.load(str(MODEL)).graph.node}  # fused: why two files
+    x = images.to_batch(np.load(paths.IMAGES_DIR / "eval.npy"))[:32]
+    assert top1_agreement(evaluate.run(MODEL, x), evaluate.run(portable, x)) >= 0.97
+    from tritonclient.grpc import model_config_pb2
+    from google.protobuf import text_format
+    default = text_format.Parse((paths.CPU_MODEL_DIR.parent / "config.pbtxt").read_text(),
+                                model_config_pb2.ModelConfig())
+    assert default.default_model_filename == portable.name
