@@ -1,14 +1,12 @@
-"""Image -> model input, exactly as the served preprocess stage does it: RGB 224x224 bilinear, (x-127)/128."""
+"""Image -> model input: the served preprocess stage's own code (rtinfer.imaging), so build and server agree."""
 import numpy as np
 from PIL import Image
 
-from .paths import IMAGE_SIZE
+from rtinfer.imaging import to_tensor
 
 
 def to_input(img: np.ndarray | Image.Image) -> np.ndarray:
     """One image (HxWx3 uint8 or PIL) -> float32 [3,224,224]."""
     if not isinstance(img, Image.Image):
         img = Image.fromarray(np.asarray(img, dtype=np.uint8))
-    img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    x = (np.asarray(img, dtype=np.float32) - 127.0) / 128.0
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
+    return to_tensor(img)
