@@ -3,6 +3,8 @@
     locust -f loadtest/locustfile.py --headless -u 8 -r 4 -t 30s \
         --triton-grpc 127.0.0.1:8001 --triton-http 127.0.0.1:8000 --keyring build/keys/keyring.json
 
+Against a locked-down server add ``--triton-api-key-file F --triton-tls-ca CA.pem``
+(``--triton-tls-cert/--triton-tls-key`` for mutual TLS; Locust's own ``--tls-*`` are for its web UI).
 Pick one protocol by naming its user class (``GrpcPipelineUser`` / ``HttpPipelineUser``)
 after the options. Every option also reads ``LOCUST_<OPTION>`` from the environment.
 Each request seals one of the shipped photos with a fresh nonce and is reported to
@@ -33,6 +35,7 @@ from locust import User, events, task  # noqa: E402
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from loadtest.payloads import Sealer  # noqa: E402
+from rtinfer import access  # noqa: E402
 from rtinfer.keyring import Keyring  # noqa: E402
 
 
@@ -51,6 +54,11 @@ def _options(parser):
     group.add_argument("--wait-min", type=float, default=0.0, env_var="LOCUST_WAIT_MIN",
                        help="seconds between a user's requests, lower bound (0 = closed loop)")
     group.add_argument("--wait-max", type=float, default=0.0, env_var="LOCUST_WAIT_MAX")
+    group.add_argument("--triton-api-key-file", default="", env_var="LOCUST_TRITON_API_KEY_FILE",
+                       help="file holding the inference API key (server started with --api-key-file)")
+    group.add_argument("--triton-tls-ca", default="", env_var="LOCUST_TRITON_TLS_CA", help="gRPC TLS: CA certificate (PEM)")
+    group.add_argument("--triton-tls-cert", default="", env_var="LOCUST_TRITON_TLS_CERT", help="gRPC mutual TLS: client cert")
+    group.add_argument("--triton-tls-key", default="", env_var="LOCUST_TRITON_TLS_KEY", help="gRPC mutual TLS: client key")
 
 
 class TritonFailure(Exception):
@@ -66,9 +74,13 @@ class PipelineClient:
         self.client_id = opts.client_id
         self.sealer = Sealer(Keyring.load(opts.keyring).key(opts.key_id), key_id=opts.key_id,
                              client_id=opts.client_id, pipeline=opts.pipeline, start=random.randrange(1000))
+        api_key = access.read_secret(file=opts.triton_api_key_file or None, env=access.API_KEY_ENV)
+        self.headers = access.headers(protocol, api_key=api_key)
         if protocol == "grpc":
             self.mod, url = grpcclient, opts.triton_grpc
-            self.client = grpcclient.InferenceServerClient(url)
+            self.client = grpcclient.InferenceServerClient(
+                url, **access.grpc_tls_kwargs(opts.triton_tls_ca or None, opts.triton_tls_cert or None,
+                                         opts.triton_tls_key or None))
         else:
             self.mod, url = httpclient, opts.triton_http
             self.client = httpclient.InferenceServerClient(url, concurrency=1, network_timeout=60.0)
@@ -84,7 +96,7 @@ class PipelineClient:
         exc, length = None, 0
         try:
             result = self.client.infer(self.pipeline, [inp], outputs=outputs, request_id=uuid.uuid4().hex,
-                                       parameters={"client_id": self.client_id})
+                                       parameters={"client_id": self.client_id}, headers=self.headers)
             classes = result.as_numpy("PROBS").reshape(-1)
             length = sum(len(c) for c in classes)
             if len(classes) != self.top_k or not result.as_numpy("AUDIT_REF").reshape(-1)[0]:

@@ -9,11 +9,11 @@ from rtinfer import keyring
 from rtinfer.server import ROOT
 
 
-def locust(server, keyring_path, prefix, seconds=4, users=2):
+def locust(server, keyring_path, prefix, seconds=4, users=2, extra=()):
     cmd = [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", str(users),
            "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "5", "--csv", str(prefix), "--only-summary",
            "--triton-grpc", server.grpc_url, "--triton-http", server.http_url, "--keyring", str(keyring_path),
-           "--top-k", "3", "GrpcPipelineUser", "HttpPipelineUser"]
+           "--top-k", "3", *extra, "GrpcPipelineUser", "HttpPipelineUser"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
     with open(f"{prefix}_stats.csv", newline="") as fh:
         rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(fh)}

@@ -190,3 +190,18 @@ def test_classify_cli_takes_the_access_options(secured, keyring_path, certs, tmp
     assert "espresso" in capsys.readouterr().out
     assert classify.main(args) == 1  # no key
     assert "ERROR" in capsys.readouterr().out
+
+
+def test_locustfile_takes_the_access_options(secured, keyring_path, certs, tmp_path):
+    """Load tests run against a locked-down server too: API key file + gRPC TLS CA."""
+    from test_loadtest_locust import locust
+    key_file = tmp_path / "api-key"
+    key_file.write_text(API_KEY + "\n")
+    access_args = ["--triton-api-key-file", str(key_file), "--triton-tls-ca", str(certs["ca"])]
+    proc, rows = locust(secured, keyring_path, tmp_path / "ok", seconds=3, extra=access_args)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for protocol in ("grpc", "http"):
+        row = rows[(protocol, "pipeline")]
+        assert int(row["Request Count"]) > 0 and int(row["Failure Count"]) == 0, row
+    proc, rows = locust(secured, keyring_path, tmp_path / "nokey", seconds=2, extra=["--triton-tls-ca", str(certs["ca"])])
+    assert all(int(r["Failure Count"]) == int(r["Request Count"]) > 0 for r in rows.values() if r["Name"] != "Aggregated")
