@@ -53,14 +53,30 @@ class StageConfig:
                                                                  str(replay.DEFAULT_FUTURE_SKEW_S))))
 
     def classifier_models(self) -> dict[str, str]:
-        """pipeline -> 'model (sha256 prefix of the installed file)', read once at load."""
-        out = {}
-        for item in filter(None, self.param("classifier_models").split(",")):
-            pipeline, model = item.split("=", 1)
-            manifest = self.model_dir.parent / model / "1" / "manifest.json"
-            try:
-                digest = json.loads(manifest.read_text()).get("sha256", "")[:16]
-            except (OSError, ValueError):
-                digest = "no-manifest"
-            out[pipeline] = f"{model}/1@{digest}"
-        return out
+        return classifier_ids(self.param("classifier_models"), self.model_dir.parent)
+
+
+def classifier_ids(spec: str, repo: Path) -> dict[str, str]:
+    """'pipeline=model[/file],...' -> {pipeline: 'model/1[:file]@sha256 prefix'}, read once at load.
+
+    A manifest can list several files (the CPU file and a portable one); naming the file
+    this host's config of the model loads makes the audit name the one that answered.
+    Without a file, the manifest's main artifact."""
+    out = {}
+    for item in filter(None, spec.split(",")):
+        pipeline, target = item.split("=", 1)
+        model, _, filename = target.partition("/")
+        name = f"{model}/1:{filename}" if filename else f"{model}/1"
+        out[pipeline] = f"{name}@{_digest(repo / model / '1' / 'manifest.json', filename)}"
+    return out
+
+
+def _digest(manifest: Path, filename: str) -> str:
+    try:
+        doc = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return "no-manifest"
+    for entry in (doc, *(v for v in doc.values() if isinstance(v, dict))):
+        if entry.get("artifact") == (filename or doc.get("artifact")):
+            return entry.get("sha256", "")[:16]
+    return "not-in-manifest"

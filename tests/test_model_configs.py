@@ -178,7 +178,11 @@ def test_audit_names_the_classifier_each_pipeline_runs(variant):
     for ens in ensembles():
         runnable = variant == "default" or not (closure(ens, variant) & set(TRT_MODELS))
         if runnable:
-            assert mapping.get(ens) == classifier_step(config(ens, variant)), (ens, mapping.get(ens))
+            model, _, filename = mapping.get(ens, "").partition("/")
+            assert model == classifier_step(config(ens, variant)), (ens, mapping.get(ens))
+            loads = config(model, variant).default_model_filename
+            if loads or filename:  # the audit names the file that host loads
+                assert filename == (loads or "model.onnx"), (ens, variant, filename, loads)
 
 
 # --- CPU hosts -------------------------------------------------------------------------------

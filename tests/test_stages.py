@@ -44,3 +44,19 @@ def test_preprocess_refuses_several_envelopes_in_one_request(tmp_path):
     writer.close()
     [rec] = audit.read_records(tmp_path)
     assert rec["request_id"] == "r" and rec["reason"] == "batched_request"
+
+
+def test_classifier_ids_name_the_file_each_host_loads(tmp_path):
+    """The audit's classifier id is the hash of the file that answered, from the model's manifest."""
+    from rtinfer.stage_config import classifier_ids
+    d = tmp_path / "classifier_onnx" / "1"
+    d.mkdir(parents=True)
+    d.joinpath("manifest.json").write_text(json.dumps(
+        {"artifact": "model.onnx", "sha256": "a" * 64, "portable": {"artifact": "model.portable.onnx",
+                                                                   "sha256": "b" * 64}}))
+    ids = classifier_ids("pipeline=classifier_onnx,pipeline_onnx=classifier_onnx/model.portable.onnx,"
+                         "x=classifier_onnx/missing.onnx,y=classifier_trt_fp16", tmp_path)
+    assert ids == {"pipeline": "classifier_onnx/1@" + "a" * 16,
+                   "pipeline_onnx": "classifier_onnx/1:model.portable.onnx@" + "b" * 16,
+                   "x": "classifier_onnx/1:missing.onnx@not-in-manifest",
+                   "y": "classifier_trt_fp16/1@no-manifest"}
