@@ -76,6 +76,8 @@ def server_env(extra: dict | None = None) -> dict:
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(LIBS), env.get("LD_LIBRARY_PATH", "")]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(d for d in libdirs if d)
+    # The stages import rtinfer from this checkout, whatever checkout the venv was installed from.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra or {})
     return env
 
