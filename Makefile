@@ -13,8 +13,10 @@ KEYRING      ?= build/keys/keyring.json
 AUDIT_DIR    ?= build/audit
 CALIB_DIR    ?=
 EVAL_DIR     ?=
+# Labeled photos (ImageNet names) for accuracy-based choices; used when present, never committed.
+LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
 
-.PHONY: venv engines bench-engines keys serve demo test loadtest bench clean
+.PHONY: venv engines engines-quick bench-engines keys serve demo test loadtest bench clean evaluate
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -26,7 +28,12 @@ $(STAMP): requirements.txt pyproject.toml
 
 # Source model -> pruned -> CPU variant (+ TensorRT engines where TensorRT and a GPU exist).
 engines: $(STAMP)
-	$(PY) -m build_engines $(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) $(if $(EVAL_DIR),--eval-dir $(EVAL_DIR))
+	$(PY) -m build_engines $(if $(LABELED_DIR),--labeled-dir $(LABELED_DIR)) \
+	  $(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) $(if $(EVAL_DIR),--eval-dir $(EVAL_DIR))
+
+# The plain export, installed only if no full build's variant is: what `make demo` waits for.
+engines-quick: $(STAMP)
+	$(PY) -m build_engines --quick
 
 bench-engines: engines
 	$(PY) -m build_engines.bench
@@ -53,7 +60,7 @@ serve: engines keys
 	  $(if $(API_KEY_FILE),--api-key-file $(API_KEY_FILE)) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
 	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 
-demo: engines keys
+demo: engines-quick keys
 	$(PY) -m clients.demo --keyring $(KEYRING) --audit-dir $(AUDIT_DIR)
 
 test: engines

@@ -20,8 +20,15 @@ from .install import MANIFEST as INSTALLED_MANIFEST, MODEL as INSTALLED_MODEL, P
 from .manifest import write_manifest
 from .sanity import check_sanity
 from .stages import run_stage
+from .uint8_front import wrap_file
 
-MEASURE_CODE = ("evaluate", "runtime", "fidelity", "cost")
+MEASURE_CODE = ("evaluate", "runtime", "fidelity", "cost", "uint8_front")
+SCORE_KEYS = ("quality", "quality_basis", "top1_accuracy", "top1_ci95", "top5_accuracy", "top5_ci95",
+              "original_top1_accuracy", "n_labeled", "top1_agreement", "top5_overlap", "mean_kl", "n_images")
+
+
+def score_figures(score: dict) -> dict:
+    return {k: score[k] for k in SCORE_KEYS if k in score}
 
 
 def own_code(fn) -> str:
@@ -47,33 +54,57 @@ def stage_source(weights_sha: str) -> Path:
 
 
 def stage_images(args) -> tuple:
-    calib_files = images.folder_images(args.calib_dir) if args.calib_dir else images.packaged_photos()
-    eval_files = images.folder_images(args.eval_dir) if args.eval_dir else images.packaged_photos()
-    calib_p, eval_p = paths.IMAGES_DIR / "calib.npy", paths.IMAGES_DIR / "eval.npy"
+    """uint8 crops (+ labels when the folder has them) for choosing (calib/search) and confirming (eval)."""
+    from rtinfer import labeled
+    if args.labeled_dir:
+        files, labels = labeled.find(args.labeled_dir)
+        if labels is None:
+            raise SystemExit(f"{args.labeled_dir}: not every image is named by an ImageNet wnid "
+                             "(<wnid>_*.JPEG or <wnid>/*.JPEG); use --calib-dir/--eval-dir for unlabeled folders")
+        calib_files, calib_y = labeled.select(files, labels, "choose")
+        eval_files, eval_y = labeled.select(files, labels, "confirm")
+    else:
+        calib_y = eval_y = None
+        calib_files = images.folder_images(args.calib_dir) if args.calib_dir else images.packaged_photos()
+        eval_files = images.folder_images(args.eval_dir) if args.eval_dir else images.packaged_photos()
+    outs = [paths.IMAGES_DIR / f for f in ("calib.npy", "eval.npy", "calib_labels.npy", "eval_labels.npy")]
 
     def build():
-        ev = (images.user_set(eval_files, args.eval_n) if args.eval_dir
-              else images.expanded_set(eval_files, args.eval_n, images.EVAL_SEED, include_full=True))
-        ca = (images.user_set(calib_files, args.calib_n) if args.calib_dir
-              else images.expanded_set(calib_files, args.calib_n, images.CALIB_SEED, include_full=False))
-        ca = images.disjoint(ca, ev)
-        np.save(calib_p, ca)
-        np.save(eval_p, ev)
-        print(f"[images] calibration {len(ca)}, evaluation {len(ev)} images (disjoint)", flush=True)
+        if args.labeled_dir:
+            ca, ev = images.user_set(calib_files), images.user_set(eval_files)
+        else:
+            ev = (images.user_set(eval_files, args.eval_n) if args.eval_dir
+                  else images.expanded_set(eval_files, args.eval_n, images.EVAL_SEED, include_full=True))
+            ca = (images.user_set(calib_files, args.calib_n) if args.calib_dir
+                  else images.expanded_set(calib_files, args.calib_n, images.CALIB_SEED, include_full=False))
+            ca = images.disjoint(ca, ev)
+        for path, arr in zip(outs, (ca, ev, calib_y, eval_y)):
+            np.save(path, arr if arr is not None else np.full(0, -1, dtype=np.int64))
+        kind = (f"labeled, split by class from {args.labeled_dir}" if args.labeled_dir
+                else "unlabeled: agreement with the original only")
+        print(f"[images] calibration/search {len(ca)}, evaluation {len(ev)} images (disjoint; {kind})", flush=True)
 
     run_stage("images", paths.IMAGES_DIR, {"stage_code": own_code(stage_images),
         "calib": images.source_fingerprint(calib_files), "eval": images.source_fingerprint(eval_files),
-        "calib_user": bool(args.calib_dir), "eval_user": bool(args.eval_dir),
-        "calib_n": args.calib_n, "eval_n": args.eval_n, "code": code_hash("images")}, [calib_p, eval_p], build)
-    return calib_p, eval_p
+        "labeled": bool(args.labeled_dir), "calib_user": bool(args.calib_dir), "eval_user": bool(args.eval_dir),
+        "calib_n": args.calib_n, "eval_n": args.eval_n,
+        "code": code_hash("images", "preprocess"), "imaging": _imaging_hash()}, outs, build)
+    return outs
+
+
+def _imaging_hash() -> str:
+    """The served preprocessing makes the build's images: changing it rebuilds them."""
+    from rtinfer import imaging
+    return sha256_file(Path(imaging.__file__))
 
 
 class Data:
-    """Image splits and the original model's logits on them, loaded only if a stage needs them."""
+    """Image splits, labels, and the original model's logits on them, loaded only if a stage needs them."""
 
-    def __init__(self, source: Path, calib_p: Path, eval_p: Path, scan_n: int):
-        self.source, self.calib_p, self.eval_p, self.scan_n = source, calib_p, eval_p, scan_n
-        self.sha = sha256_file(calib_p) + sha256_file(eval_p) + f":{scan_n}"
+    def __init__(self, source: Path, image_files: list, scan_n: int):
+        self.source, self.scan_n = source, scan_n
+        self.calib_p, self.eval_p, self.calib_y_p, self.eval_y_p = image_files
+        self.sha = "".join(sha256_file(p) for p in image_files) + f":{scan_n}"
 
     @functools.cached_property
     def calib(self):
@@ -84,17 +115,31 @@ class Data:
         return images.to_batch(np.load(self.eval_p))
 
     @property
+    def labeled(self) -> bool:
+        return self.calib_y is not None
+
+    @functools.cached_property
+    def calib_y(self):
+        y = np.load(self.calib_y_p)
+        return y if len(y) else None
+
+    @functools.cached_property
+    def eval_y(self):
+        y = np.load(self.eval_y_p)
+        return y if len(y) else None
+
+    @property
     def search(self):
         """Candidates are chosen on the calibration split; the evaluation split only confirms."""
         return self.calib
 
     @functools.cached_property
     def eval_ref(self):
-        return evaluate.run(self.source, self.eval)
+        return evaluate.Reference(evaluate.run(self.source, self.eval), self.eval_y)
 
     @functools.cached_property
     def search_ref(self):
-        return evaluate.run(self.source, self.search)
+        return evaluate.Reference(evaluate.run(self.source, self.search), self.calib_y)
 
 
 def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
@@ -116,8 +161,8 @@ def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
                    "flops_reduction": 1 - now["macs"] / base["macs"], "budget": args.budget}
         write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32", variant="pruned",
                        figures=figures, extra={"plan": log["chosen_plan"], "log": log_p.name})
-        print(f"[prune] FLOPs -{figures['flops_reduction']:.1%}, eval top-1 agreement "
-              f"{score['top1_agreement']:.2%}, curve in {paths.PRUNED_DIR / 'prune_curve.png'}", flush=True)
+        print(f"[prune] FLOPs -{figures['flops_reduction']:.1%}, eval quality "
+              f"{score['quality']:.2%} ({score['quality_basis']}), curve in {paths.PRUNED_DIR / 'prune_curve.png'}", flush=True)
 
     run_stage("prune", paths.PRUNED_DIR, {"stage_code": own_code(stage_prune),
         "source": sha256_file(src), "images": data.sha, "budget": args.budget, "margin": args.margin,
@@ -133,6 +178,7 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Pa
         log = cpu_variant.build(src, pruned, paths.CPU_DIR, data.calib, data.search, data.search_ref,
                                 data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods),
                                 data.scan_n, ("pruned", "unpruned") if args.int8_from_unpruned else ("pruned",))
+        wrap_file(out, out)
         c = log["candidates"][log["chosen"]]
         q = log["quantization"]
         import onnxruntime
@@ -144,9 +190,8 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Pa
                           "calibration_method": q["method"], "weight_rounding": q["rounding"],
                           "int8_layers": q["n_quantized"], "layers": q["n_layers"]})
         write_manifest(out, man, source_weights_sha256=weights_sha, precision=c["precision"],
-                       variant=log["chosen"], figures={k: c[k] for k in (
-                           "top1_agreement", "top5_overlap", "mean_kl", "n_images", "b1", "b8",
-                           "speedup_b1", "speedup_b8", "gflops", "params")} | {"budget": args.budget},
+                       variant=log["chosen"], figures=score_figures(c) | {k: c[k] for k in (
+                           "b1", "b8", "speedup_b1", "speedup_b8", "gflops", "params")} | {"budget": args.budget},
                        extra=extra)
 
     run_stage("cpu", paths.CPU_DIR, {"stage_code": own_code(stage_cpu),
@@ -167,10 +212,10 @@ def stage_fp16(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> P
         if not log["meets_budget"]:
             print("  [fp16] the pruned model in FP16 misses the budget; using the unpruned source", flush=True)
             base, log = src, fp16.build(src, out, data.eval, data.eval_ref, args.budget)
-        final = log["tried"][-1]
-        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp16 (I/O fp32)",
-                       variant="fp16-for-tensorrt",
-                       figures={k: final[k] for k in ("top1_agreement", "top5_overlap", "mean_kl", "n_images")},
+        wrap_file(out, out)
+        final = evaluate.score(out, data.eval, data.eval_ref)
+        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp16 (input uint8, logits fp32)",
+                       variant="fp16-for-tensorrt", figures=score_figures(final) | {"budget": args.budget},
                        extra={"fp32_ops": log["fp32_ops"], "built_from": str(base), "tried": log["tried"],
                               "target": "TensorRT strongly typed network; fidelity measured with ONNX Runtime CPU"})
 
@@ -190,20 +235,22 @@ def stage_int8_trt(pruned: Path, data: Data, args, weights_sha: str) -> Path:
                                       data.search_ref, data.eval, data.eval_ref, args.budget, args.margin,
                                       quantize.TENSORRT, methods=tuple(args.calib_methods), scan_n=data.scan_n)
         Path(log["model"]).replace(out)
+        wrap_file(out, out)
         onnx.checker.check_model(onnx.load(str(out)), full_check=True)
         score = evaluate.score(out, data.eval, data.eval_ref)
+        log["ends_fp32"]["eval"] = evaluate.score(log["ends_fp32"]["model"], data.eval, data.eval_ref)
         log["final"] = score
         log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
         write_manifest(out, man, source_weights_sha256=weights_sha,
                        precision=f"int8 Q/DQ symmetric ({log['n_quantized']}/{log['n_layers']} layers INT8)",
-                       variant="int8-qdq-for-tensorrt", figures=score,
+                       variant="int8-qdq-for-tensorrt", figures=score_figures(score) | {"budget": args.budget},
                        extra={"calibration_method": log["method"], "weight_rounding": log["rounding"],
                               "activations": "int8 symmetric (zero point 0)",
                               "weights": "int8 symmetric per-channel", "bias": "fp32",
                               "built_from_pruned_sha256": sha256_file(pruned), "log": log_p.name,
                               "target": "TensorRT strongly typed network; fidelity measured with ONNX Runtime CPU"})
-        print(f"[int8_trt] {log['n_quantized']}/{log['n_layers']} layers INT8, eval top-1 "
-              f"{score['top1_agreement']:.2%}", flush=True)
+        print(f"[int8_trt] {log['n_quantized']}/{log['n_layers']} layers INT8, eval quality "
+              f"{score['quality']:.2%} ({score['quality_basis']})", flush=True)
 
     run_stage("int8_trt", paths.INT8_TRT_DIR, {"stage_code": own_code(stage_int8_trt),
         "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget, "margin": args.margin,
@@ -270,10 +317,28 @@ def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
     portable = Path(log["candidates"][log["chosen"]]["graph"])  # the chosen candidate before ORT's fusions
     run_stage("install", paths.BUILD / "install", {"stage_code": own_code(stage_install),
         "artifact": sha256_file(artifact), "portable": sha256_file(portable), "manifest": sha256_file(manifest),
-        "code": code_hash("install", "manifest", "sanity", "preprocess")},
+        "code": code_hash("install", "manifest", "sanity", "preprocess", "uint8_front")},
         [INSTALLED_MODEL, INSTALLED_PORTABLE, INSTALLED_MANIFEST],
         lambda: install(artifact, portable=portable, weights_sha=weights_sha, precision=m["precision"],
                         variant=m["variant"], figures=figures, extra=extra))
+
+
+def quick_install(src: Path, weights_sha: str) -> None:
+    """`make demo`: serve the variant a full build installed if it is there and intact, else the plain export."""
+    try:
+        m = json.loads(INSTALLED_MANIFEST.read_text())
+        intact = (m["sha256"] == sha256_file(INSTALLED_MODEL) and INSTALLED_PORTABLE.exists()
+                  and m["inputs"][0]["dtype"] == "uint8")
+    except (OSError, KeyError, IndexError, ValueError):
+        intact = False
+    if intact:
+        print(f"[quick] serving the installed variant: {m['variant']} ({m['precision']})", flush=True)
+        return
+    install(src, portable=src, weights_sha=weights_sha, precision="fp32", variant="source-export",
+            figures={}, extra={"note": "plain export installed by `make demo` (build_engines --quick); "
+                                       "`make engines` builds, measures and installs the optimized variant"})
+    print("[quick] serving the plain FP32 export (no optimized variant built yet: `make engines` builds one)",
+          flush=True)
 
 
 def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:
@@ -283,6 +348,13 @@ def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:
         print(f"[tensorrt] stage not available ({e}); TensorRT engines skipped", flush=True)
         return
     build_all(fp16, int8_trt, paths.REPO)
+
+
+def resolve_budget(args) -> float:
+    """One number every stage checks `quality` against (fidelity.compare says what quality is)."""
+    if args.budget is not None:
+        return args.budget
+    return 1.0 - args.budget_points / 100.0 if args.labeled_dir else 0.97
 
 
 def _lock():
@@ -303,8 +375,14 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-dir", type=Path, help="folder of images for INT8 calibration (default: packaged photos)")
     ap.add_argument("--eval-dir", type=Path, help="folder of images for fidelity evaluation (default: packaged photos)")
-    ap.add_argument("--budget", type=float, default=0.97, help="min top-1 agreement with the original (eval split)")
-    ap.add_argument("--margin", type=float, default=0.005, help="extra agreement required on the search split")
+    ap.add_argument("--labeled-dir", type=Path,
+                    help="labeled photos (<wnid>_*.JPEG or <wnid>/*.JPEG): split by class into what the build "
+                         "chooses on and what it confirms on; budgets are then in top-1 accuracy")
+    ap.add_argument("--budget-points", type=float, default=1.0,
+                    help="with labels: most top-1 accuracy points a variant may lose against the original")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="quality floor (default: 1 - budget-points/100 with labels, 0.97 top-1 agreement without)")
+    ap.add_argument("--margin", type=float, default=0.005, help="extra quality required on the search split")
     ap.add_argument("--eval-n", type=int, default=400, help="evaluation images (packaged set)")
     ap.add_argument("--calib-n", type=int, default=256, help="calibration images (packaged set)")
     ap.add_argument("--scan-n", type=int, default=64,
@@ -313,13 +391,19 @@ def main(argv=None) -> None:
                     choices=["minmax", "percentile"], help="INT8 calibration methods to compare")
     ap.add_argument("--int8-from-unpruned", action="store_true",
                     help="also try INT8 of the unpruned model as a CPU candidate (about +4 min)")
+    ap.add_argument("--quick", action="store_true",
+                    help="export only, and install it unless a full build's variant is installed (make demo)")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     lock = _lock()
     weights_sha = source_model.weights_sha256()
     src = stage_source(weights_sha)
-    calib_p, eval_p = stage_images(args)
-    data = Data(src, calib_p, eval_p, args.scan_n)
+    if args.quick:
+        quick_install(src, weights_sha)
+        lock.close()
+        return
+    args.budget = resolve_budget(args)
+    data = Data(src, stage_images(args), args.scan_n)
     pruned = stage_prune(src, data, args, weights_sha)
     cpu = stage_cpu(src, pruned, data, args, weights_sha)
     fp16 = stage_fp16(src, pruned, data, args, weights_sha)

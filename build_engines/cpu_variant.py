@@ -1,10 +1,15 @@
-"""The CPU variant: the fastest candidate that meets the budget.
+"""The CPU variant: a fast candidate that meets the budget, chosen so two clean builds agree.
 
-Candidates: the pruned FP32 graph, and accuracy-aware mixed INT8 graphs from the pruned
-(and, with `--int8-from-unpruned`, the unpruned) model, all with ONNX Runtime's optimizations saved offline; the
-fully INT8 graphs are measured too, so the report shows what the budget costs. Fidelity
-is against the original FP32 model on the evaluation split; speed is measured side by
-side with the original, in one run.
+Candidates: the pruned FP32 graph; from the pruned (and, with `--int8-from-unpruned`, the
+unpruned) model, accuracy-aware mixed INT8, INT8 with the first and last layers in FP32,
+and full INT8; all with ONNX Runtime's optimizations saved offline. Quality (accuracy with
+labels, else agreement) is measured against the original FP32 model on the evaluation split;
+speed side by side with the original, in one run.
+
+Rule: among candidates within budget, those at least MIN_SPEEDUP times the original's batch-8
+throughput count as fast, and the most accurate fast one wins; with none fast, the most
+accurate within budget. Measured speed only sorts candidates into fast or not, far from where
+noise on shared machines could move them, so the choice does not depend on the run's noise.
 """
 import json
 import shutil
@@ -16,7 +21,7 @@ from . import cost, evaluate, quantize, throughput
 from .ort_offline import optimize
 from .sanity import check_sanity
 
-NOISE = 0.05   # relative throughput difference treated as a tie
+MIN_SPEEDUP = 1.3   # INT8 that pays measures 1.5-2.4x here; mixed graphs 0.9-1.2x
 
 
 def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_ref, eval_x, eval_ref,
@@ -36,12 +41,15 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
                                                  scan_n=scan_n)
         qlogs[base_name] = qlog
         mixed, full = work / base_name / "int8_mixed.onnx", work / base_name / "int8_full.onnx"
+        ends = work / base_name / "int8_ends.onnx"
         Path(qlog["model"]).replace(mixed)
+        Path(qlog["ends_fp32"]["model"]).replace(ends)
         quantize.quantize(work / base_name / "input_fp32.onnx", full, calib_x, qlog["method"], quantize.CPU, (),
                           work / base_name, rounding)
         for kind, path, precision in (
                 ("mixed", mixed, f"int8 mixed ({qlog['n_quantized']}/{qlog['n_layers']} layers INT8, "
                                  f"{qlog['rounding']} rounding)"),
+                ("ends", ends, f"int8, first and last layers fp32 ({qlog['rounding']} rounding)"),
                 ("full", full, f"int8 ({qlog['rounding']} rounding)")):
             name = f"{base_name}-int8-{kind}-ortopt"
             graphs[name] = path
@@ -60,21 +68,19 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
                        **cost.summary(graphs[name]), "size_bytes": path.stat().st_size, **score, **ips[name],
                        "speedup_b8": ips[name]["b8"] / ips["original"]["b8"],
                        "speedup_b1": ips[name]["b1"] / ips["original"]["b1"],
-                       "sanity": sanity, "meets_budget": bool(score["top1_agreement"] >= budget and sane)}
-        print(f"  [cpu] {name:28s} top-1 {score['top1_agreement']:.3f}  b8 x{table[name]['speedup_b8']:.2f}"
+                       "sanity": sanity, "meets_budget": bool(score["quality"] >= budget and sane)}
+        acc = f"accuracy {score['top1_accuracy']:.3f} " if "top1_accuracy" in score else ""
+        print(f"  [cpu] {name:28s} {acc}quality {score['quality']:.3f}  b8 x{table[name]['speedup_b8']:.2f}"
               f"  {'within budget' if table[name]['meets_budget'] else 'REJECTED (budget)'}", flush=True)
     ok = [k for k, v in table.items() if v["meets_budget"]]
     if not ok:
         raise SystemExit("no CPU candidate meets the fidelity budget; lower --budget or check the pruning stage")
-    # Fastest within budget; candidates within NOISE of the fastest count as equally fast (the
-    # machines are shared), and among those the more faithful one wins.
-    fastest = max(table[k]["b8"] for k in ok)
-    tied = [k for k in ok if table[k]["b8"] >= (1 - NOISE) * fastest]
-    chosen = max(tied, key=lambda k: (table[k]["top1_agreement"], -table[k]["mean_kl"]))
+    fast = [k for k in ok if table[k]["speedup_b8"] >= MIN_SPEEDUP]
+    chosen = max(fast or ok, key=lambda k: (table[k]["quality"], table[k]["top1_agreement"], -table[k]["mean_kl"]))
     shutil.copyfile(table[chosen]["path"], out_dir / "model.onnx")
     base_name = "unpruned" if chosen.startswith("unpruned") else "pruned"
     base_name = base_name if base_name in qlogs else next(iter(qlogs))
-    log = {"chosen": chosen, "rule": f"fastest batch-8 within budget; within {NOISE:.0%} of it, most faithful",
+    log = {"chosen": chosen, "rule": f"most accurate within budget among those >= {MIN_SPEEDUP}x batch-8; else most accurate within budget",
            "budget": budget, "candidates": table, "original_img_s": ips["original"],
            "quantization": qlogs[base_name], "quantization_all": qlogs}
     (out_dir / "cpu_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")

@@ -28,6 +28,17 @@ def mean_kl(ref: np.ndarray, cand: np.ndarray) -> float:
     return float(np.mean(np.sum(p * (np.log(p + eps) - np.log(q + eps)), axis=1)))
 
 
-def compare(ref: np.ndarray, cand: np.ndarray) -> dict:
-    return {"top1_agreement": top1_agreement(ref, cand), "top5_overlap": top5_overlap(ref, cand),
-            "mean_kl": mean_kl(ref, cand), "n_images": int(len(ref))}
+def compare(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None = None) -> dict:
+    """Agreement with the original, and, when labels exist, accuracy (with 95 % intervals).
+
+    ``quality`` is what budgets are checked against: with labels, 1 + (candidate's top-1
+    accuracy - the original's on the same images), so a budget of 0.99 means "at most one
+    point of top-1 lost"; without labels, top-1 agreement with the original."""
+    out = {"top1_agreement": top1_agreement(ref, cand), "top5_overlap": top5_overlap(ref, cand),
+           "mean_kl": mean_kl(ref, cand), "n_images": int(len(ref))}
+    if labels is None:
+        return out | {"quality": out["top1_agreement"], "quality_basis": "agreement"}
+    from rtinfer.labeled import accuracy
+    mine, orig = accuracy(cand, labels), accuracy(ref, labels)
+    return out | mine | {"original_top1_accuracy": orig["top1_accuracy"],
+                         "quality": 1.0 + mine["top1_accuracy"] - orig["top1_accuracy"], "quality_basis": "accuracy"}

@@ -1,22 +1,27 @@
 """Deterministic calibration and evaluation image sets.
 
-Source: real colour photos shipped in scikit-image's `data/` and matplotlib's
-`grace_hopper.jpg`, expanded with seeded random crops and flips. The two splits use
-different seeds and are checked disjoint (no identical 224x224 image in both). Users
-may pass their own folders instead. Images are stored as uint8 224x224 RGB, already
-resized exactly as the served preprocess does, so `to_batch` only normalizes.
+Labeled photos (``--labeled-dir``, ImageNet names, see rtinfer.labeled) are split by class:
+the build chooses on one half and confirms on the other. Without them, the source is
+real colour photos shipped in scikit-image's `data/` and matplotlib's `grace_hopper.jpg`,
+expanded with seeded random crops and flips; the two splits use different seeds and are
+checked disjoint (no identical 224x224 image in both), and only agreement with the
+original can be measured. Users may pass their own unlabeled folders too. Images are
+stored as uint8 224x224 RGB, produced by the served preprocess code (rtinfer.imaging,
+from the file's bytes where there is a file), so `to_batch` only normalizes.
 """
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from rtinfer import imaging
+
 from .hashing import sha256_file
-from .paths import IMAGE_SIZE
+from .preprocess import to_uint8
 
 SKIMAGE_PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
                   "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg"]
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from rtinfer.labeled import IMAGE_EXTS  # noqa: E402  (what the server accepts: JPEG, PNG)
 CALIB_SEED, EVAL_SEED = 1001, 2002
 
 
@@ -41,7 +46,7 @@ def source_fingerprint(files: list[Path]) -> list:
 
 
 def _resize(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR), dtype=np.uint8)
+    return to_uint8(img)
 
 
 def _random_crop(img: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -76,8 +81,8 @@ def expanded_set(files: list[Path], n: int, seed: int, include_full: bool) -> np
 
 
 def user_set(files: list[Path], n: int | None = None) -> np.ndarray:
-    """A user's folder, each whole image resized like the server does (no augmentation)."""
-    return np.stack([_resize(Image.open(f)) for f in files[:n]])
+    """A folder's images, each through the server's own preprocessing of the file's bytes (no augmentation)."""
+    return np.stack([imaging.preprocess(Path(f).read_bytes()) for f in files[:n]])
 
 
 def disjoint(calib: np.ndarray, eval_: np.ndarray) -> np.ndarray:
@@ -89,4 +94,4 @@ def disjoint(calib: np.ndarray, eval_: np.ndarray) -> np.ndarray:
 
 def to_batch(images: np.ndarray) -> np.ndarray:
     """uint8 [N,224,224,3] -> float32 NCHW with the model's (x-127)/128 normalization."""
-    return np.ascontiguousarray(((images.astype(np.float32) - 127.0) / 128.0).transpose(0, 3, 1, 2))
+    return imaging.normalize(images)

@@ -6,30 +6,24 @@ load (``configs/cpu.pbtxt``); ``model.portable.onnx`` is the same candidate befo
 standard ONNX (+ Q/DQ) only, which the default config loads, so the NGC container's native
 backend (another ORT version, CUDA EP) gets a graph it can place on the GPU.
 """
-import shutil
 from pathlib import Path
 
 from .hashing import sha256_file
 from .manifest import write_manifest
 from .paths import CPU_MODEL_DIR
 from .sanity import check_sanity
+from .uint8_front import wrap_file
 
 MODEL = CPU_MODEL_DIR / "model.onnx"
 PORTABLE = CPU_MODEL_DIR / "model.portable.onnx"
 MANIFEST = CPU_MODEL_DIR / "manifest.json"
 
 
-def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_suffix(".onnx.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)   # atomic: a server polling the repository never sees half a file
-
-
 def install(artifact: Path, *, portable: Path, weights_sha: str, precision: str, variant: str, figures: dict,
             extra: dict) -> None:
     CPU_MODEL_DIR.mkdir(parents=True, exist_ok=True)
-    _copy(artifact, MODEL)
-    _copy(portable, PORTABLE)
+    wrap_file(artifact, MODEL)      # a no-op re-save when the artifact has the UINT8 front already
+    wrap_file(portable, PORTABLE)   # the candidate before ORT's fusions, with the UINT8 input contract
     sanity = check_sanity(MODEL)
     portable_info = {"artifact": PORTABLE.name, "sha256": sha256_file(PORTABLE), "size_bytes": PORTABLE.stat().st_size,
                      "sanity": check_sanity(PORTABLE), "built_from": str(portable),

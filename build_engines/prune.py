@@ -247,13 +247,13 @@ def prune(source: Path, calib_x: np.ndarray, search_x: np.ndarray, search_ref: n
         point = {"threshold": th, "macs": macs, "flops_reduction": 1 - macs / base_macs,
                  "search": srch, "eval": ev, "plan": {str(k): v for k, v in plan.items()}}
         curve.append(point)
-        ok = srch["top1_agreement"] >= budget + margin and ev["top1_agreement"] >= budget
-        print(f"  [prune] KL/MAC threshold {th:.3g}: FLOPs -{point['flops_reduction']:.1%}, search top-1 "
-              f"{srch['top1_agreement']:.3f}, eval top-1 {ev['top1_agreement']:.3f}"
+        ok = srch["quality"] >= budget + margin and ev["quality"] >= budget
+        print(f"  [prune] KL/MAC threshold {th:.3g}: FLOPs -{point['flops_reduction']:.1%}, search quality "
+              f"{srch['quality']:.3f}, eval {ev['quality']:.3f} ({ev['quality_basis']})"
               f"{'  within budget' if ok else ''}", flush=True)
         if ok and (not best["plan"] or macs < best.get("macs", np.inf)):
             best = {"plan": plan, "threshold": th, "macs": macs}
-        misses = misses + 1 if ev["top1_agreement"] < budget - 0.10 else 0
+        misses = misses + 1 if ev["quality"] < budget - 0.10 else 0
         if misses >= 2:
             break   # far past the budget: the rest of the curve is not worth the build time
     pruned = validate(apply(model, blocks, best["plan"], stats))

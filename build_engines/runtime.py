@@ -27,8 +27,17 @@ def session(model, threads: int = THREADS, level: str = "all", optimized_path: P
     return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
+def as_input(sess, x: np.ndarray) -> np.ndarray:
+    """Images for this session's input: float32 NCHW for the build's internal graphs, UINT8 NHWC for
+    deliverables (``uint8_front``). The float images came from uint8 by (x-127)/128, so the inverse is exact."""
+    if sess.get_inputs()[0].type == "tensor(uint8)" and x.dtype != np.uint8:
+        return np.ascontiguousarray(np.rint(x * 128.0 + 127.0).clip(0, 255).astype(np.uint8).transpose(0, 2, 3, 1))
+    return x
+
+
 def logits(sess, x: np.ndarray, batch: int = 16, outputs: list | None = None) -> np.ndarray:
     """Run float32 NCHW `x` in chunks; returns the `logits` output (or the named outputs as a list)."""
+    x = as_input(sess, x)
     names = outputs or [OUTPUT_NAME]
     parts = [sess.run(names, {INPUT_NAME: x[i:i + batch]}) for i in range(0, len(x), batch)]
     if outputs is None:

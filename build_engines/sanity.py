@@ -6,6 +6,7 @@ import onnxruntime as ort
 
 from .paths import INPUT_NAME, OUTPUT_NAME
 from .preprocess import to_input
+from .runtime import as_input
 
 CAT_CLASSES = set(range(281, 286))   # tabby .. Egyptian cat
 ESPRESSO = 967
@@ -21,7 +22,7 @@ def check_sanity(model_path: Path) -> dict:
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     imgs = sanity_images()
     x = np.stack([to_input(imgs["chelsea"]), to_input(imgs["coffee"])])
-    logits = sess.run([OUTPUT_NAME], {INPUT_NAME: x})[0]
+    logits = sess.run([OUTPUT_NAME], {INPUT_NAME: as_input(sess, x)})[0]
     top = logits.argmax(axis=1)
     result = {"chelsea": int(top[0]), "coffee": int(top[1])}
     if result["chelsea"] not in CAT_CLASSES or result["coffee"] != ESPRESSO:

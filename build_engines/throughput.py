@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from .paths import INPUT_NAME
-from .runtime import session
+from .runtime import as_input, session
 
 
 def measure(models: dict, batches=(1, 8), rounds: int = 7, round_s: float = 0.25, warmup: int = 3) -> dict:
@@ -18,17 +18,18 @@ def measure(models: dict, batches=(1, 8), rounds: int = 7, round_s: float = 0.25
     rng = np.random.default_rng(0)
     result = {k: {} for k in models}
     for b in batches:
-        x = rng.standard_normal((b, 3, 224, 224)).astype(np.float32)
-        for s in sessions.values():
+        x = ((rng.integers(0, 256, (b, 3, 224, 224)) - 127.0) / 128.0).astype(np.float32)
+        feeds = {k: {INPUT_NAME: as_input(s, x)} for k, s in sessions.items()}
+        for k, s in sessions.items():
             for _ in range(warmup):
-                s.run(None, {INPUT_NAME: x})
+                s.run(None, feeds[k])
         samples = {k: [] for k in models}
         for r in range(rounds):
             order = list(models) if r % 2 == 0 else list(reversed(models))
             for k in order:
                 s, n, t0 = sessions[k], 0, time.perf_counter()
                 while True:
-                    s.run(None, {INPUT_NAME: x})
+                    s.run(None, feeds[k])
                     n += 1
                     dt = time.perf_counter() - t0
                     if dt >= round_s:

@@ -1,21 +1,84 @@
-"""Decode a JPEG/PNG payload into the model's input tensor, refusing hostile images early."""
+"""Image bytes -> the classifier's input: one implementation for the server, the build, clients and baselines.
+
+The classifier takes UINT8 RGB ``[224, 224, 3]`` and normalizes inside its graph, so
+this module only decodes, orients, converts and crops. Decoding is defensive: the
+format, size and structure are checked from the bytes before any pixel is inflated,
+and every failure of a decoder or conversion on a client's image is a ``bad_image``
+refusal (never an exception that escapes to the batch).
+"""
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, PngImagePlugin
 
 from rtinfer.errors import RejectedRequest
 
 SIZE = 224
+RESIZE = 256           # model card: shorter side to 256 (bicubic), then the centre 224x224
+CROPS = ("center", "squash")
+DEFAULT_CROP = "center"  # measured on labeled photos: README, "Accuracy"
 FORMATS = ("JPEG", "PNG")
 DEFAULT_MAX_PIXELS = 40_000_000  # about a 7000x5700 photo; Pillow's own bomb guard is 89 M
+MAX_JPEG_SCANS = 64    # progressive JPEGs use about 10; each scan re-walks every coefficient
+MAX_PNG_CHUNKS = 20_000  # 8 MiB of 400-byte chunks; Pillow parses each chunk in Python
+MAX_PNG_ANCILLARY_BYTES = 1 << 20  # text, ICC, EXIF ... together
+
+# Pillow's own per-PNG caps on text chunks (defaults 1 MiB / 64 MiB): far below our envelope size.
+PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
+PngImagePlugin.MAX_TEXT_MEMORY = 1 << 20
+
+_ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+_16BIT_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N"}
+_PLAIN_MODES = {"RGB", "L", "1", "CMYK", "YCbCr"}
+BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as browsers and viewers do
 
 
-def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode an image, checking format and size from the header before decoding."""
+def _bad(message: str) -> RejectedRequest:
+    return RejectedRequest("bad_image", message)
+
+
+def check_structure(data: bytes) -> None:
+    """Format-specific limits a small payload could otherwise use to pin a core."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        chunks, ancillary, pos = 0, 0, 8
+        while pos + 8 <= len(data):
+            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+            chunks += 1
+            if kind not in (b"IDAT", b"IHDR", b"PLTE", b"IEND", b"tRNS"):
+                ancillary += length
+            if chunks > MAX_PNG_CHUNKS:
+                raise _bad(f"PNG has more than {MAX_PNG_CHUNKS} chunks")
+            if ancillary > MAX_PNG_ANCILLARY_BYTES:
+                raise _bad(f"PNG metadata chunks exceed {MAX_PNG_ANCILLARY_BYTES} bytes")
+            if kind == b"IEND":
+                break
+            pos += 12 + length
+    elif data[:2] == b"\xff\xd8":
+        # 0xFF in entropy-coded data is always stuffed (FF00) or a restart marker, so FFDA is a real SOS.
+        scans = data.count(b"\xff\xda")
+        if scans > MAX_JPEG_SCANS:
+            raise _bad(f"JPEG has {scans} scans, more than the limit of {MAX_JPEG_SCANS}")
+
+
+def _draft_size(width: int, height: int, crop: str) -> tuple[int, int]:
+    """Smallest size the crop policy needs, so a JPEG can be decoded at 1/2, 1/4 or 1/8 scale."""
+    if crop == "squash":
+        return SIZE, SIZE
+    scale = RESIZE / min(width, height)
+    return max(1, int(np.ceil(width * scale))), max(1, int(np.ceil(height * scale)))
+
+
+def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEFAULT_CROP,
+           draft: bool = True) -> Image.Image:
+    """Open and fully decode a JPEG/PNG, checking format, size and structure before decoding.
+
+    ``draft``: JPEGs are decoded straight at the smallest DCT scale that still covers what
+    ``crop`` needs (README, "Accuracy": measured not to cost accuracy)."""
+    check_structure(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -24,6 +87,10 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             if width * height > max_pixels:
                 raise RejectedRequest("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
                                       f"more than the limit of {max_pixels}")
+            if width < 1 or height < 1:
+                raise _bad("image has no pixels")
+            if draft and img.format == "JPEG":
+                img.draft("RGB", _draft_size(width, height, crop))
             img.load()
     except RejectedRequest:
         raise
@@ -31,18 +98,73 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         raise RejectedRequest("too_many_pixels", "image dimensions are absurd (decompression bomb): "
                               f"more than the limit of {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
-        raise RejectedRequest("bad_image", "payload is not a JPEG or PNG image") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise RejectedRequest("bad_image", f"image could not be decoded: {exc}") from None
+        raise _bad("payload is not a JPEG or PNG image") from None
+    except Exception:  # noqa: BLE001 - any decoder failure on client bytes is the client's bad image
+        raise _bad("image could not be decoded (corrupt or truncated JPEG/PNG)") from None
     return img
 
 
-def to_tensor(img: Image.Image) -> np.ndarray:
-    """RGB, 224x224 bilinear, (x - 127) / 128, CHW float32 (the EfficientNet-Lite convention)."""
-    rgb = img.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
-    arr = np.asarray(rgb, dtype=np.float32)
-    return ((arr - 127.0) / 128.0).transpose(2, 0, 1).copy()
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied, then 8-bit RGB from whatever mode the file had."""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
+        pass
+    mode = img.mode
+    try:
+        if mode == "RGB":
+            return img
+        if mode in _16BIT_MODES:  # 16-bit grey: scale to 8 bits (convert() would clip everything >255 to white)
+            arr = np.asarray(img, dtype=np.float64)
+            grey = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
+            return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
+        if mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        elif mode in _ALPHA_MODES:
+            img = img.convert("RGBA")
+        elif mode in _PLAIN_MODES:
+            return img.convert("RGB")
+        else:
+            raise _bad(f"image mode {mode} is not supported (8/16-bit grey, RGB, palette, CMYK, with or without alpha)")
+        if img.mode == "RGBA":
+            background = Image.new("RGBA", img.size, BACKGROUND + (255,))
+            img = Image.alpha_composite(background, img)
+        return img.convert("RGB")
+    except RejectedRequest:
+        raise
+    except Exception:  # noqa: BLE001 - e.g. a palette image with transparency and no palette
+        raise _bad(f"image could not be converted to RGB (malformed {mode} image)") from None
 
 
-def preprocess(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    return to_tensor(decode(data, max_pixels=max_pixels))
+def fit(img: Image.Image, crop: str = DEFAULT_CROP) -> Image.Image:
+    """``center``: shorter side to 256 (bicubic), centre 224x224 (the model card's transform).
+    ``squash``: the whole image to 224x224 (bilinear), aspect ratio not kept."""
+    if crop == "squash":
+        return img.resize((SIZE, SIZE), Image.BILINEAR)
+    if crop != "center":
+        raise ValueError(f"unknown crop policy {crop!r}; one of {CROPS}")
+    w, h = img.size
+    scale = RESIZE / min(w, h)
+    nw, nh = max(SIZE, round(w * scale)), max(SIZE, round(h * scale))
+    left, top = (nw - SIZE) // 2, (nh - SIZE) // 2
+    # resize only the region that ends up in the crop: same pixels, less work on panoramas
+    box = (left / scale, top / scale, (left + SIZE) / scale, (top + SIZE) / scale)
+    return img.resize((SIZE, SIZE), Image.BICUBIC, box=box)
+
+
+def preprocess(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEFAULT_CROP,
+               draft: bool = True) -> np.ndarray:
+    """Image bytes -> UINT8 RGB [224, 224, 3], what the classifier graphs take."""
+    return to_array(fit(to_rgb(decode(data, max_pixels=max_pixels, crop=crop, draft=draft)), crop))
+
+
+def to_array(img: Image.Image) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(img, dtype=np.uint8))
+
+
+def normalize(batch: np.ndarray) -> np.ndarray:
+    """UINT8 [N,224,224,3] -> float32 NCHW, (x - 127) / 128: what the classifier graph does first.
+
+    Only the build's internal FP32 graphs (before the UINT8 front is added) take this."""
+    x = np.asarray(batch, dtype=np.float32)
+    return np.ascontiguousarray(((x - 127.0) / 128.0).transpose(0, 3, 1, 2))

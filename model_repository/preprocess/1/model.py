@@ -18,6 +18,9 @@ class TritonPythonModel:
             max_envelope_bytes=int(cfg.param("max_envelope_bytes")),
             max_pixels=int(cfg.param("max_pixels")),
             version=args["model_version"],
+            crop=cfg.param("crop", "center"),
+            crop_by_pipeline=dict(kv.split("=", 1) for kv in cfg.param("crop_by_pipeline").split(",") if kv),
+            jpeg_draft=cfg.param("jpeg_draft", "true").lower() == "true",
         )
 
     def execute(self, requests):
