@@ -45,6 +45,8 @@ TENSORRT = Flavor("tensorrt", QuantType.QInt8, symmetric=True, quantize_bias=Fal
 
 class _Reader(CalibrationDataReader):
     def __init__(self, x: np.ndarray, batch: int = 16):
+        # equal batches: ORT's histogram collector stacks a chunk's batches and fails on a short last one
+        batch = max(d for d in range(1, batch + 1) if len(x) % d == 0)
         self._batches = [x[i:i + batch] for i in range(0, len(x), batch)]
         self._it = iter(self._batches)
 

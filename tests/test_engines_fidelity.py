@@ -35,4 +35,18 @@ def test_kl_is_averaged_over_images():
 def test_compare_reports_all_metrics():
     ref = np.random.default_rng(0).standard_normal((6, 10))
     r = fidelity.compare(ref, ref)
-    assert r == {"top1_agreement": 1.0, "top5_overlap": 1.0, "mean_kl": pytest.approx(0.0, abs=1e-12), "n_images": 6}
+    assert r == {"top1_agreement": 1.0, "top5_overlap": 1.0, "mean_kl": pytest.approx(0.0, abs=1e-12), "n_images": 6,
+                 "quality": 1.0, "quality_basis": "agreement"}
+
+
+def test_quality_with_labels_is_accuracy_relative_to_the_original():
+    """Labels turn the budget into points of top-1 accuracy lost against the original, on the same images."""
+    labels = np.array([0, 1, 2, 3])
+    ref = np.eye(4)[[0, 1, 2, 0]]          # original: 3 of 4 right
+    cand = np.eye(4)[[0, 1, 3, 3]]         # candidate: 3 of 4 right, other mistakes
+    r = fidelity.compare(ref, cand, labels)
+    assert r["top1_accuracy"] == 0.75 and r["original_top1_accuracy"] == 0.75
+    assert r["quality"] == pytest.approx(1.0) and r["quality_basis"] == "accuracy"
+    assert r["top1_agreement"] == 0.5
+    worse = fidelity.compare(ref, np.eye(4)[[1, 1, 3, 3]], labels)
+    assert worse["quality"] == pytest.approx(0.75)

@@ -20,13 +20,15 @@ def model(request):
     return request.param
 
 
-def test_io_contract_is_fp32_input_and_logits(model):
+def test_io_contract_is_uint8_input_and_fp32_logits(model):
     m = onnx.load(str(model))
     (inp,), (out,) = m.graph.input, m.graph.output
-    assert (inp.name, inp.type.tensor_type.elem_type) == ("input", onnx.TensorProto.FLOAT)
+    assert (inp.name, inp.type.tensor_type.elem_type) == ("input", onnx.TensorProto.UINT8)
+    assert [d.dim_value for d in inp.type.tensor_type.shape.dim][1:] == [224, 224, 3]
     assert (out.name, out.type.tensor_type.elem_type) == ("logits", onnx.TensorProto.FLOAT)
     man = json.loads((model.parent / "manifest.json").read_text())
     assert man["sha256"] == sha256_file(model)
+    assert man["inputs"] == [{"name": "input", "dtype": "uint8", "shape": ["batch", 224, 224, 3]}]
     assert man["figures"]["top1_agreement"] >= 0.0
 
 

@@ -17,6 +17,7 @@ from build_engines import tensorrt_engines as te
 from build_engines import tensorrt_gpu, tensorrt_progress
 from build_engines.tensorrt_onnx import has_2to4_sparse_weights, is_2to4_sparse
 from build_engines.tensorrt_profile import TensorProfile, load_config, profile_from_config
+from build_engines.uint8_front import add_front
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"
 TRT_MODELS = ("classifier_trt_fp16", "classifier_trt_int8")
@@ -26,7 +27,8 @@ needs_trt = pytest.mark.skipif(not trt_ready, reason=f"needs TensorRT and a GPU 
 
 def tiny_classifier(path: Path, *, kind: str = "fp16", batch="N", io_type=TensorProto.FLOAT,
                     input_name: str = "input", sparse: bool = False) -> Path:
-    """A small real classifier with the contract's I/O: Conv 3->8 (1x1), global pool, Gemm 8->1000.
+    """A small real classifier with the contract's I/O: Conv 3->8 (1x1), global pool, Gemm 8->1000,
+    behind the build's UINT8 front (UINT8 NHWC in) when its input is the contract's FP32 `input`.
 
     kind 'fp16': FP16 weights with Casts at the edges; kind 'qdq': INT8 Q/DQ on the input and Conv weight."""
     rng = np.random.default_rng(0)
@@ -73,6 +75,8 @@ def tiny_classifier(path: Path, *, kind: str = "fp16", batch="N", io_type=Tensor
     graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info(input_name, io_type, [batch, 3, 224, 224])],
                               [helper.make_tensor_value_info("logits", io_type, [batch, 1000])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if input_name == "input" and io_type == TensorProto.FLOAT:
+        model = add_front(model)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
     return path
@@ -158,7 +162,7 @@ def test_gpu_probe_agrees_with_the_driver():
 @pytest.mark.parametrize("model", TRT_MODELS)
 def test_profile_shapes_from_config(model):
     assert profile_from_config(load_config(REPO / model / "config.pbtxt")) == [
-        TensorProfile("input", "TYPE_FP32", (1, 3, 224, 224), (8, 3, 224, 224), (16, 3, 224, 224))]
+        TensorProfile("input", "TYPE_UINT8", (1, 224, 224, 3), (8, 224, 224, 3), (16, 224, 224, 3))]
 
 
 def _config(text: str):
@@ -193,14 +197,14 @@ def test_jobs_from_configs_and_onnx(onnx_pair, repo):
         assert j.manifest == repo / j.model / "1" / "manifest.json"   # what the audit's model digest reads
         assert [(p.min[0], p.opt[0], p.max[0]) for p in j.profile] == [(1, 8, 16)]
         assert j.sparse_weights is False   # random dense weights
-        assert j.io() == [{"name": "input", "mode": "INPUT", "data_type": "TYPE_FP32", "dims": [3, 224, 224]},
+        assert j.io() == [{"name": "input", "mode": "INPUT", "data_type": "TYPE_UINT8", "dims": [224, 224, 3]},
                           {"name": "logits", "mode": "OUTPUT", "data_type": "TYPE_FP32", "dims": [1000]}]
     assert plans(repo) == []
 
 
 def test_fp16_io_is_rejected_before_any_build(tmp_path, repo, onnx_pair):
     bad = tiny_classifier(tmp_path / "fp16_io.onnx", kind="fp16", io_type=TensorProto.FLOAT16)
-    with pytest.raises(ValueError, match=r"'input' is FLOAT16 in the ONNX but TYPE_FP32.*strongly typed"):
+    with pytest.raises(ValueError, match=r"'input' is FLOAT16 in the ONNX but TYPE_UINT8.*strongly typed"):
         te.plan_jobs(bad, onnx_pair[1], repo)
 
 
@@ -280,14 +284,14 @@ def test_cc_index_digest_covers_every_engine(tmp_path):
 
 def test_engine_io_check(repo, onnx_pair):
     job = te.plan_jobs(*onnx_pair, repo)[0]
-    good = [{"name": "input", "mode": "INPUT", "data_type": "TYPE_FP32", "shape": [-1, 3, 224, 224],
-             "profile0": [[1, 3, 224, 224], [8, 3, 224, 224], [16, 3, 224, 224]]},
+    good = [{"name": "input", "mode": "INPUT", "data_type": "TYPE_UINT8", "shape": [-1, 224, 224, 3],
+             "profile0": [[1, 224, 224, 3], [8, 224, 224, 3], [16, 224, 224, 3]]},
             {"name": "logits", "mode": "OUTPUT", "data_type": "TYPE_FP32", "shape": [-1, 1000]}]
     te.check_engine_io(good, job)
     half = [dict(good[0]), dict(good[1], data_type="TYPE_FP16")]
     with pytest.raises(RuntimeError, match="differs from the Triton config"):
         te.check_engine_io(half, job)
-    other_profile = [dict(good[0], profile0=[[1, 3, 224, 224]] * 3), good[1]]
+    other_profile = [dict(good[0], profile0=[[1, 224, 224, 3]] * 3), good[1]]
     with pytest.raises(RuntimeError, match="engine profile"):
         te.check_engine_io(other_profile, job)
 
@@ -310,7 +314,7 @@ def test_builds_real_engines(capsys, onnx_pair, repo, tmp_path):
         assert m["tensorrt_version"] == trt.__version__
         assert m["gpu"] == {"name": gpu.name, "compute_capability": gpu.compute_capability}
         assert m["builder"]["strongly_typed"] is True
-        assert m["profile"][0]["opt"] == [8, 3, 224, 224]
+        assert m["profile"][0]["opt"] == [8, 224, 224, 3]
         assert isinstance(m["layers"], dict) and m["layers"].get("Layers")
         engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
         assert engine is not None and engine.num_io_tensors == 2

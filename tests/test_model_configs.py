@@ -138,7 +138,7 @@ def test_ab_arms_are_the_pipeline_with_another_classifier(arm):
 def test_tensorrt_models(model):
     cfg = config(model, "default")
     assert cfg.platform == "tensorrt_plan" and cfg.max_batch_size == 16
-    assert tensors(cfg, "input") == {"input": ("TYPE_FP32", [3, 224, 224])}
+    assert tensors(cfg, "input") == {"input": ("TYPE_UINT8", [224, 224, 3])}
     assert tensors(cfg, "output") == {"logits": ("TYPE_FP32", [1000])}
     assert [(g.kind, g.count) for g in cfg.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 2)]
     assert list(cfg.dynamic_batching.preferred_batch_size) == [4, 8]
