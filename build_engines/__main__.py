@@ -191,7 +191,7 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str) -> Pa
                           "int8_layers": q["n_quantized"], "layers": q["n_layers"]})
         write_manifest(out, man, source_weights_sha256=weights_sha, precision=c["precision"],
                        variant=log["chosen"], figures=score_figures(c) | {k: c[k] for k in (
-                           "b1", "b8", "speedup_b1", "speedup_b8", "gflops", "params")} | {"budget": args.budget},
+                           "b1", "b8", "speedup_b1", "speedup_b8", "gflops", "params", "int8_mac_share")} | {"budget": args.budget},
                        extra=extra)
 
     run_stage("cpu", paths.CPU_DIR, {"stage_code": own_code(stage_cpu),

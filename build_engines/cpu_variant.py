@@ -6,22 +6,25 @@ and full INT8; all with ONNX Runtime's optimizations saved offline. Quality (acc
 labels, else agreement) is measured against the original FP32 model on the evaluation split;
 speed side by side with the original, in one run.
 
-Rule: among candidates within budget, those at least MIN_SPEEDUP times the original's batch-8
-throughput count as fast, and the most accurate fast one wins; with none fast, the most
-accurate within budget. Measured speed only sorts candidates into fast or not, far from where
-noise on shared machines could move them, so the choice does not depend on the run's noise.
+Rule: among candidates within budget, those with at least MIN_INT8_SHARE of their MACs in INT8
+count as fast, and the most accurate fast one wins; with none fast, the most accurate within
+budget. Speed is measured and recorded for every candidate, but does not decide: on these shared
+2-core machines the same candidate measured 0.67x and 1.16x in two runs, while ONNX Runtime's INT8
+speed-up follows from how much of the work runs in INT8 (mixed graphs pay Q/DQ boundaries that eat
+their gain), which is a property of the file. So two clean builds choose the same candidate.
 """
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+import onnx
 
 from . import cost, evaluate, quantize, throughput
 from .ort_offline import optimize
 from .sanity import check_sanity
 
-MIN_SPEEDUP = 1.3   # INT8 that pays measures 1.5-2.4x here; mixed graphs 0.9-1.2x
+MIN_INT8_SHARE = 0.9   # all-INT8 and first/last-FP32 graphs: 0.97-1.0; they measure 1.5-2.4x; mixed ones 0.9-1.2x
 
 
 def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_ref, eval_x, eval_ref,
@@ -29,6 +32,7 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
           int8_bases=("pruned",)) -> dict:
     work = out_dir / "work"
     qlogs, cands, graphs = {}, {}, {"pruned-fp32-ortopt": Path(pruned)}
+    int8_share = {"pruned-fp32-ortopt": 0.0}
     cands["pruned-fp32-ortopt"] = (optimize(pruned, out_dir / "pruned_fp32_ortopt.onnx"), "fp32")
     # INT8 from the pruned model and, on request, from the unpruned one: pruning spends part of
     # the budget that INT8 (the larger speed-up on CPU) then cannot use; the measurement decides.
@@ -40,6 +44,11 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
                                                  eval_ref, budget, margin, quantize.CPU, methods=methods,
                                                  scan_n=scan_n)
         qlogs[base_name] = qlog
+        base_macs = cost.node_macs(onnx.load(str(base)))
+        total = sum(base_macs.values())
+        share = {"mixed": sum(base_macs.get(n, 0) for n in qlog["quantized_layers"]) / total,
+                 "ends": 1 - sum(base_macs.get(n, 0) for n in qlog["ends_fp32"]["fp32_layers"]) / total,
+                 "full": 1.0}
         mixed, full = work / base_name / "int8_mixed.onnx", work / base_name / "int8_full.onnx"
         ends = work / base_name / "int8_ends.onnx"
         Path(qlog["model"]).replace(mixed)
@@ -54,6 +63,7 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
             name = f"{base_name}-int8-{kind}-ortopt"
             graphs[name] = path
             cands[name] = (optimize(path, out_dir / f"{base_name}_int8_{kind}_ortopt.onnx"), precision)
+            int8_share[name] = share[kind]
 
     print("  [cpu] measuring candidates side by side with the original ...", flush=True)
     ips = throughput.measure({"original": source, **{k: v[0] for k, v in cands.items()}})
@@ -68,6 +78,7 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
                        **cost.summary(graphs[name]), "size_bytes": path.stat().st_size, **score, **ips[name],
                        "speedup_b8": ips[name]["b8"] / ips["original"]["b8"],
                        "speedup_b1": ips[name]["b1"] / ips["original"]["b1"],
+                       "int8_mac_share": int8_share[name],
                        "sanity": sanity, "meets_budget": bool(score["quality"] >= budget and sane)}
         acc = f"accuracy {score['top1_accuracy']:.3f} " if "top1_accuracy" in score else ""
         print(f"  [cpu] {name:28s} {acc}quality {score['quality']:.3f}  b8 x{table[name]['speedup_b8']:.2f}"
@@ -75,12 +86,13 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
     ok = [k for k, v in table.items() if v["meets_budget"]]
     if not ok:
         raise SystemExit("no CPU candidate meets the fidelity budget; lower --budget or check the pruning stage")
-    fast = [k for k in ok if table[k]["speedup_b8"] >= MIN_SPEEDUP]
+    fast = [k for k in ok if table[k]["int8_mac_share"] >= MIN_INT8_SHARE]
     chosen = max(fast or ok, key=lambda k: (table[k]["quality"], table[k]["top1_agreement"], -table[k]["mean_kl"]))
     shutil.copyfile(table[chosen]["path"], out_dir / "model.onnx")
     base_name = "unpruned" if chosen.startswith("unpruned") else "pruned"
     base_name = base_name if base_name in qlogs else next(iter(qlogs))
-    log = {"chosen": chosen, "rule": f"most accurate within budget among those >= {MIN_SPEEDUP}x batch-8; else most accurate within budget",
+    log = {"chosen": chosen, "rule": f"most accurate within budget among those with >= {MIN_INT8_SHARE:.0%} of MACs in INT8; "
+                   "else most accurate within budget",
            "budget": budget, "candidates": table, "original_img_s": ips["original"],
            "quantization": qlogs[base_name], "quantization_all": qlogs}
     (out_dir / "cpu_log.json").write_text(json.dumps(log, indent=2, default=str) + "\n")

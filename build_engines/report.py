@@ -1,7 +1,7 @@
 """Fidelity report: every candidate next to the original, measured in one run.
 
-Per candidate: top-1 agreement, top-5 overlap and mean KL against the original FP32
-model on the evaluation split; parameters, GFLOPs, file size; CPU img/s at batch 1 and 8
+Per candidate: top-1/top-5 accuracy with 95 % intervals when the images are labeled, and
+top-1 agreement, top-5 overlap and mean KL against the original FP32 model on the evaluation split; parameters, GFLOPs, file size; CPU img/s at batch 1 and 8
 (ONNX Runtime, same threads, measured side by side). Written as JSON, a Markdown table
 and PNG charts, and printed on the console.
 """
@@ -40,16 +40,31 @@ def measure(candidates: dict, eval_x: np.ndarray, eval_ref: np.ndarray, notes: d
     return rows
 
 
+def quality_label(rows_or_basis) -> str:
+    basis = rows_or_basis if isinstance(rows_or_basis, str) else rows_or_basis[0].get("quality_basis", "agreement")
+    return ("top-1 accuracy vs original (100 = same, 99 = one point lost)" if basis == "accuracy"
+            else "top-1 agreement with original")
+
+
+def _accuracy_cells(r: dict) -> str:
+    if "top1_accuracy" not in r:
+        return ""
+    lo, hi = r["top1_ci95"]
+    return f"{r['top1_accuracy']:.1%} ({lo:.1%}-{hi:.1%}) | {r['top5_accuracy']:.1%} | "
+
+
 def table(rows: list[dict]) -> str:
-    head = ("| candidate | size MB | params M | GFLOPs | img/s b1 | img/s b8 | x b8 | top-1 agree | top-5 overlap "
-            "| mean KL | note |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    labeled = "top1_accuracy" in rows[0]
+    acc_head = "top-1 acc (95 % CI) | top-5 acc | " if labeled else ""
+    head = (f"| candidate | size MB | params M | GFLOPs | img/s b1 | img/s b8 | x b8 | {acc_head}top-1 agree "
+            "| top-5 overlap | mean KL | note |\n|" + "---|" * (13 if labeled else 11) + "\n")
     lines = []
     for r in rows:
         speed = (f"{r['img_s_b1']:.0f} | {r['img_s_b8']:.0f} | {r['speedup_b8']:.2f}" if "img_s_b1" in r
                  else "- | - | -")
         lines.append(f"| {r['name']} | {r['size_bytes'] / 1e6:.2f} | {r['params'] / 1e6:.3f} | {r['gflops']:.3f} "
-                     f"| {speed} | {r['top1_agreement']:.2%} | {r['top5_overlap']:.2%} | {r['mean_kl']:.5f} "
-                     f"| {r['note']} |")
+                     f"| {speed} | {_accuracy_cells(r)}{r['top1_agreement']:.2%} | {r['top5_overlap']:.2%} "
+                     f"| {r['mean_kl']:.5f} | {r['note']} |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -69,7 +84,9 @@ def bar_chart(rows: list[dict], path: Path, title: str, budget: float | None = N
     import matplotlib.pyplot as plt
 
     names = [r["name"] for r in rows]
-    panels = [("top-1 agreement (%)", [100 * r["top1_agreement"] for r in rows]),
+    first = ([("top-1 accuracy (%)", [100 * r["top1_accuracy"] for r in rows])] if "top1_accuracy" in rows[0]
+             else [])
+    panels = first + [("top-1 agreement (%)", [100 * r["top1_agreement"] for r in rows]),
               ("GFLOPs / image", [r["gflops"] for r in rows]),
               ("size (MB)", [r["size_bytes"] / 1e6 for r in rows])]
     if "img_s_b8" in rows[0]:
@@ -84,7 +101,11 @@ def bar_chart(rows: list[dict], path: Path, title: str, budget: float | None = N
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.3f}" if v < 2 else f"{v:.1f}" if v < 1000 else f"{v:.0f}", ha="center",
                     va="bottom", fontsize=7)
-        if label.startswith("top-1") and budget is not None:
+        if label.startswith("top-1 accuracy") and budget is not None:
+            floor = 100 * (rows[0]["top1_accuracy"] - (1 - budget))
+            ax.axhline(floor, color="red", ls="--", lw=1)
+            ax.set_ylim(min(min(vals), floor) - 5, 101)
+        elif label.startswith("top-1 agreement") and budget is not None and not first:
             ax.axhline(100 * budget, color="red", ls="--", lw=1)
             ax.set_ylim(min(min(vals), 100 * budget) - 5, 101)
     fig.suptitle(title)
@@ -102,11 +123,12 @@ def prune_curve_chart(prune_log: dict, path: Path) -> None:
     pts = sorted(prune_log["curve"], key=lambda p: p["flops_reduction"])
     x = [100 * p["flops_reduction"] for p in pts]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    ax.plot(x, [100 * p["eval"]["top1_agreement"] for p in pts], "o-", label="evaluation split")
-    ax.plot(x, [100 * p["search"]["top1_agreement"] for p in pts], "s--", alpha=0.6, label="search split")
-    ax.axhline(100 * prune_log["budget"], color="red", ls="--", lw=1, label=f"budget {prune_log['budget']:.0%}")
+    q = "quality" if "quality" in pts[0]["eval"] else "top1_agreement"
+    ax.plot(x, [100 * p["eval"][q] for p in pts], "o-", label="evaluation split")
+    ax.plot(x, [100 * p["search"][q] for p in pts], "s--", alpha=0.6, label="search split")
+    ax.axhline(100 * prune_log["budget"], color="red", ls="--", lw=1, label=f"budget {100 * prune_log['budget']:.0f}")
     ax.set_xlabel("FLOPs removed (%)")
-    ax.set_ylabel("top-1 agreement with original (%)")
+    ax.set_ylabel(quality_label(pts[0]["eval"].get("quality_basis", "agreement")), fontsize=8)
     ax.set_title("Structured pruning: FLOPs vs fidelity")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -124,11 +146,12 @@ def quant_curve_chart(logs: dict, path: Path, budget: float) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, log in logs.items():
         pts = sorted(log["curve"], key=lambda p: p["quantized_layers"])
-        ax.plot([p["quantized_layers"] for p in pts], [100 * p["top1_agreement"] for p in pts], "o-",
+        ax.plot([p["quantized_layers"] for p in pts], [100 * p.get("quality", p["top1_agreement"]) for p in pts], "o-",
                 label=f"{name} ({log['method']}, {log.get('rounding', 'nearest')} rounding)")
-    ax.axhline(100 * budget, color="red", ls="--", lw=1, label=f"budget {budget:.0%}")
+    ax.axhline(100 * budget, color="red", ls="--", lw=1, label=f"budget {100 * budget:.0f}")
     ax.set_xlabel("layers quantized to INT8 (least KL per MAC first)")
-    ax.set_ylabel("top-1 agreement, search split (%)")
+    basis = next(iter(logs.values()))["curve"][0].get("quality_basis", "agreement")
+    ax.set_ylabel(quality_label(basis) + ", search split", fontsize=8)
     ax.set_title("Accuracy-aware INT8: mixed-precision search")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -141,8 +164,12 @@ def write(rows: list[dict], out_dir: Path, stem: str, title: str, budget: float,
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps({"title": title, "budget": budget, "rows": rows,
                                                        **(extra or {})}, indent=2, default=str) + "\n")
-    md = [f"# {title}", "", f"Reference: `{rows[0]['name']}`; budget: top-1 agreement >= {budget:.0%} on "
-          f"{rows[0]['n_images']} evaluation images. Throughput: ONNX Runtime CPU, same threads, candidates "
+    basis = ("top-1 accuracy at most {:.1f} points below the reference's ({:.1%}), on {} labeled evaluation images "
+             "(95 % Wilson intervals)".format(100 * (1 - budget), rows[0]["top1_accuracy"], rows[0]["n_images"])
+             if "top1_accuracy" in rows[0] else
+             f"top-1 agreement >= {budget:.0%} on {rows[0]['n_images']} unlabeled evaluation images (agreement only: "
+             "no labels, so no accuracy)")
+    md = [f"# {title}", "", f"Reference: `{rows[0]['name']}`; budget: {basis}. Throughput: ONNX Runtime CPU, same threads, candidates "
           "measured in interleaved rounds (median); the machine is shared, so trust the ratios (x b8).", "",
           table(rows)]
     (out_dir / f"{stem}.md").write_text("\n".join(md))

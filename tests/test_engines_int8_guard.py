@@ -16,7 +16,7 @@ from build_engines import evaluate, images, paths
 
 # quality floors (see fidelity.compare): measured values in the README, floors a few points below
 FLOORS = {
-    "accuracy": {"int8-ends": 0.96, "int8-full": 0.95, "int8-trt-qdq": 0.97},
+    "accuracy": {"int8-ends": 0.95, "int8-full": 0.88, "int8-trt-qdq": 0.97},
     "agreement": {"int8-ends": 0.80, "int8-full": 0.70, "int8-trt-qdq": 0.90},
 }
 
