@@ -7,15 +7,16 @@ import numpy as np
 from rtinfer import audit, envelope
 from rtinfer.keyring import Keyring
 from rtinfer.postprocess import Postprocessor
+from rtinfer.guard import Refusal
 from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
 
 KEY = os.urandom(32)
 
 
-def context(request_id, key_id="k1"):
+def context(request_id, key_id="k1", sealed=False):
     return json.dumps({"request_id": request_id, "client_id": "c", "key_id": key_id, "pipeline": "pipeline",
                        "envelope_sha256": "00" * 32, "sealed_at_ms": 0, "preprocess_version": "1",
-                       "t_start_ns": 0, "t_pre_done_ns": 1}).encode()
+                       "seal_response": sealed, "t_start_ns": 0, "t_pre_done_ns": 1}).encode()
 
 
 def test_postprocess_seal_key_gone_fails_that_row_only(tmp_path):
@@ -23,10 +24,10 @@ def test_postprocess_seal_key_gone_fails_that_row_only(tmp_path):
     writer = audit.AuditWriter(tmp_path / "post.jsonl")
     post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, keyring=Keyring({"k1": KEY}))
     logits = np.random.default_rng(0).normal(size=(3, 1000)).astype(np.float32)
-    probs, refs = post.run(logits, [context("a"), context("b", key_id="gone"), context("c")], ["a", "b", "c"],
-                           [{"seal_response": "true"}, {"seal_response": "true"}, {}])
+    probs, refs = post.run(logits, [context("a", sealed=True), context("b", key_id="gone", sealed=True),
+                                    context("c")], ["a", "b", "c"])
     assert isinstance(refs[0], bytes) and isinstance(refs[2], str)
-    assert isinstance(refs[1], Exception) and "gone" in str(refs[1])
+    assert isinstance(refs[1], Refusal) and refs[1].reason == "unknown_key" and "gone" not in refs[1].public
     writer.close()
     recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
     assert recs["a"]["event"] == recs["c"]["event"] == "served"
