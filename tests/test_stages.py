@@ -61,3 +61,104 @@ def test_classifier_ids_name_the_file_each_host_loads(tmp_path):
                    "pipeline_onnx": "classifier_onnx/1:model.portable.onnx@" + "b" * 16,
                    "x": "classifier_onnx/1:missing.onnx@not-in-manifest",
                    "y": "classifier_trt_fp16/1@no-manifest"}
+
+
+def palette_png_trns_no_plte() -> bytes:
+    """Issue 14 (1): a palette PNG with a tRNS chunk and no PLTE; Pillow's convert("RGB") asserted on it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 3, 0, 0, 0))
+            + chunk(b"tRNS", b"\x00") + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND", b""))
+
+
+class FailingAudit:
+    """An audit whose disk is full."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def append(self, records):
+        self.calls += 1
+        if records:
+            raise OSError(27, "File too large")
+        return []
+
+
+def test_any_exception_of_one_request_fails_it_alone(tmp_path, monkeypatch):
+    """Whatever a step raises for one request (here: the decoder raising something unexpected, a header
+    whose ts overflows a float), that request alone is refused, audited, with no exception text."""
+    from rtinfer import imaging, replay
+    real = imaging.preprocess
+
+    def decoder(data, **kw):
+        if data == b"boom":
+            raise ZeroDivisionError("secret /srv/path detail")
+        return real(data, **kw)
+    monkeypatch.setattr(imaging, "preprocess", decoder)
+    writer = audit.AuditWriter(tmp_path / "pre.jsonl")
+    pre = Preprocessor(Keyring({"k1": KEY}), writer, pipelines={"pipeline"},
+                       replay=replay.ReplayGuard(tmp_path / "r.db"))
+    from clients import samples
+    good = [envelope.seal(samples.photo("coffee"), KEY, key_id="k1", client_id="c", pipeline="pipeline")
+            for _ in range(3)]
+    bad = [envelope.seal(b"boom", KEY, key_id="k1", client_id="c", pipeline="pipeline"),
+           envelope.seal(palette_png_trns_no_plte(), KEY, key_id="k1", client_id="c", pipeline="pipeline"),
+           envelope.seal(b"x", KEY, key_id="k1", client_id="c", pipeline="pipeline",
+                         timestamp_ms=int("1" + "0" * 400))]
+    out = pre.run([Request(e, f"g{i}") for i, e in enumerate(good)] + [Request(e, f"b{i}") for i, e in enumerate(bad)])
+    assert all(isinstance(r, Accepted) for r in out[:3])
+    assert all(isinstance(r, Rejected) and not r.retryable for r in out[3:])
+    assert out[3].reason == "bad_input" and "secret" not in out[3].public and "ZeroDivision" not in out[3].public
+    assert out[5].reason == "bad_format"
+    writer.close()
+    recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
+    assert set(recs) == {"b0", "b1", "b2"} and "ZeroDivisionError" in recs["b0"]["message"]
+
+
+def test_audit_failure_refuses_retryably_and_releases_nonces(tmp_path):
+    """Nothing is answered unaudited; the envelopes the server failed can be sent again."""
+    from rtinfer import replay
+    guard_ = replay.ReplayGuard(tmp_path / "r.db")
+    pre = Preprocessor(Keyring({"k1": KEY}), FailingAudit(), pipelines={"pipeline"}, replay=guard_)
+    bad_image = envelope.seal(b"not an image", KEY, key_id="k1", client_id="c", pipeline="pipeline")
+    [r] = pre.run([Request(bad_image, "r1")])
+    assert r.retryable and r.reason == "audit_unavailable" and "File too large" not in r.public
+    assert guard_.size() == 0  # released: the same envelope may come again
+
+
+def test_postprocess_bad_context_and_logits_fail_their_rows_alone(tmp_path):
+    """A context that is not JSON failed the batch with INTERNAL and an exception name (issue 10)."""
+    writer = audit.AuditWriter(tmp_path / "post.jsonl")
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={})
+    logits = np.random.default_rng(0).normal(size=(4, 1000)).astype(np.float32)
+    logits[3, 7] = np.nan
+    probs, refs = post.run(logits, [context("a"), b"{not json", b'{"client_id": 5}', context("d")],
+                           ["a", "b", "c", "d"])
+    assert isinstance(refs[0], str)
+    assert [(r.reason, r.retryable) for r in refs[1:]] == [("bad_context", False)] * 2 + [("bad_logits", False)]
+    writer.close()
+    recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
+    assert recs["a"]["event"] == "served" and all(recs[k]["event"] == "rejected" for k in "bcd")
+    post = Postprocessor(FailingAudit(), tuple(f"c{i}" for i in range(1000)), models={})
+    probs, refs = post.run(logits[:1], [context("a")], ["a"])
+    assert refs[0].retryable and refs[0].reason == "audit_unavailable" and not probs.any()
+
+
+def test_sealed_result_stays_out_of_the_audit(tmp_path):
+    """Issue 14 (4): the audit held top-1 label and score in clear even for sealed responses."""
+    from rtinfer.postprocess import result_mac
+    writer = audit.AuditWriter(tmp_path / "post.jsonl")
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, keyring=Keyring({"k1": KEY}),
+                         result_key=b"r" * 32)
+    logits = np.zeros((2, 1000), np.float32)
+    logits[:, 42] = 9
+    _, refs = post.run(logits, [context("s", sealed=True), context("p")], ["s", "p"], [{}, {"seal_response": "1"}])
+    assert isinstance(refs[0], bytes) and isinstance(refs[1], str)  # the header decides, not the parameter
+    writer.close()
+    recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
+    assert "top1" not in recs["s"] and "c42" not in json.dumps(recs["s"])
+    assert recs["s"]["top1_mac"] == result_mac(b"r" * 32, "00" * 32, 42)
+    assert recs["p"]["top1"]["index"] == 42
