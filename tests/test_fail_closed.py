@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -162,3 +163,131 @@ def test_locked_replay_store_fails_fast_retryable_audited_and_burns_nothing(serv
     for sealed in envelopes:
         assert c.infer_envelope(sealed, top_k=1).predictions[0].index == 967
     c.close()
+
+
+def stage_processes(srv) -> dict[str, int]:
+    """pid of the preprocess and postprocess stub processes of a running server (its process group)."""
+    out = {}
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.getpgid(int(p)) != srv.proc.pid:
+                continue
+            cmd = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        for stage in ("preprocess", "postprocess"):
+            if len(cmd) > 1 and cmd[1].endswith(f"/{stage}/1/model.py".encode()):
+                out[stage] = int(p)
+    return out
+
+
+class MixedLoad:
+    """Client threads sending good and garbage envelopes until stopped; every outcome kept by request id."""
+
+    def __init__(self, srv, keys, clients=3):
+        self.srv, self.keys = srv, keys
+        self.outcomes: dict[str, tuple[str, str]] = {}
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.threads = [threading.Thread(target=self.loop, args=(n,)) for n in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def loop(self, n):
+        protocol = "http" if n == 2 else "grpc"
+        c = PipelineClient(self.srv.grpc_url if protocol == "grpc" else self.srv.http_url, protocol=protocol,
+                           key=self.keys.key("k1"), key_id="k1", client_id=f"full-{n}")
+        i = 0
+        while not self.stop.is_set():
+            kind = "good" if i % 3 else "garbage"
+            data = c.seal(samples.photo("coffee")) if kind == "good" else envelope.MAGIC + b"\x00\x05{oops" + bytes(40)
+            rid = f"full-{n}-{i}-{uuid.uuid4().hex[:6]}"
+            try:
+                c.infer_envelope(data, top_k=1, request_id=rid)
+                result = "served"
+            except InferenceServerException as exc:
+                result = outcome(exc)
+            with self.lock:
+                self.outcomes[rid] = (kind, result)
+            i += 1
+        c.close()
+
+    def count(self, what=None):
+        with self.lock:
+            return sum(1 for _, o in self.outcomes.values() if what is None or o == what)
+
+    def wait_for(self, n, what=None, timeout=60):
+        deadline = time.monotonic() + timeout
+        goal = self.count(what) + n
+        while self.count(what) < goal and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop.set()
+        for t in self.threads:
+            t.join(60)
+
+
+def check_every_answer_audited(outcomes, audit_dir):
+    """Served and INVALID_ARG answers each have exactly one matching record; UNAVAILABLE ones at most one."""
+    recs = records_by_request(audit_dir)
+    for rid, (kind, result) in outcomes.items():
+        found = recs.get(rid, [])
+        if result == "served":
+            assert kind == "good" and [r["event"] for r in found] == ["served"], (rid, found)
+        elif result == "invalid":
+            assert kind == "garbage" and [(r["event"], r["reason"]) for r in found] == [("rejected", "bad_format")]
+        else:
+            assert result == "unavailable", (rid, kind, result)
+            assert len(found) <= 1 and all(r["event"] == "rejected" and r["retryable"] for r in found), found
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_disk_full_and_locked_replay_store_under_load_then_restart(keyring_path, keys, signing_key, tmp_path):
+    """Issue 14 (6, 7) under load: the replay store locked by another process, then the file size limit
+    reached by both stage processes mid-write, then lifted. No answer other than served / INVALID_ARG /
+    UNAVAILABLE; every served or refused answer audited; the chains verify (signatures included) and
+    continue after a restart on the same trail."""
+    require_model()
+    repo = model_repository_with(tmp_path / "repo", {s: {"audit_checkpoint_interval_s": "0.5"}
+                                                     for s in ("preprocess", "postprocess")})
+    audit_dir = tmp_path / "audit"
+    srv = start(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton")
+    try:
+        load = MixedLoad(srv, keys)
+        load.wait_for(30)
+        holder = sqlite3.connect(replay_db(audit_dir), isolation_level=None, timeout=10)
+        holder.execute("BEGIN IMMEDIATE")
+        load.wait_for(6, "unavailable", timeout=20)
+        holder.execute("ROLLBACK")
+        holder.close()
+        load.wait_for(6, "served")
+        limits = {}
+        for stage in ("postprocess", "preprocess"):  # one after the other: each stage's own full disk
+            pid = stage_processes(srv)[stage]
+            [live] = [f for f in audit.audit_files(audit_dir) if f.name.startswith(f"{stage}_")]
+            limits[stage] = live.stat().st_size + 1500  # the next few records fit, then the "disk" is full
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (limits[stage], resource.RLIM_INFINITY))
+            load.wait_for(8, "unavailable", timeout=30)
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            load.wait_for(6, "served")
+        load.wait_for(10, "served")
+        load.finish()
+    finally:
+        srv.stop()
+    counts = Counter(o for _, o in load.outcomes.values())
+    assert counts["unavailable"] >= 22 and counts["served"] >= 30 and counts["invalid"] >= 5, counts
+    check_every_answer_audited(load.outcomes, audit_dir)
+    verify_all(audit_dir, signing_key)
+
+    srv = start(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton2")  # the same trail
+    try:
+        c = PipelineClient(srv.grpc_url, key=keys.key("k1"), key_id="k1", client_id="after")
+        for _ in range(3):
+            assert c.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
+        c.close()
+    finally:
+        srv.stop()
+    chains = verify_all(audit_dir, signing_key)
+    assert all(reps[-1].unsigned == 0 for reps in chains.values())
+    print(f"\nFULL DISK + LOCKED STORE under load: {dict(counts)}, limits {limits}")
