@@ -10,10 +10,11 @@ requests the audit holds no result in clear either: ``top1_mac`` is a keyed hash
 of (envelope hash, top-1 index) under the server-internal key, so the operator can
 check a claimed answer and a reader of the log learns nothing.
 
-Each row fails alone: a context that does not parse, logits that are not finite, a
-key gone between the stages are refused for that request, audited; if the audit
-cannot be written, every row of the batch is refused as retryable (nothing is
-served unaudited).
+Each row fails alone: a context that does not parse, is not authenticated, names
+another request, is stale or was used before (``rtinfer.audit_context``), logits
+that are not finite, a key gone between the stages are refused for that request,
+audited; if the audit cannot be written, every row of the batch is refused as
+retryable (nothing is served unaudited).
 """
 from __future__ import annotations
 
@@ -24,16 +25,18 @@ import time
 
 import numpy as np
 
-from rtinfer import envelope
+from rtinfer import audit_context, envelope
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import RejectedRequest
-from rtinfer.guard import CLIENT, Refusal, attempt, unavailable
+from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.preprocess import _now_iso
+from rtinfer.replay import ReplayGuard
 
 MAX_TOP_K = 1000
-CONTEXT_FIELDS = {"client_id": str, "key_id": str, "pipeline": str, "envelope_sha256": str,
-                  "preprocess_version": str, "t_start_ns": int, "t_pre_done_ns": int}
+STORE_REASONS = {"expired": ("context_expired", "AUDIT_CTX is stale: made longer ago than its freshness window"),
+                 "from_future": ("context_from_future", "AUDIT_CTX was made in the future"),
+                 "replayed": ("context_replayed", "AUDIT_CTX was already used for a served or refused request")}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -54,27 +57,18 @@ def result_mac(key: bytes, envelope_sha256: str, index: int) -> str:
     return hmac.new(key, f"{envelope_sha256}:{index}".encode(), hashlib.sha256).hexdigest()
 
 
-def parse_context(raw: bytes) -> dict:
-    """The audit context preprocess made; a malformed one (only a direct call can send it) is refused."""
-    try:
-        ctx = json.loads(raw)
-    except (ValueError, RecursionError):
-        ctx = None
-    if not isinstance(ctx, dict) or any(not isinstance(ctx.get(k), t) or isinstance(ctx.get(k), bool)
-                                        for k, t in CONTEXT_FIELDS.items()):
-        raise RejectedRequest("bad_context", "AUDIT_CTX is not an audit context made by preprocess")
-    return ctx
-
-
 class Postprocessor:
     def __init__(self, audit: AuditWriter, labels: tuple[str, ...], *, models: dict[str, str], version: str = "1",
-                 keyring: Keyring | KeyringSource | None = None, result_key: bytes | None = None):
+                 keyring: Keyring | KeyringSource | None = None, result_key: bytes | None = None,
+                 ctx_key: bytes | None = None, ctx_store: ReplayGuard | None = None):
         self.audit = audit
         self.labels = labels
         self.models = models  # pipeline name -> "classifier model/version (sha256 prefix)"
         self.version = version
         self.keys = keyring  # only needed to seal responses
         self.result_key = result_key  # keys the audit's stand-in for sealed results; None: no result at all
+        self.ctx_key = ctx_key  # checks AUDIT_CTX's MAC (None: unit tests only)
+        self.ctx_store = ctx_store  # contexts used, for their freshness window
 
     def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
             params: list[dict] | None = None) -> tuple[np.ndarray, list]:
@@ -95,12 +89,18 @@ class Postprocessor:
         out: list = [None] * n
         records, ctxs, seal_keys = [], {}, {}
         for i in range(n):  # a context may already be a Refusal: the adapter could not read that request
-            ctx = contexts[i] if isinstance(contexts[i], Refusal) else attempt(parse_context, contexts[i], blame=CLIENT)
+            ctx = contexts[i] if isinstance(contexts[i], Refusal) else attempt(
+                audit_context.open_context, contexts[i], self.ctx_key, request_ids[i], blame=CLIENT)
             if isinstance(ctx, Refusal):
                 out[i] = ctx
-                records.append(self._rejected(request_ids[i], {}, ctx))
+            else:
+                ctxs[i] = ctx
+        self._admit(ctxs, out)
+        for i in range(n):
+            ctx = ctxs.get(i, {})  # claims of a context that did not authenticate stay out of the record
+            if out[i] is not None:
+                records.append(self._rejected(request_ids[i], ctx, out[i]))
                 continue
-            ctxs[i] = ctx
             record = attempt(self._served, request_ids[i], ctx, probs[i], started, done, blame=CLIENT)
             if not isinstance(record, Refusal) and ctx.get("seal_response") is True:
                 # The key opened this request moments ago; one retired in between fails this request alone.
@@ -125,6 +125,20 @@ class Postprocessor:
                                  top_k_of(params[i]), seal_keys[i])
                 probs[i] = 0.0
         return probs, out
+
+    def _admit(self, ctxs: dict[int, dict], out: list) -> None:
+        """Freshness and single use of the authenticated contexts, in one transaction for the batch."""
+        order = sorted(ctxs)
+        if self.ctx_store is None or not order:
+            return
+        verdicts = attempt(self.ctx_store.admit, [(audit_context.STORE_KEY_ID, audit_context.nonce(ctxs[i]),
+                                                   audit_context.issued_ms(ctxs[i])) for i in order])
+        for k, i in enumerate(order):
+            if isinstance(verdicts, Refusal):
+                out[i] = verdicts
+            elif verdicts[k] is not None:
+                out[i] = refusal(RejectedRequest(*STORE_REASONS.get(verdicts[k].reason, (
+                    "context_refused", "AUDIT_CTX refused"))))
 
     def _base(self, request_id: str, ctx: dict) -> dict:
         return {"stage": "postprocess", "time": _now_iso(), "request_id": str(request_id),

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtinfer import envelope, imaging
+from rtinfer import audit_context, envelope, imaging
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
@@ -33,7 +33,7 @@ class Request:
 @dataclass
 class Accepted:
     image: np.ndarray  # CHW float32
-    context: bytes  # JSON carried straight to postprocess (AUDIT_CTX)
+    context: bytes  # JSON carried straight to postprocess (AUDIT_CTX), MAC'd (rtinfer.audit_context)
 
 
 Rejected = Refusal  # a refused request: reason, detail (audit), public message, retryable
@@ -45,7 +45,7 @@ class Preprocessor:
     def __init__(self, keyring: Keyring | KeyringSource, audit: AuditWriter, *, pipelines: set[str],
                  replay: ReplayGuard | None = None,
                  max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
-                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1"):
+                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1", ctx_key: bytes | None = None):
         self.keys = keyring
         self.audit = audit
         self.replay = replay
@@ -53,6 +53,7 @@ class Preprocessor:
         self.max_envelope_bytes = max_envelope_bytes
         self.max_pixels = max_pixels
         self.version = version
+        self.ctx_key = ctx_key  # MACs AUDIT_CTX (server-internal key), so postprocess can trust it
 
     @property
     def keyring(self) -> Keyring:
@@ -92,7 +93,7 @@ class Preprocessor:
             "sealed_at_ms": hdr.timestamp_ms, "preprocess_version": self.version,
             "seal_response": hdr.seal_response, "t_start_ns": started_ns, "t_pre_done_ns": done_ns,
         }
-        return Accepted(image, json.dumps(ctx, separators=(",", ":")).encode())
+        return Accepted(image, audit_context.seal(ctx, self.ctx_key))
 
     def run(self, requests: list[Request]) -> list[Accepted | Refusal]:
         """Process one batch; every request ends Accepted or refused on its own (never an exception).

@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from rtinfer import audit, checkpoint, internal_key, keyring, replay
+from rtinfer import audit, audit_context, checkpoint, internal_key, keyring, replay
 
 
 class StageConfig:
@@ -55,6 +55,15 @@ class StageConfig:
                                   window_s=float(self.param("replay_window_s", str(replay.DEFAULT_WINDOW_S))),
                                   future_skew_s=float(self.param("replay_future_skew_s",
                                                                  str(replay.DEFAULT_FUTURE_SKEW_S))),
+                                  busy_timeout_s=float(self.param("replay_busy_timeout_s",
+                                                                  str(replay.DEFAULT_BUSY_TIMEOUT_S))))
+
+    def context_store(self) -> replay.ReplayGuard:
+        """AUDIT_CTX MACs postprocess has used, kept for the contexts' freshness window (all instances)."""
+        return replay.ReplayGuard(self.param("audit_ctx_db") or self.audit_dir() / "audit-ctx.sqlite3",
+                                  window_s=float(self.param("audit_ctx_max_age_s",
+                                                            str(audit_context.DEFAULT_MAX_AGE_S))),
+                                  future_skew_s=5.0,
                                   busy_timeout_s=float(self.param("replay_busy_timeout_s",
                                                                   str(replay.DEFAULT_BUSY_TIMEOUT_S))))
 

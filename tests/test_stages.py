@@ -162,3 +162,40 @@ def test_sealed_result_stays_out_of_the_audit(tmp_path):
     assert "top1" not in recs["s"] and "c42" not in json.dumps(recs["s"])
     assert recs["s"]["top1_mac"] == result_mac(b"r" * 32, "00" * 32, 42)
     assert recs["p"]["top1"]["index"] == 42
+
+
+def test_postprocess_refuses_unauthenticated_stale_replayed_or_misdirected_contexts(tmp_path):
+    """Issue 10 (1): AUDIT_CTX is MAC'd by preprocess under the server-internal key and bound to the
+    request id and its time; postprocess refuses per request what does not check, audited, and uses
+    a context once. The good rows of the same batch are served."""
+    import time as _time
+
+    from rtinfer import audit_context, replay
+    key = os.urandom(32)
+    writer = audit.AuditWriter(tmp_path / "post.jsonl")
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, ctx_key=key,
+                         ctx_store=replay.ReplayGuard(tmp_path / "ctx.db", window_s=60, future_skew_s=5))
+    now = _time.time_ns()
+
+    def ctx(rid, client="alice", age_s=0.0, mac_key=key):
+        body = json.loads(context(rid))
+        body.update(client_id=client, t_start_ns=int(now - age_s * 1e9) - 1000, t_pre_done_ns=int(now - age_s * 1e9))
+        return audit_context.seal(body, mac_key)
+    genuine = ctx("good")
+    forged = ctx("forged", client="victim", mac_key=os.urandom(32))
+    unmacd = json.dumps({**json.loads(ctx("plain")), "mac": "00" * 32}).encode()
+    rows = [(genuine, "good"), (forged, "forged"), (unmacd, "plain"), (ctx("stale", age_s=120), "stale"),
+            (ctx("other"), "not-other"), (b"\xff garbage", "garbage"), (ctx("good2"), "good2")]
+    logits = np.zeros((len(rows), 1000), np.float32)
+    _, refs = post.run(logits, [r[0] for r in rows], [r[1] for r in rows])
+    reasons = [r if isinstance(r, str) else r.reason for r in refs]
+    assert isinstance(refs[0], str) and isinstance(refs[6], str)
+    assert reasons[1:6] == ["context_forged", "context_forged", "context_expired", "context_request_id",
+                            "bad_context"]
+    assert all(not r.retryable for r in refs[1:6])
+    _, again = post.run(logits[:1], [genuine], ["good"])  # the same genuine context a second time
+    assert again[0].reason == "context_replayed"
+    writer.close()
+    recs = audit.read_records(tmp_path)
+    assert [r["request_id"] for r in recs if r["event"] == "served"] == ["good", "good2"]
+    assert all(r.get("client_id") != "victim" for r in recs)  # a forged context's claims stay out

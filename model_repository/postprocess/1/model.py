@@ -16,7 +16,8 @@ class TritonPythonModel:
         cfg = stage_config.StageConfig(args)
         self.post = Postprocessor(cfg.audit_writer(), labels.names(), models=cfg.classifier_models(),
                                   version=args["model_version"], keyring=cfg.keyring(),
-                                  result_key=cfg.internal_key())
+                                  result_key=cfg.internal_key(), ctx_key=cfg.internal_key(),
+                                  ctx_store=cfg.context_store())
 
     def execute(self, requests):
         return guard.respond(pb_utils, requests, self._handle)
@@ -44,6 +45,7 @@ class TritonPythonModel:
 
     def finalize(self):
         self.post.audit.close()
+        self.post.ctx_store.close()
 
 
 def _read(request):
