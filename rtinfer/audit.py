@@ -209,7 +209,7 @@ class AuditWriter:
     def _chain(self, records: list[dict]) -> tuple[list[bytes], list[str]]:
         lines, hashes = [], []
         for rec in records:
-            rec = dict(rec, seq=self._seq, prev=self._head)
+            rec = dict(_encodable(rec), seq=self._seq, prev=self._head)
             rec["hash"] = self._head = record_hash(rec)
             self._seq += 1
             hashes.append(self._head)
@@ -246,8 +246,8 @@ class AuditWriter:
             self._reload()
         state = (self._head, self._seq, self._unsigned, self._last_ckpt, self.checkpoints)
         offset = self._size
-        lines, hashes = build()
         try:
+            lines, hashes = build()
             self._write(b"".join(lines))
         except BaseException:
             self.write_errors += 1
@@ -344,6 +344,22 @@ class AuditWriter:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+
+
+def _encodable(value):
+    """``value`` with strings that UTF-8 cannot hold (lone surrogates, which JSON escapes can carry in
+    from a client) made printable: a record must never fail to serialize because of what a client sent."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
 
 
 def _warn(msg: str) -> None:

@@ -111,8 +111,11 @@ def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
         ts = fields["ts"]
         if type(ts) is not int or not 0 <= ts < MAX_TS_MS:
             raise ValueError("ts")
-        header = Header(key_id=str(fields["kid"]), client_id=str(fields["cid"]),
-                        pipeline=str(fields["aud"]), timestamp_ms=ts,
+        for name in ("kid", "cid", "aud", "typ", "rq"):
+            if name in fields and (not isinstance(fields[name], str) or not _utf8(fields[name])):
+                raise ValueError(name)
+        header = Header(key_id=fields["kid"], client_id=fields["cid"],
+                        pipeline=fields["aud"], timestamp_ms=ts,
                         kind=str(fields.get("typ", REQUEST)), request_sha256=str(fields.get("rq", "")),
                         seal_response=fields.get("sr") == 1)
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
@@ -121,6 +124,15 @@ def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
     aad = envelope[:start + hlen]
     nonce = envelope[start + hlen:start + hlen + NONCE_LEN]
     return header, aad, nonce, envelope[start + hlen + NONCE_LEN:]
+
+
+def _utf8(text: str) -> bool:
+    """False for strings UTF-8 cannot hold (lone surrogates from JSON escapes)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def open_envelope(envelope: bytes, key_for) -> Opened:

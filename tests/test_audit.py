@@ -161,3 +161,12 @@ def test_audit_files_are_private(tmp_path):
     f.chmod(0o640)  # a trail from before: tightened when a writer opens it
     write(f, 1)
     assert f.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_string_utf8_cannot_hold_does_not_break_the_write(tmp_path):
+    """A lone surrogate (a JSON escape a client can send in a parameter) must not fail the batch's write."""
+    f = tmp_path / "a.jsonl"
+    w = audit.AuditWriter(f)
+    w.append([{"event": "rejected", "client_id": "bad\udc80id"}, {"event": "served", "request_id": "r1"}])
+    w.close()
+    assert audit.verify_file(f).ok and [r["request_id"] for r in audit.read_records(f)[1:]] == ["r1"]
