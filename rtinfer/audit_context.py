@@ -41,9 +41,10 @@ def seal(ctx: dict, key: bytes | None) -> bytes:
     return json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def open_context(raw: bytes, key: bytes | None, request_id: str) -> dict:
-    """The context, if it is well formed, carries a valid MAC (when a key is set), and names the
-    request it arrives with; else RejectedRequest. Freshness and single use: ``issued_ms`` and the
+def open_context(raw: bytes, key: bytes | list[bytes] | None, request_id: str) -> dict:
+    """The context, if it is well formed, carries a valid MAC under one of the accepted keys (when
+    any is set: the current one and the one before a rotation), and names the request it arrives
+    with; else RejectedRequest. Freshness and single use: ``issued_ms`` and the
     replay store, checked for the whole batch by the caller."""
     try:
         ctx = json.loads(raw)
@@ -54,7 +55,8 @@ def open_context(raw: bytes, key: bytes | None, request_id: str) -> dict:
         raise RejectedRequest("bad_context", "AUDIT_CTX is not an audit context made by preprocess")
     if key is not None:
         mac = ctx.get("mac")
-        if not isinstance(mac, str) or not hmac.compare_digest(mac, mac_of(ctx, key)):
+        accepted = [key] if isinstance(key, bytes) else list(key)
+        if not isinstance(mac, str) or not any([hmac.compare_digest(mac, mac_of(ctx, k)) for k in accepted]):
             raise RejectedRequest("context_forged", "AUDIT_CTX is not authenticated: its MAC does not check")
     if ctx["request_id"] != request_id:
         raise RejectedRequest("context_request_id", "AUDIT_CTX was made for another request id")

@@ -29,6 +29,7 @@ from rtinfer import audit_context, envelope
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
+from rtinfer.internal_key import InternalKeys, fingerprint
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.preprocess import _now_iso
 from rtinfer.replay import ReplayGuard
@@ -59,15 +60,16 @@ def result_mac(key: bytes, envelope_sha256: str, index: int) -> str:
 
 class Postprocessor:
     def __init__(self, audit: AuditWriter, labels: tuple[str, ...], *, models: dict[str, str], version: str = "1",
-                 keyring: Keyring | KeyringSource | None = None, result_key: bytes | None = None,
-                 ctx_key: bytes | None = None, ctx_store: ReplayGuard | None = None):
+                 keyring: Keyring | KeyringSource | None = None, internal_keys: InternalKeys | None = None,
+                 ctx_store: ReplayGuard | None = None):
         self.audit = audit
         self.labels = labels
         self.models = models  # pipeline name -> "classifier model/version (sha256 prefix)"
         self.version = version
         self.keys = keyring  # only needed to seal responses
-        self.result_key = result_key  # keys the audit's stand-in for sealed results; None: no result at all
-        self.ctx_key = ctx_key  # checks AUDIT_CTX's MAC (None: unit tests only)
+        # Key the audit's stand-in for sealed results (None: no result at all) and check AUDIT_CTX's MAC
+        # (None: unchecked, unit tests only).
+        self.internal_keys = internal_keys
         self.ctx_store = ctx_store  # contexts used, for their freshness window
 
     def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
@@ -86,11 +88,14 @@ class Postprocessor:
             return np.zeros((n, len(self.labels)), np.float32), [probs] * n
         done = time.time_ns()
         ring = attempt(lambda: self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys)
+        accepted = attempt(lambda: None if self.internal_keys is None else self.internal_keys.all())
+        if isinstance(accepted, Refusal):
+            return np.zeros_like(probs), [accepted] * n
         out: list = [None] * n
         records, ctxs, seal_keys = [], {}, {}
         for i in range(n):  # a context may already be a Refusal: the adapter could not read that request
             ctx = contexts[i] if isinstance(contexts[i], Refusal) else attempt(
-                audit_context.open_context, contexts[i], self.ctx_key, request_ids[i], blame=CLIENT)
+                audit_context.open_context, contexts[i], accepted, request_ids[i], blame=CLIENT)
             if isinstance(ctx, Refusal):
                 out[i] = ctx
             else:
@@ -101,7 +106,8 @@ class Postprocessor:
             if out[i] is not None:
                 records.append(self._rejected(request_ids[i], ctx, out[i]))
                 continue
-            record = attempt(self._served, request_ids[i], ctx, probs[i], started, done, blame=CLIENT)
+            record = attempt(self._served, request_ids[i], ctx, probs[i], started, done,
+                             accepted[0] if accepted else None, blame=CLIENT)
             if not isinstance(record, Refusal) and ctx.get("seal_response") is True:
                 # The key opened this request moments ago; one retired in between fails this request alone.
                 key = ring if isinstance(ring, Refusal) else attempt(ring.key, ctx["key_id"])
@@ -145,7 +151,8 @@ class Postprocessor:
                 "client_id": ctx.get("client_id"), "key_id": ctx.get("key_id"),
                 "envelope_sha256": ctx.get("envelope_sha256"), "pipeline": ctx.get("pipeline")}
 
-    def _served(self, request_id: str, ctx: dict, probs: np.ndarray, started: int, done: int) -> dict:
+    def _served(self, request_id: str, ctx: dict, probs: np.ndarray, started: int, done: int,
+                result_key: bytes | None) -> dict:
         if not np.isfinite(probs).all():
             raise RejectedRequest("bad_logits", "the classifier's logits are not finite")
         idx = int(probs.argmax())
@@ -164,8 +171,9 @@ class Postprocessor:
         }
         if not sealed:
             record["top1"] = {"index": idx, "label": self.labels[idx], "score": round(float(probs[idx]), 6)}
-        elif self.result_key is not None:  # the client asked for privacy: no result in clear, in the log either
-            record["top1_mac"] = result_mac(self.result_key, ctx["envelope_sha256"], idx)
+        elif result_key is not None:  # the client asked for privacy: no result in clear, in the log either
+            record.update(top1_mac=result_mac(result_key, ctx["envelope_sha256"], idx),
+                          mac_key=fingerprint(result_key))
         return record
 
     def _rejected(self, request_id: str, ctx: dict, why: Refusal) -> dict:

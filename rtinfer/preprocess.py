@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rtinfer import audit_context, envelope, imaging
+from rtinfer.internal_key import InternalKeys
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
@@ -45,7 +46,8 @@ class Preprocessor:
     def __init__(self, keyring: Keyring | KeyringSource, audit: AuditWriter, *, pipelines: set[str],
                  replay: ReplayGuard | None = None,
                  max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
-                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1", ctx_key: bytes | None = None):
+                 max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1",
+                 ctx_key: bytes | InternalKeys | None = None):
         self.keys = keyring
         self.audit = audit
         self.replay = replay
@@ -93,7 +95,8 @@ class Preprocessor:
             "sealed_at_ms": hdr.timestamp_ms, "preprocess_version": self.version,
             "seal_response": hdr.seal_response, "t_start_ns": started_ns, "t_pre_done_ns": done_ns,
         }
-        return Accepted(image, audit_context.seal(ctx, self.ctx_key))
+        key = self.ctx_key.current if isinstance(self.ctx_key, InternalKeys) else self.ctx_key
+        return Accepted(image, audit_context.seal(ctx, key))
 
     def run(self, requests: list[Request]) -> list[Accepted | Refusal]:
         """Process one batch; every request ends Accepted or refused on its own (never an exception).

@@ -26,9 +26,11 @@ class StageConfig:
         return keyring.KeyringSource(keyring.resolve_path(self.param("keyring")),
                                      check_s=float(self.param("keyring_check_s", "1")))
 
-    def internal_key(self) -> bytes:
-        """The server-internal secret ($RTINFER_INTERNAL_KEY, or beside the keyring), made on first start."""
-        return internal_key.load_or_create(internal_key.resolve_path(keyring.resolve_path(self.param("keyring"))))
+    def internal_keys(self) -> internal_key.InternalKeys:
+        """The server-internal secret ($RTINFER_INTERNAL_KEY, or beside the keyring), made on first start,
+        reloaded when it is rotated."""
+        return internal_key.InternalKeys(internal_key.resolve_path(keyring.resolve_path(self.param("keyring"))),
+                                         check_s=float(self.param("keyring_check_s", "1")))
 
     def audit_dir(self) -> Path:
         directory = self.param("audit_dir") or os.environ.get(audit.ENV_DIR)

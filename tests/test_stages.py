@@ -149,18 +149,22 @@ def test_postprocess_bad_context_and_logits_fail_their_rows_alone(tmp_path):
 
 def test_sealed_result_stays_out_of_the_audit(tmp_path):
     """Issue 14 (4): the audit held top-1 label and score in clear even for sealed responses."""
+    from rtinfer import audit_context, internal_key
     from rtinfer.postprocess import result_mac
+    keys = internal_key.InternalKeys(tmp_path / "internal.key")
     writer = audit.AuditWriter(tmp_path / "post.jsonl")
     post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, keyring=Keyring({"k1": KEY}),
-                         result_key=b"r" * 32)
+                         internal_keys=keys)
     logits = np.zeros((2, 1000), np.float32)
     logits[:, 42] = 9
-    _, refs = post.run(logits, [context("s", sealed=True), context("p")], ["s", "p"], [{}, {"seal_response": "1"}])
+    contexts = [audit_context.seal(json.loads(c), keys.current) for c in (context("s", sealed=True), context("p"))]
+    _, refs = post.run(logits, contexts, ["s", "p"], [{}, {"seal_response": "1"}])
     assert isinstance(refs[0], bytes) and isinstance(refs[1], str)  # the header decides, not the parameter
     writer.close()
     recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
     assert "top1" not in recs["s"] and "c42" not in json.dumps(recs["s"])
-    assert recs["s"]["top1_mac"] == result_mac(b"r" * 32, "00" * 32, 42)
+    assert recs["s"]["top1_mac"] == result_mac(keys.current, "00" * 32, 42)
+    assert recs["s"]["mac_key"] == internal_key.fingerprint(keys.current)
     assert recs["p"]["top1"]["index"] == 42
 
 
@@ -170,10 +174,11 @@ def test_postprocess_refuses_unauthenticated_stale_replayed_or_misdirected_conte
     a context once. The good rows of the same batch are served."""
     import time as _time
 
-    from rtinfer import audit_context, replay
-    key = os.urandom(32)
+    from rtinfer import audit_context, internal_key, replay
+    keys = internal_key.InternalKeys(tmp_path / "internal.key", check_s=0)
+    key = keys.current
     writer = audit.AuditWriter(tmp_path / "post.jsonl")
-    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, ctx_key=key,
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, internal_keys=keys,
                          ctx_store=replay.ReplayGuard(tmp_path / "ctx.db", window_s=60, future_skew_s=5))
     now = _time.time_ns()
 
@@ -195,7 +200,14 @@ def test_postprocess_refuses_unauthenticated_stale_replayed_or_misdirected_conte
     assert all(not r.retryable for r in refs[1:6])
     _, again = post.run(logits[:1], [genuine], ["good"])  # the same genuine context a second time
     assert again[0].reason == "context_replayed"
+    internal_key.rotate(tmp_path / "internal.key")  # rotated: a context made just before still checks ...
+    _, after = post.run(logits[:2], [ctx("before-rotation"), ctx("new", mac_key=keys.all()[0])],
+                        ["before-rotation", "new"])
+    assert keys.current != key and all(isinstance(r, str) for r in after), after
+    internal_key.rotate(tmp_path / "internal.key")  # ... but not after the next rotation
+    _, old = post.run(logits[:1], [ctx("too-old-key")], ["too-old-key"])
+    assert old[0].reason == "context_forged"
     writer.close()
     recs = audit.read_records(tmp_path)
-    assert [r["request_id"] for r in recs if r["event"] == "served"] == ["good", "good2"]
+    assert [r["request_id"] for r in recs if r["event"] == "served"] == ["good", "good2", "before-rotation", "new"]
     assert all(r.get("client_id") != "victim" for r in recs)  # a forged context's claims stay out

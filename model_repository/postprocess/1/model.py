@@ -16,8 +16,7 @@ class TritonPythonModel:
         cfg = stage_config.StageConfig(args)
         self.post = Postprocessor(cfg.audit_writer(), labels.names(), models=cfg.classifier_models(),
                                   version=args["model_version"], keyring=cfg.keyring(),
-                                  result_key=cfg.internal_key(), ctx_key=cfg.internal_key(),
-                                  ctx_store=cfg.context_store())
+                                  internal_keys=cfg.internal_keys(), ctx_store=cfg.context_store())
 
     def execute(self, requests):
         return guard.respond(pb_utils, requests, self._handle)

@@ -21,7 +21,7 @@ class TritonPythonModel:
             max_envelope_bytes=int(cfg.param("max_envelope_bytes")),
             max_pixels=int(cfg.param("max_pixels")),
             version=args["model_version"],
-            ctx_key=cfg.internal_key(),
+            ctx_key=cfg.internal_keys(),
         )
 
     def execute(self, requests):
