@@ -5,17 +5,16 @@ Pure logic behind ``model_repository/preprocess/1/model.py``; tests drive it dir
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from rtinfer import audit_context, envelope, imaging
-from rtinfer.internal_key import InternalKeys
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
+from rtinfer.internal_key import InternalKeys
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.replay import ReplayGuard
 
@@ -146,12 +145,12 @@ class Preprocessor:
                 results[i] = refusal(why)
         return admitted
 
-    def _rejection_record(self, req: Request, refusal: Refusal, started_ns: int) -> dict:
+    def _rejection_record(self, req: Request, why: Refusal, started_ns: int) -> dict:
         rec = {
             "event": "rejected", "stage": "preprocess", "time": _now_iso(),
             "request_id": str(req.request_id), "client_id": str(req.client_id), "key_id": None,
             "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(), "envelope_bytes": len(req.envelope),
-            "reason": refusal.reason, "message": refusal.detail, "retryable": refusal.retryable,
+            "reason": why.reason, "message": why.detail, "retryable": why.retryable,
             "preprocess_version": self.version,
             "timing_ms": {"preprocess": round((time.time_ns() - started_ns) / 1e6, 3)},
         }

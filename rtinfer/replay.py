@@ -42,11 +42,13 @@ class ReplayGuard:
         self._pruned = 0.0
         self._lock = threading.Lock()
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
-        self._db = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+        # Setting up may wait for other instances starting at the same time; requests may not wait long.
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; a power cut may lose the last commits
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (id BLOB PRIMARY KEY, ts INTEGER NOT NULL) WITHOUT ROWID")
         self._db.execute("CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts)")
+        self._db.execute(f"PRAGMA busy_timeout = {max(0, int(busy_timeout_s * 1000))}")
 
     def check_window(self, timestamp_ms: int, *, now_ms: int | None = None) -> None:
         """Refuse an envelope sealed too long ago, or too far in the future (clock skew)."""
