@@ -124,7 +124,7 @@ class AuditWriter:
                  checkpoint_interval_s: float = 30.0, checkpoint_records: int = 1000,
                  lock_timeout_s: float = 0.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new trail's directory: owner only
         self.chain = self.path.name[:-len(".jsonl")] if self.path.name.endswith(".jsonl") else self.path.name
         self.policy = fsync_policy(fsync)
         self.fsync_interval_s = fsync_interval_s
