@@ -5,7 +5,9 @@
 Each image is sealed with rtinfer.envelope (the code the server opens it with),
 sent with a request id and the client id as a request parameter, and the top-k
 comes from Triton's classification extension (class_count on PROBS), or, with
---seal-response, sealed back to the same key (private through TLS-terminating proxies).
+--seal-response, sealed back to the same key (private through TLS-terminating proxies):
+the request for a sealed answer is inside the authenticated envelope header, so nobody on
+the way can drop it, and a clear answer to it is refused here.
 Access: --api-key-file (or $RTINFER_API_KEY) for servers that require an inference
 key; --tls-ca (+ --tls-cert/--tls-key for mutual TLS) for gRPC over TLS.
 """
@@ -82,19 +84,26 @@ class PipelineClient:
             raise ValueError("Triton's HTTP endpoint has no TLS; use gRPC, or a TLS proxy with ssl options")
         self.client = self._m.InferenceServerClient(url=url, **client_kwargs)
 
-    def seal(self, image: bytes) -> bytes:
-        return envelope.seal(image, self.key, key_id=self.key_id, client_id=self.client_id, pipeline=self.pipeline)
+    def seal(self, image: bytes, seal_response: bool | None = None) -> bytes:
+        return envelope.seal(image, self.key, key_id=self.key_id, client_id=self.client_id, pipeline=self.pipeline,
+                             seal_response=self.seal_response if seal_response is None else seal_response)
 
-    def request(self, sealed: bytes, top_k: int, request_id: str | None = None,
-                seal_response: bool | None = None) -> dict:
+    @staticmethod
+    def wants_sealed(sealed: bytes) -> bool:
+        """Whether this envelope's authenticated header asks for a sealed answer (what the server honours)."""
+        try:
+            return envelope.parse_header(sealed)[0].seal_response
+        except envelope.RejectedRequest:
+            return False
+
+    def request(self, sealed: bytes, top_k: int, request_id: str | None = None) -> dict:
         """The keyword arguments of one infer() call (shared by the sync and async clients)."""
         inp = self._m.InferInput("ENVELOPE", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[sealed]], dtype=np.object_))
         self._sent[inp] = sealed  # a sealed reply must answer exactly this envelope
         params = {"client_id": self.client_id}
-        sealed_reply = self.seal_response if seal_response is None else seal_response
-        if sealed_reply:  # the answer comes back inside AUDIT_REF, sealed; PROBS would be zeros
-            params.update(seal_response=True, top_k=top_k)
+        if self.wants_sealed(sealed):  # the answer comes back inside AUDIT_REF, sealed; PROBS would be zeros
+            params.update(top_k=top_k)
             outputs = [self._m.InferRequestedOutput("AUDIT_REF")]
         else:
             outputs = [self._m.InferRequestedOutput("PROBS", class_count=top_k),
@@ -104,9 +113,12 @@ class PipelineClient:
 
     def result(self, kwargs: dict, response) -> Result:
         ref = response.as_numpy("AUDIT_REF").reshape(-1)[0]
-        if kwargs["parameters"].get("seal_response"):
+        request_envelope = self._sent[kwargs["inputs"][0]]
+        if self.wants_sealed(request_envelope):
             sealed = ref if isinstance(ref, bytes) else str(ref).encode()
-            request_envelope = self._sent[kwargs["inputs"][0]]
+            if not sealed.startswith(envelope.MAGIC):
+                raise envelope.RejectedRequest("clear_response", "a sealed answer was asked for, but the answer "
+                                               "came in clear: refused (downgraded on the way, or an old server)")
             body = json.loads(envelope.open_response(sealed, self.key, request_envelope).plaintext)
             if body["request_id"] != kwargs["request_id"]:
                 raise ValueError("sealed response answers another request id")

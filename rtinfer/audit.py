@@ -15,8 +15,19 @@ not a power cut). Rotation: past ``max_bytes`` the file ``<chain>.jsonl`` is
 renamed ``<chain>.<NNNNNN>.jsonl`` and the chain goes on in a fresh file.
 Checkpoints: with a signer, a signed record of the chain head (``rtinfer.checkpoint``).
 
+The writer's state always equals the disk: a write that fails or stops short (disk
+full, file size limit) is cut back to where the batch began and the chain's head
+rolled back with it, so the next write and a restart continue the chain. When the
+cut itself fails, the writer rereads its head from the file before the next write.
+Files are created 0600.
+
 ``python -m rtinfer.audit verify PATH [--public-key PUB]`` checks every chain of a
-directory across its files; ``python -m rtinfer.audit bench`` measures the fsync cost.
+directory across its files, and fails on what is missing: no chain at all, a chain
+that a checkpoint names (each checkpoint signs the list of chains present when it was
+written) but whose files are gone, and any line that is not byte for byte the
+canonical form the writer writes (so a reader that keeps the first of two duplicate
+keys cannot be shown other values than the hash covers).
+``python -m rtinfer.audit bench`` measures the fsync cost.
 """
 from __future__ import annotations
 
@@ -81,6 +92,21 @@ def _now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
 
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate key")
+    return dict(pairs)
+
+
+def parse_line(line: bytes) -> dict:
+    """A record from one line (without its newline), only if the line is exactly its canonical form."""
+    rec = json.loads(line, object_pairs_hook=_no_duplicates)
+    if not isinstance(rec, dict) or canonical(rec) != line:
+        raise ValueError("not canonical")
+    return rec
+
+
 def _last_record(path: Path) -> dict | None:
     last = None
     with open(path, "rb") as fh:
@@ -98,7 +124,7 @@ class AuditWriter:
                  checkpoint_interval_s: float = 30.0, checkpoint_records: int = 1000,
                  lock_timeout_s: float = 0.0):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new trail's directory: owner only
         self.chain = self.path.name[:-len(".jsonl")] if self.path.name.endswith(".jsonl") else self.path.name
         self.policy = fsync_policy(fsync)
         self.fsync_interval_s = fsync_interval_s
@@ -111,6 +137,8 @@ class AuditWriter:
         self.repaired_bytes = self._repair_torn_tail()
         self._head, self._seq, self._unsigned = self._read_head()
         self._size = os.fstat(self._fd).st_size
+        self._stale = False  # a failed write could not be cut back: reread the head before the next one
+        self.write_errors = 0
         self._dirty = False
         self._last_sync = self._last_ckpt = time.monotonic()
         self.fsyncs = self.checkpoints = self.rotations = 0
@@ -125,7 +153,7 @@ class AuditWriter:
         ``timeout_s`` for a previous server's process to finish exiting."""
         deadline = time.monotonic() + timeout_s
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o640)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -135,6 +163,8 @@ class AuditWriter:
                 time.sleep(0.1)
                 continue
             if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                if os.fstat(fd).st_mode & 0o077:  # older trails were 0640: results are not for group readers
+                    os.fchmod(fd, 0o600)
                 return fd
             os.close(fd)  # renamed away by a rotation while we waited: lock the new live file
 
@@ -179,7 +209,7 @@ class AuditWriter:
     def _chain(self, records: list[dict]) -> tuple[list[bytes], list[str]]:
         lines, hashes = [], []
         for rec in records:
-            rec = dict(rec, seq=self._seq, prev=self._head)
+            rec = dict(_encodable(rec), seq=self._seq, prev=self._head)
             rec["hash"] = self._head = record_hash(rec)
             self._seq += 1
             hashes.append(self._head)
@@ -187,7 +217,8 @@ class AuditWriter:
         return lines, hashes
 
     def _checkpoint_lines(self) -> list[bytes]:
-        ckpt = self.signer.checkpoint(self.chain, self._seq - 1, self._head, _now_iso())
+        present = sorted(set(chains(self.path.parent)) | {self.chain})
+        ckpt = self.signer.checkpoint(self.chain, self._seq - 1, self._head, _now_iso(), chains=present)
         self._unsigned, self._last_ckpt = 0, time.monotonic()
         self.checkpoints += 1
         return self._chain([ckpt])[0]
@@ -205,32 +236,63 @@ class AuditWriter:
         self._dirty, self._last_sync = False, time.monotonic()
         self.fsyncs += 1
 
+    def _commit(self, build) -> list[str]:
+        """Chain the lines ``build()`` makes and write them, all or nothing (call with the lock held).
+
+        On failure the file is cut back to where this write began and the chain state rolled
+        back, so what the writer believes is what is on disk; if the cut fails, the head is
+        reread from the file before the next write. Returns the new records' hashes."""
+        if self._stale:
+            self._reload()
+        state = (self._head, self._seq, self._unsigned, self._last_ckpt, self.checkpoints)
+        offset = self._size
+        try:
+            lines, hashes = build()
+            self._write(b"".join(lines))
+        except BaseException:
+            self.write_errors += 1
+            self._head, self._seq, self._unsigned, self._last_ckpt, self.checkpoints = state
+            try:
+                os.ftruncate(self._fd, offset)
+                self._size = offset
+            except OSError:
+                self._stale = True
+            raise
+        return hashes
+
+    def _reload(self) -> None:
+        """Make the state equal the disk again: drop a partial line, reread head, seq and size."""
+        self._repair_torn_tail()
+        self._head, self._seq, self._unsigned = self._read_head()
+        self._size = os.fstat(self._fd).st_size
+        self._stale = False
+
     def append(self, records: list[dict]) -> list[str]:
-        """Chain and write ``records`` in one write (plus a checkpoint when due); returns their hashes."""
+        """Chain and write ``records`` in one write (plus a checkpoint when due); returns their hashes.
+        Raises OSError when they could not be written (then none of them is on disk)."""
         if not records:
             return []
         with self._lock:
-            state = (self._head, self._seq, self._unsigned)
-            lines, hashes = self._chain(records)
-            self._unsigned += len(records)
-            if self.signer is not None and self._unsigned >= self.checkpoint_records:
-                lines += self._checkpoint_lines()
-            try:
-                self._write(b"".join(lines))
-            except OSError:  # e.g. disk full: the chain must not advance past what is on disk
-                self._head, self._seq, self._unsigned = state
-                self._repair_torn_tail()
-                raise
+            def build():
+                lines, hashes = self._chain(records)
+                self._unsigned += len(records)
+                if self.signer is not None and self._unsigned >= self.checkpoint_records:
+                    lines += self._checkpoint_lines()
+                return lines, hashes
+            hashes = self._commit(build)
             if self.policy == "batch":
                 self._sync()
             if self.max_bytes and self._size >= self.max_bytes:
-                self._rotate()
+                try:
+                    self._rotate()
+                except OSError as exc:  # the records are written; rotation is tried again on the next write
+                    _warn(f"audit {self.chain}: rotation failed, retried later: {exc}")
             return hashes
 
     def _rotate(self) -> None:
         """Seal the live file (checkpoint, fsync), rename it to the next segment, go on in a new one."""
         if self.signer is not None and self._unsigned:
-            self._write(b"".join(self._checkpoint_lines()))
+            self._commit(lambda: (self._checkpoint_lines(), []))
         self._sync()
         segs = [split_name(f)[1] for f in self._segments()]
         target = self.path.with_name(f"{self.chain}.{int(max(segs, default=0)) + 1:06d}.jsonl")
@@ -254,12 +316,16 @@ class AuditWriter:
                 if self._fd < 0:
                     return
                 now = time.monotonic()
-                if self.signer and self._unsigned and now - self._last_ckpt >= self.checkpoint_interval_s:
-                    self._write(b"".join(self._checkpoint_lines()))
-                    if self.policy == "batch":
+                try:
+                    if self.signer and self._unsigned and now - self._last_ckpt >= self.checkpoint_interval_s:
+                        self._commit(lambda: (self._checkpoint_lines(), []))
+                        if self.policy == "batch":
+                            self._sync()
+                    if self.policy == "interval" and self._dirty and now - self._last_sync >= self.fsync_interval_s:
                         self._sync()
-                if self.policy == "interval" and self._dirty and now - self._last_sync >= self.fsync_interval_s:
-                    self._sync()
+                except Exception as exc:  # noqa: BLE001 - e.g. disk full: the thread lives on and tries again
+                    self._last_ckpt = self._last_sync = now
+                    _warn(f"audit {self.chain}: background checkpoint/fsync failed, retried later: {exc}")
 
     def close(self) -> None:
         self._stop.set()
@@ -268,12 +334,36 @@ class AuditWriter:
         with self._lock:
             if self._fd < 0:
                 return
-            if self.signer is not None and self._unsigned:
-                self._write(b"".join(self._checkpoint_lines()))
-            if self.policy != "off" and self._dirty:
-                self._sync()
-            os.close(self._fd)
-            self._fd = -1
+            try:
+                if self.signer is not None and self._unsigned:
+                    self._commit(lambda: (self._checkpoint_lines(), []))
+                if self.policy != "off" and self._dirty:
+                    self._sync()
+            except OSError as exc:  # the chain on disk is whole; the next writer signs the tail
+                _warn(f"audit {self.chain}: closing checkpoint/fsync failed: {exc}")
+            finally:
+                os.close(self._fd)
+                self._fd = -1
+
+
+def _encodable(value):
+    """``value`` with strings that UTF-8 cannot hold (lone surrogates, which JSON escapes can carry in
+    from a client) made printable: a record must never fail to serialize because of what a client sent."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_encodable(k): _encodable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encodable(v) for v in value]
+    return value
+
+
+def _warn(msg: str) -> None:
+    print(f"rtinfer.audit: {msg}", file=sys.stderr, flush=True)
 
 
 FIRST_LINK = ("the first record does not continue where the chain stood before this file "
@@ -293,6 +383,7 @@ class Report:
     checkpoints: int = 0  # valid signed checkpoints (with a public key)
     unsigned: int = 0  # records after the last valid checkpoint
     problems: list = field(default_factory=list)
+    named_chains: set = field(default_factory=set)  # chains its checkpoints say existed
 
 
 def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int | None = 0,
@@ -310,10 +401,10 @@ def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int
     chain = split_name(path)[0] if path.name.endswith(".jsonl") else path.name
     for lineno, line in enumerate(lines, 1):
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, object_pairs_hook=_no_duplicates)
             claimed = rec["hash"]
-        except (ValueError, KeyError, TypeError):
-            return _broken(report, lineno, "line is not a JSON audit record")
+        except (ValueError, KeyError, TypeError, RecursionError):
+            return _broken(report, lineno, "line is not a JSON audit record (or has a duplicate key)")
         if lineno == 1 and prev is None:
             prev, seq = rec.get("prev"), rec.get("seq")
             if not isinstance(seq, int) or (seq == 0) != (prev == GENESIS):
@@ -325,16 +416,22 @@ def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int
             return _broken(report, lineno, f"seq is {rec.get('seq')}, expected {seq}")
         if record_hash(rec) != claimed:
             return _broken(report, lineno, "hash does not match the record's content (the record was edited)")
+        if canonical(rec) != line:
+            return _broken(report, lineno, "line is not in the canonical form the writer writes "
+                           "(key order, spacing or escapes differ): its bytes are not what the hash covers")
         report.unsigned += 1
         if public is not None and rec.get("event") == "checkpoint":
             why = checkpoint.check(rec, public)
-            c = rec.get("checkpoint") or {}
+            c = rec.get("checkpoint") if isinstance(rec.get("checkpoint"), dict) else {}
             if not why and (c.get("head") != prev or c.get("seq") != seq - 1 or c.get("chain") != chain):
                 why = "checkpoint does not sign this chain's head at this point"
             if why:
                 return _broken(report, lineno, why)
             report.checkpoints += 1
             report.unsigned = 0
+        body = rec.get("checkpoint") if rec.get("event") == "checkpoint" else None
+        if isinstance(body, dict) and isinstance(body.get("chains"), list):
+            report.named_chains.update(n for n in body["chains"] if isinstance(n, str))
         prev, seq = claimed, seq + 1
         report.records += 1
     report.head = prev if prev is not None else GENESIS
@@ -361,10 +458,24 @@ def verify_chain(files: list[Path], *, public=None) -> list[Report]:
 
 
 def verify_path(path: str | os.PathLike, *, public=None) -> dict[str, list[Report]]:
+    """Every chain of a directory (or one file). A directory with no chain, or without a chain that a
+    checkpoint names, fails: deleting the whole trail, or one instance's, must not pass."""
     path = Path(path)
-    if path.is_dir():
-        return {c: verify_chain(fs, public=public) for c, fs in chains(path).items()}
-    return {path.name: [verify_file(path, prev=GENESIS, seq=0, public=public)]}
+    if not path.is_dir():
+        return {path.name: [verify_file(path, prev=GENESIS, seq=0, public=public)]}
+    result = {c: verify_chain(fs, public=public) for c, fs in chains(path).items()}
+    if not result:
+        return {"(none)": [_broken(Report(str(path)), 0, "no audit chain in this directory (*.jsonl)")]}
+    named: dict[str, str] = {}
+    for chain, reports in result.items():
+        for rep in reports:
+            for n in rep.named_chains:
+                named.setdefault(n, chain)
+    for missing in sorted(set(named) - set(result)):
+        result[missing] = [_broken(Report(str(path / f"{missing}.jsonl")), 0,
+                                   f"chain {missing} is missing: a checkpoint of chain {named[missing]} "
+                                   "names it, but none of its files is here")]
+    return result
 
 
 def _broken(report: Report, lineno: int, reason: str) -> Report:
@@ -435,8 +546,8 @@ def main(argv=None) -> int:
                 print(f"OK      {rep.path}: {rep.records} records, head {rep.head[:16]}{tail}")
             else:
                 status = 1
-                print(f"BROKEN  {rep.path}: line {rep.broken_at}: {rep.reason} "
-                      f"({rep.records} records verified before it)")
+                where = f"line {rep.broken_at}: " if rep.broken_at else ""
+                print(f"BROKEN  {rep.path}: {where}{rep.reason} ({rep.records} records verified before it)")
         last = reports[-1]
         if public is not None and last.ok:
             signed = sum(r.checkpoints for r in reports)

@@ -5,6 +5,7 @@ Layout (all integers big-endian)::
     magic   4  b"RTE1"
     hlen    2  length of the header
     header  hlen  canonical JSON: {"aud": pipeline, "cid": client id, "kid": key id, "ts": unix ms}
+                  a request that wants its result sealed adds "sr": 1 (authenticated, so no proxy can drop it);
                   a sealed response adds "typ": "res" and "rq": SHA-256 (hex) of the request envelope
     nonce   12 random
     body    ciphertext || 16-byte GCM tag
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 
 MAGIC = b"RTE1"
 NONCE_LEN = 12
@@ -34,6 +35,7 @@ TAG_LEN = 16
 _PREFIX = struct.Struct(">4sH")
 REQUEST, RESPONSE = "req", "res"
 MIN_LEN = _PREFIX.size + 2 + NONCE_LEN + TAG_LEN  # smallest header is "{}"
+MAX_TS_MS = 1 << 53  # timestamps are exact integers in every JSON reader, and fit SQLite and floats
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,12 @@ class Header:
     timestamp_ms: int
     kind: str = REQUEST
     request_sha256: str = ""  # responses only: which request envelope this answers
+    seal_response: bool = False  # requests only: the client wants the result sealed to its key
 
     def encode(self) -> bytes:
         body = {"aud": self.pipeline, "cid": self.client_id, "kid": self.key_id, "ts": self.timestamp_ms}
+        if self.seal_response:
+            body["sr"] = 1
         if self.kind != REQUEST:
             body.update(typ=self.kind, rq=self.request_sha256)
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
@@ -60,10 +65,12 @@ class Opened:
 
 
 def seal(plaintext: bytes, key: bytes, *, key_id: str, client_id: str, pipeline: str,
-         timestamp_ms: int | None = None, nonce: bytes | None = None) -> bytes:
-    """Encrypt ``plaintext`` for ``pipeline``; a fresh random nonce unless one is given (tests)."""
+         timestamp_ms: int | None = None, nonce: bytes | None = None, seal_response: bool = False) -> bytes:
+    """Encrypt ``plaintext`` for ``pipeline``; a fresh random nonce unless one is given (tests).
+    ``seal_response``: the server must answer with the result sealed to ``key`` (it is in the
+    authenticated header, so nobody on the way can turn it off)."""
     ts = int(time.time() * 1000) if timestamp_ms is None else timestamp_ms
-    return _seal_header(plaintext, key, Header(key_id, client_id, pipeline, ts), nonce)
+    return _seal_header(plaintext, key, Header(key_id, client_id, pipeline, ts, seal_response=seal_response), nonce)
 
 
 def seal_response(plaintext: bytes, key: bytes, *, key_id: str, client_id: str, pipeline: str,
@@ -101,14 +108,31 @@ def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
                               f"but only {len(envelope)} bytes in all")
     try:
         fields = json.loads(envelope[start:start + hlen])
-        header = Header(key_id=str(fields["kid"]), client_id=str(fields["cid"]),
-                        pipeline=str(fields["aud"]), timestamp_ms=int(fields["ts"]),
-                        kind=str(fields.get("typ", REQUEST)), request_sha256=str(fields.get("rq", "")))
-    except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
-        raise RejectedRequest("bad_format", f"envelope header is not valid: {exc.__class__.__name__}") from None
+        ts = fields["ts"]
+        if type(ts) is not int or not 0 <= ts < MAX_TS_MS:
+            raise ValueError("ts")
+        for name in ("kid", "cid", "aud", "typ", "rq"):
+            if name in fields and (not isinstance(fields[name], str) or not _utf8(fields[name])):
+                raise ValueError(name)
+        header = Header(key_id=fields["kid"], client_id=fields["cid"],
+                        pipeline=fields["aud"], timestamp_ms=ts,
+                        kind=str(fields.get("typ", REQUEST)), request_sha256=str(fields.get("rq", "")),
+                        seal_response=fields.get("sr") == 1)
+    except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
+        raise RejectedRequest("bad_format", "envelope header is not valid: it needs string 'kid', 'cid', 'aud' "
+                              f"and an integer 'ts' (unix ms, 0 to 2^53)") from None
     aad = envelope[:start + hlen]
     nonce = envelope[start + hlen:start + hlen + NONCE_LEN]
     return header, aad, nonce, envelope[start + hlen + NONCE_LEN:]
+
+
+def _utf8(text: str) -> bool:
+    """False for strings UTF-8 cannot hold (lone surrogates from JSON escapes)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def open_envelope(envelope: bytes, key_for) -> Opened:
@@ -119,5 +143,5 @@ def open_envelope(envelope: bytes, key_for) -> Opened:
         plaintext = AESGCM(key).decrypt(nonce, body, aad)
     except InvalidTag:
         raise RejectedRequest("auth_failed", f"authentication failed for key id '{header.key_id}': "
-                              "ciphertext, header or key do not match") from None
+                              "ciphertext, header or key do not match", public=NOT_AUTHENTICATED) from None
     return Opened(header, nonce, plaintext)

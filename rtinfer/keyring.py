@@ -18,6 +18,7 @@ import argparse
 import base64
 import binascii
 import json
+import math
 import os
 import stat
 import sys
@@ -26,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 
 ENV_VAR = "RTINFER_KEYRING"
 DEFAULT_KEY_ID = "k1"
@@ -77,12 +78,12 @@ class Keyring:
     def key(self, key_id: str, *, now: float | None = None) -> bytes:
         """The key that opens (and answers) envelopes sealed with ``key_id``: active, or retired within grace."""
         entry = self._entries.get(key_id)
-        if entry is None:
-            raise RejectedRequest("unknown_key", f"unknown key id '{key_id}'")
+        if entry is None:  # the client is not told whether a key id exists; the audit is
+            raise RejectedRequest("unknown_key", f"unknown key id '{key_id}'", public=NOT_AUTHENTICATED)
         until = entry.usable_until()
         if until is not None and (time.time() if now is None else now) > until:
             raise RejectedRequest("retired_key", f"key id '{key_id}' was retired and its grace period has ended; "
-                                  "seal with an active key")
+                                  "seal with an active key", public=NOT_AUTHENTICATED)
         return entry.key
 
     def sealing_key_id(self) -> str:
@@ -120,26 +121,53 @@ def _read(path: Path) -> dict[str, Entry]:
                            "chmod 600 it")
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise KeyringError(f"keyring file {path} is not valid JSON: {exc.__class__.__name__}") from None
+    return parse(data, str(path))
+
+
+def parse(data, where: str = "keyring") -> dict[str, Entry]:
+    """The whole document checked before anything is used: a file of the wrong shape is refused as a whole."""
+    keys = data.get("keys") if isinstance(data, dict) else None
+    if not isinstance(keys, dict) or not keys:
+        raise KeyringError(f"{where} must be an object {{\"keys\": {{<key id>: {{...}}}}}} with at least one key")
     entries = {}
-    for key_id, item in (data.get("keys") or {}).items() if isinstance(data, dict) else []:
+    for key_id, item in keys.items():
+        if not key_id or len(key_id) > 64 or not key_id.isprintable():
+            raise KeyringError(f"{where} has a key id that is empty, too long or not printable")
         try:
+            if not isinstance(item, dict) or not isinstance(item.get("key"), str):
+                raise TypeError
             key = base64.b64decode(item["key"], validate=True)
             state = item.get("state", "active")
-            entry = Entry(key, state, float(item.get("created", 0)),
-                          None if item.get("retired_at") is None else float(item["retired_at"]),
-                          float(item.get("grace_s", DEFAULT_GRACE_S)))
-        except (KeyError, TypeError, ValueError, binascii.Error):
-            raise KeyringError(f"key '{key_id}' in {path} is malformed (needs base64 'key', 'state')") from None
+            retired_at = item.get("retired_at")
+            entry = Entry(key, state, seconds(item.get("created", 0), "created"),
+                          None if retired_at is None else seconds(retired_at, "retired_at"),
+                          seconds(item.get("grace_s", DEFAULT_GRACE_S), "grace_s"))
+        except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+            why = f": {exc}" if isinstance(exc, ValueError) and "must be" in str(exc) else ""
+            raise KeyringError(f"key '{key_id}' in {where} is malformed (needs base64 'key', 'state'){why}") from None
         if len(key) != 32:
-            raise KeyringError(f"key '{key_id}' in {path} is {len(key)} bytes, AES-256 needs 32")
+            raise KeyringError(f"key '{key_id}' in {where} is {len(key)} bytes, AES-256 needs 32")
         if state not in STATES:
-            raise KeyringError(f"key '{key_id}' in {path} has state '{state}', expected one of {STATES}")
+            raise KeyringError(f"key '{key_id}' in {where} has state '{state}', expected one of {STATES}")
+        if state == "retired" and retired_at is None:
+            raise KeyringError(f"key '{key_id}' in {where} is retired but has no 'retired_at'")
         entries[key_id] = entry
-    if not entries:
-        raise KeyringError(f"keyring file {path} holds no keys")
     return entries
+
+
+def seconds(value, name: str = "time") -> float:
+    """A time or duration in seconds: a finite, non-negative number (nan or inf would never expire)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a number of seconds")
+    try:
+        out = float(value)
+    except (ValueError, OverflowError):
+        raise ValueError(f"{name} must be a number of seconds") from None
+    if not math.isfinite(out) or out < 0:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, not {value!r}")
+    return out
 
 
 class KeyringSource:
@@ -180,6 +208,8 @@ class KeyringSource:
                     self.reloads += 1
                 except KeyringError as exc:
                     self.on_error(f"keyring not reloaded, keeping the previous keys: {exc}")
+                except Exception as exc:  # noqa: BLE001 - whatever the file holds, the previous keys stay
+                    self.on_error(f"keyring not reloaded, keeping the previous keys: {type(exc).__name__}")
             return self._ring
 
     def __repr__(self) -> str:
@@ -228,6 +258,7 @@ def add_key(path, key_id: str | None = None) -> str:
 
 
 def retire_key(path, key_id: str, grace_s: float = DEFAULT_GRACE_S, *, now: float | None = None) -> None:
+    grace_s = _grace(grace_s)
     entries = _read(Path(path))
     if key_id not in entries:
         raise KeyringError(f"no key id '{key_id}' in {path}")
@@ -238,6 +269,7 @@ def retire_key(path, key_id: str, grace_s: float = DEFAULT_GRACE_S, *, now: floa
 
 def rotate(path, grace_s: float = DEFAULT_GRACE_S, new_id: str | None = None) -> tuple[str, list[str]]:
     """Add a new active key and retire every other active key with ``grace_s`` to drain."""
+    grace_s = _grace(grace_s)
     entries = _read(Path(path))
     new_id = new_id or next_key_id(entries)
     if new_id in entries:
@@ -249,6 +281,21 @@ def rotate(path, grace_s: float = DEFAULT_GRACE_S, new_id: str | None = None) ->
     entries[new_id] = new_entry()
     save(path, entries)
     return new_id, retired
+
+
+def _grace(value) -> float:
+    try:
+        return seconds(value, "grace_s")
+    except ValueError as exc:
+        raise KeyringError(str(exc)) from None
+
+
+def _seconds_arg(text: str) -> float:
+    """argparse type: refuses nan, inf and negative durations."""
+    try:
+        return seconds(text, "--grace-s")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def prune(path, *, now: float | None = None) -> list[str]:
@@ -295,11 +342,11 @@ def main(argv=None) -> int:
     rot = sub.add_parser("rotate", help="add a new active key; retire the other active keys after a grace period")
     rot.add_argument("path")
     rot.add_argument("--key-id", help="id of the new key (default: next free kN)")
-    rot.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S)
+    rot.add_argument("--grace-s", type=_seconds_arg, default=DEFAULT_GRACE_S)
     ret = sub.add_parser("retire", help="make a key decrypt-only for a grace period (0 = refuse it now)")
     ret.add_argument("path")
     ret.add_argument("key_id")
-    ret.add_argument("--grace-s", type=float, default=DEFAULT_GRACE_S)
+    ret.add_argument("--grace-s", type=_seconds_arg, default=DEFAULT_GRACE_S)
     pr = sub.add_parser("prune", help="delete retired keys whose grace period is over")
     pr.add_argument("path")
     ls = sub.add_parser("list", help="key ids, states and dates (never key material)")

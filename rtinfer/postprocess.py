@@ -2,24 +2,42 @@
 
 Pure logic behind ``model_repository/postprocess/1/model.py``. Top-k for clients
 comes from Triton's classification extension on the PROBS output (``class_count``),
-or, when the request asks for ``seal_response``, inside an envelope sealed to the
-request's own key: then PROBS is all zeros and AUDIT_REF carries the sealed result,
-so a TLS-terminating proxy sees neither the answer nor the audit reference.
+or, when the request's authenticated envelope header asks for it (``sr``, carried
+here in the audit context), inside an envelope sealed to the request's own key:
+then PROBS is all zeros and AUDIT_REF carries the sealed result, so a
+TLS-terminating proxy sees neither the answer nor the audit reference. For those
+requests the audit holds no result in clear either: ``top1_mac`` is a keyed hash
+of (envelope hash, top-1 index) under the server-internal key, so the operator can
+check a claimed answer and a reader of the log learns nothing.
+
+Each row fails alone: a context that does not parse, is not authenticated, names
+another request, is stale or was used before (``rtinfer.audit_context``), logits
+that are not finite, a key gone between the stages are refused for that request,
+audited; if the audit cannot be written, every row of the batch is refused as
+retryable (nothing is served unaudited).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import time
 
 import numpy as np
 
-from rtinfer import envelope
+from rtinfer import audit_context, envelope
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import RejectedRequest
+from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
+from rtinfer.internal_key import InternalKeys, fingerprint
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.preprocess import _now_iso
+from rtinfer.replay import ReplayGuard
 
 MAX_TOP_K = 1000
+STORE_REASONS = {"expired": ("context_expired", "AUDIT_CTX is stale: made longer ago than its freshness window"),
+                 "from_future": ("context_from_future", "AUDIT_CTX was made in the future"),
+                 "replayed": ("context_replayed", "AUDIT_CTX was already used for a served or refused request")}
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -28,79 +46,139 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-def wants_sealed(params: dict) -> bool:
-    return str(params.get("seal_response", "")).lower() in ("1", "true", "yes")
-
-
 def top_k_of(params: dict, default: int = 5) -> int:
     try:
         return max(1, min(MAX_TOP_K, int(params.get("top_k", default))))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return default
+
+
+def result_mac(key: bytes, envelope_sha256: str, index: int) -> str:
+    """What the audit holds instead of the result of a sealed response (checkable with the key only)."""
+    return hmac.new(key, f"{envelope_sha256}:{index}".encode(), hashlib.sha256).hexdigest()
 
 
 class Postprocessor:
     def __init__(self, audit: AuditWriter, labels: tuple[str, ...], *, models: dict[str, str], version: str = "1",
-                 keyring: Keyring | KeyringSource | None = None):
+                 keyring: Keyring | KeyringSource | None = None, internal_keys: InternalKeys | None = None,
+                 ctx_store: ReplayGuard | None = None):
         self.audit = audit
         self.labels = labels
         self.models = models  # pipeline name -> "classifier model/version (sha256 prefix)"
         self.version = version
         self.keys = keyring  # only needed to seal responses
+        # Key the audit's stand-in for sealed results (None: no result at all) and check AUDIT_CTX's MAC
+        # (None: unchecked, unit tests only).
+        self.internal_keys = internal_keys
+        self.ctx_store = ctx_store  # contexts used, for their freshness window
 
     def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
             params: list[dict] | None = None) -> tuple[np.ndarray, list]:
         """Batch of logits [N,1000] + audit contexts + Triton request ids (+ request parameters)
         -> probabilities and, per row, the record hash (str), the sealed result (bytes), or the
-        RejectedRequest that failed that row alone.
+        Refusal that failed that row alone. Never raises.
 
         The request id is the one Triton hands this last step, so the record shows it
         reached the end of the ensemble; preprocess saw the same id (``ctx``)."""
         started = time.time_ns()
-        params = params or [{}] * len(contexts)
-        probs = softmax(logits.astype(np.float32))
-        top = probs.argmax(axis=1)
+        n = len(contexts)
+        params = params or [{}] * n
+        probs = attempt(lambda: softmax(np.asarray(logits, dtype=np.float32).reshape(n, -1)))
+        if isinstance(probs, Refusal):
+            return np.zeros((n, len(self.labels)), np.float32), [probs] * n
         done = time.time_ns()
-        ring = self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys
-        records, ctxs, seal_keys, failed = [], [], {}, {}
-        for i, raw in enumerate(contexts):
-            ctx = json.loads(raw)
-            ctxs.append(ctx)
-            if wants_sealed(params[i]):
-                # The key opened this request moments ago; a retired key still answers in its grace period,
-                # but one retired in between must fail this request alone, audited, not the batch.
-                try:
-                    seal_keys[i] = ring.key(ctx["key_id"])
-                except RejectedRequest as exc:
-                    failed[i] = exc
-            idx = int(top[i])
-            record = {
-                "event": "served", "stage": "postprocess", "time": _now_iso(),
-                "request_id": request_ids[i], "client_id": ctx["client_id"], "key_id": ctx["key_id"],
-                "envelope_sha256": ctx["envelope_sha256"], "pipeline": ctx["pipeline"],
-                "models": {"preprocess": ctx["preprocess_version"], "postprocess": self.version,
-                           "classifier": self.models.get(ctx["pipeline"], "unknown")},
-                "top1": {"index": idx, "label": self.labels[idx], "score": round(float(probs[i, idx]), 6)},
-                "response_sealed": wants_sealed(params[i]),
-                "timing_ms": {
-                    "preprocess": round((ctx["t_pre_done_ns"] - ctx["t_start_ns"]) / 1e6, 3),
-                    "classifier_incl_queues": round((started - ctx["t_pre_done_ns"]) / 1e6, 3),
-                    "postprocess": round((done - started) / 1e6, 3),
-                    "total": round((done - ctx["t_start_ns"]) / 1e6, 3),
-                },
-            }
-            if i in failed:
-                del record["top1"]
-                record.update(event="rejected", reason=failed[i].reason, message=str(failed[i]))
+        ring = attempt(lambda: self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys)
+        accepted = attempt(lambda: None if self.internal_keys is None else self.internal_keys.all())
+        if isinstance(accepted, Refusal):
+            return np.zeros_like(probs), [accepted] * n
+        out: list = [None] * n
+        records, ctxs, seal_keys = [], {}, {}
+        for i in range(n):  # a context may already be a Refusal: the adapter could not read that request
+            ctx = contexts[i] if isinstance(contexts[i], Refusal) else attempt(
+                audit_context.open_context, contexts[i], accepted, request_ids[i], blame=CLIENT)
+            if isinstance(ctx, Refusal):
+                out[i] = ctx
+            else:
+                ctxs[i] = ctx
+        self._admit(ctxs, out)
+        for i in range(n):
+            ctx = ctxs.get(i, {})  # claims of a context that did not authenticate stay out of the record
+            if out[i] is not None:
+                records.append(self._rejected(request_ids[i], ctx, out[i]))
+                continue
+            record = attempt(self._served, request_ids[i], ctx, probs[i], started, done,
+                             accepted[0] if accepted else None, blame=CLIENT)
+            if not isinstance(record, Refusal) and ctx.get("seal_response") is True:
+                # The key opened this request moments ago; one retired in between fails this request alone.
+                key = ring if isinstance(ring, Refusal) else attempt(ring.key, ctx["key_id"])
+                if isinstance(key, Refusal):
+                    record = key
+                else:
+                    seal_keys[i] = key
+            if isinstance(record, Refusal):
+                out[i] = record
+                record = self._rejected(request_ids[i], ctx, record)
             records.append(record)
-        refs: list = self.audit.append(records)  # audited before anything is returned
-        for i, ctx in enumerate(ctxs):
-            if i in failed:
-                refs[i] = failed[i]
-            elif i in seal_keys:
-                refs[i] = self.seal(probs[i], refs[i], request_ids[i], ctx, top_k_of(params[i]), seal_keys[i])
+        hashes = attempt(self.audit.append, records)  # audited before anything is returned
+        if isinstance(hashes, Refusal):
+            return np.zeros_like(probs), [unavailable("audit_unavailable", hashes.detail)] * n
+        for i in range(n):
+            if out[i] is not None:
+                continue
+            out[i] = hashes[i]
+            if i in seal_keys:
+                out[i] = attempt(self.seal, probs[i], hashes[i], request_ids[i], ctxs[i],
+                                 top_k_of(params[i]), seal_keys[i])
                 probs[i] = 0.0
-        return probs, refs
+        return probs, out
+
+    def _admit(self, ctxs: dict[int, dict], out: list) -> None:
+        """Freshness and single use of the authenticated contexts, in one transaction for the batch."""
+        order = sorted(ctxs)
+        if self.ctx_store is None or not order:
+            return
+        verdicts = attempt(self.ctx_store.admit, [(audit_context.STORE_KEY_ID, audit_context.nonce(ctxs[i]),
+                                                   audit_context.issued_ms(ctxs[i])) for i in order])
+        for k, i in enumerate(order):
+            if isinstance(verdicts, Refusal):
+                out[i] = verdicts
+            elif verdicts[k] is not None:
+                out[i] = refusal(RejectedRequest(*STORE_REASONS.get(verdicts[k].reason, (
+                    "context_refused", "AUDIT_CTX refused"))))
+
+    def _base(self, request_id: str, ctx: dict) -> dict:
+        return {"stage": "postprocess", "time": _now_iso(), "request_id": str(request_id),
+                "client_id": ctx.get("client_id"), "key_id": ctx.get("key_id"),
+                "envelope_sha256": ctx.get("envelope_sha256"), "pipeline": ctx.get("pipeline")}
+
+    def _served(self, request_id: str, ctx: dict, probs: np.ndarray, started: int, done: int,
+                result_key: bytes | None) -> dict:
+        if not np.isfinite(probs).all():
+            raise RejectedRequest("bad_logits", "the classifier's logits are not finite")
+        idx = int(probs.argmax())
+        sealed = ctx.get("seal_response") is True
+        record = {
+            "event": "served", **self._base(request_id, ctx),
+            "models": {"preprocess": ctx["preprocess_version"], "postprocess": self.version,
+                       "classifier": self.models.get(ctx["pipeline"], "unknown")},
+            "response_sealed": sealed,
+            "timing_ms": {
+                "preprocess": round((ctx["t_pre_done_ns"] - ctx["t_start_ns"]) / 1e6, 3),
+                "classifier_incl_queues": round((started - ctx["t_pre_done_ns"]) / 1e6, 3),
+                "postprocess": round((done - started) / 1e6, 3),
+                "total": round((done - ctx["t_start_ns"]) / 1e6, 3),
+            },
+        }
+        if not sealed:
+            record["top1"] = {"index": idx, "label": self.labels[idx], "score": round(float(probs[idx]), 6)}
+        elif result_key is not None:  # the client asked for privacy: no result in clear, in the log either
+            record.update(top1_mac=result_mac(result_key, ctx["envelope_sha256"], idx),
+                          mac_key=fingerprint(result_key))
+        return record
+
+    def _rejected(self, request_id: str, ctx: dict, why: Refusal) -> dict:
+        return {"event": "rejected", **self._base(request_id, ctx), "reason": why.reason, "message": why.detail,
+                "retryable": why.retryable}
 
     def seal(self, probs: np.ndarray, audit_ref: str, request_id: str, ctx: dict, k: int, key: bytes) -> bytes:
         order = np.argsort(-probs, kind="stable")[:k]

@@ -5,15 +5,16 @@ Pure logic behind ``model_repository/preprocess/1/model.py``; tests drive it dir
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from rtinfer import envelope, imaging
+from rtinfer import audit_context, envelope, imaging
 from rtinfer.audit import AuditWriter
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
+from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
+from rtinfer.internal_key import InternalKeys
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.replay import ReplayGuard
 
@@ -26,18 +27,16 @@ class Request:
     request_id: str = ""
     client_id: str = ""  # as the client declared it in request parameters (unauthenticated)
     count: int = 1  # envelopes in the Triton request; `envelope` is the first
+    refused: Refusal | None = None  # the adapter could not read the request: refused, but still audited
 
 
 @dataclass
 class Accepted:
     image: np.ndarray  # UINT8 RGB [224, 224, 3]
-    context: bytes  # JSON carried straight to postprocess (AUDIT_CTX)
+    context: bytes  # JSON carried straight to postprocess (AUDIT_CTX), MAC'd (rtinfer.audit_context)
 
 
-@dataclass
-class Rejected:
-    reason: str
-    message: str
+Rejected = Refusal  # a refused request: reason, detail (audit), public message, retryable
 
 
 class Preprocessor:
@@ -48,7 +47,7 @@ class Preprocessor:
                  max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
                  max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1",
                  crop: str = imaging.DEFAULT_CROP, crop_by_pipeline: dict[str, str] | None = None,
-                 jpeg_draft: bool = True):
+                 jpeg_draft: bool = True, ctx_key: bytes | InternalKeys | None = None):
         self.keys = keyring
         self.audit = audit
         self.replay = replay
@@ -61,6 +60,7 @@ class Preprocessor:
             if policy not in imaging.CROPS:
                 raise ValueError(f"crop policy {policy!r} is not one of {imaging.CROPS}")
         self.jpeg_draft = jpeg_draft
+        self.ctx_key = ctx_key  # MACs AUDIT_CTX (server-internal key), so postprocess can trust it
 
     @property
     def keyring(self) -> Keyring:
@@ -70,9 +70,9 @@ class Preprocessor:
         def key_for(header: envelope.Header) -> bytes:
             if header.kind != envelope.REQUEST:
                 raise RejectedRequest("not_a_request", "envelope is a sealed response, not a request")
-            if header.pipeline not in self.pipelines:
+            if header.pipeline not in self.pipelines:  # the detail is for the audit only: which pipelines
                 raise RejectedRequest("wrong_pipeline", f"envelope is sealed for pipeline '{header.pipeline}', "
-                                      f"this service serves {sorted(self.pipelines)}")
+                                      f"this service serves {sorted(self.pipelines)}", public=NOT_AUTHENTICATED)
             return ring.key(header.key_id)
         return key_for
 
@@ -88,9 +88,7 @@ class Preprocessor:
         if req.client_id and req.client_id != hdr.client_id:
             raise RejectedRequest("client_mismatch", f"client id '{req.client_id}' in the request does not match "
                                   f"the envelope's sealed client id '{hdr.client_id}'")
-        if self.replay is not None:  # the timestamp is authenticated now, so the reason is the true one
-            self.replay.check_window(hdr.timestamp_ms)
-        return opened
+        return opened  # freshness and replay: ReplayGuard.admit, for the batch, in one transaction
 
     def _accept(self, req: Request, opened: envelope.Opened, started_ns: int) -> Accepted:
         hdr = opened.header
@@ -101,49 +99,66 @@ class Preprocessor:
             "request_id": req.request_id, "client_id": hdr.client_id, "key_id": hdr.key_id,
             "pipeline": hdr.pipeline, "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(),
             "sealed_at_ms": hdr.timestamp_ms, "preprocess_version": self.version,
-            "t_start_ns": started_ns, "t_pre_done_ns": done_ns,
+            "seal_response": hdr.seal_response, "t_start_ns": started_ns, "t_pre_done_ns": done_ns,
         }
-        return Accepted(image, json.dumps(ctx, separators=(",", ":")).encode())
+        key = self.ctx_key.current if isinstance(self.ctx_key, InternalKeys) else self.ctx_key
+        return Accepted(image, audit_context.seal(ctx, key))
 
-    def run(self, requests: list[Request]) -> list[Accepted | Rejected]:
-        """Process one batch; rejections are audited together in one write before returning."""
-        ring = self.keyring
+    def run(self, requests: list[Request]) -> list[Accepted | Refusal]:
+        """Process one batch; every request ends Accepted or refused on its own (never an exception).
+        Refusals are audited together in one write before returning; a refusal that cannot be
+        audited becomes retryable (fail closed: no unaudited answer)."""
         results: list = [None] * len(requests)
-        opened, started, rejected = {}, {}, []
-
-        def reject(i, exc):
-            results[i] = Rejected(exc.reason, str(exc))
-            rejected.append(self._rejection_record(requests[i], exc, started[i]))
-
+        started = [time.time_ns() for _ in requests]
+        ring = attempt(lambda: self.keyring)
+        opened = {}
         for i, req in enumerate(requests):
-            started[i] = time.time_ns()
-            try:
-                opened[i] = self._open(req, ring)
-            except RejectedRequest as exc:
-                reject(i, exc)
-        if self.replay is not None and opened:  # one transaction for the batch; duplicates inside it count too
-            order = sorted(opened)
-            fresh = self.replay.record([(opened[i].header.key_id, opened[i].nonce, opened[i].header.timestamp_ms)
-                                        for i in order])
-            for i, ok in zip(order, fresh):
-                if not ok:
-                    del opened[i]
-                    reject(i, RejectedRequest("replayed", "envelope was already received (replay): "
-                                              "its nonce was seen within the replay window"))
-        for i in sorted(opened):
-            try:
-                results[i] = self._accept(requests[i], opened[i], started[i])
-            except RejectedRequest as exc:
-                reject(i, exc)
-        self.audit.append(rejected)
+            res = req.refused or (ring if isinstance(ring, Refusal) else attempt(self._open, req, ring, blame=CLIENT))
+            if isinstance(res, Refusal):
+                results[i] = res
+            else:
+                opened[i] = res
+        admitted = self._admit(opened, results)
+        for i in admitted:
+            results[i] = attempt(self._accept, requests[i], opened[i], started[i], blame=CLIENT)
+        refused = [i for i, r in enumerate(results) if isinstance(r, Refusal)]
+        written = attempt(lambda: self.audit.append(
+            [self._rejection_record(requests[i], results[i], started[i]) for i in refused]))
+        if isinstance(written, Refusal):  # the audit is failing: nothing may be answered unaudited
+            for i in refused:
+                results[i] = unavailable("audit_unavailable", written.detail)
+        if self.replay is not None:  # the server failed these: their envelopes may be sent again
+            attempt(self.replay.release, [(opened[i].header.key_id, opened[i].nonce) for i in admitted
+                                          if isinstance(results[i], Refusal) and results[i].retryable])
         return results
 
-    def _rejection_record(self, req: Request, exc: RejectedRequest, started_ns: int) -> dict:
+    def _admit(self, opened: dict[int, envelope.Opened], results: list) -> list[int]:
+        """Window check and nonce insert for the batch's authenticated envelopes, in one transaction:
+        the indexes admitted; the others get their refusal in ``results``."""
+        order = sorted(opened)
+        if self.replay is None or not order:
+            return order
+        verdicts = attempt(self.replay.admit, [(opened[i].header.key_id, opened[i].nonce,
+                                                opened[i].header.timestamp_ms) for i in order])
+        if isinstance(verdicts, Refusal):  # store locked or failing: every one of them, retryable
+            for i in order:
+                results[i] = verdicts
+            return []
+        admitted = []
+        for i, why in zip(order, verdicts):
+            if why is None:
+                admitted.append(i)
+            else:
+                results[i] = refusal(why)
+        return admitted
+
+    def _rejection_record(self, req: Request, why: Refusal, started_ns: int) -> dict:
         rec = {
             "event": "rejected", "stage": "preprocess", "time": _now_iso(),
-            "request_id": req.request_id, "client_id": req.client_id, "key_id": None,
+            "request_id": str(req.request_id), "client_id": str(req.client_id), "key_id": None,
             "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(), "envelope_bytes": len(req.envelope),
-            "reason": exc.reason, "message": str(exc), "preprocess_version": self.version,
+            "reason": why.reason, "message": why.detail, "retryable": why.retryable,
+            "preprocess_version": self.version,
             "timing_ms": {"preprocess": round((time.time_ns() - started_ns) / 1e6, 3)},
         }
         try:  # the header, when it parses, says who claims to have sent it (not authenticated if rejected)

@@ -8,6 +8,12 @@ the window check already refuses those envelopes, so the store stays bounded by
 window x request rate, and process memory by SQLite's page cache. The store is a
 file, so a restart does not forget what was seen. It must be on a local file
 system (SQLite's locking is unreliable on network file systems).
+
+The window check and the nonce insert happen in one write transaction, against one
+clock reading taken inside it: another instance cannot prune a nonce between the
+check and the insert. When the store is locked or failing (another process holding
+a write lock, a backup tool, a full disk), ``admit`` gives up after ``busy_timeout_s``
+and raises ``Unavailable``: the requests are refused as retryable, not stalled.
 """
 from __future__ import annotations
 
@@ -17,15 +23,17 @@ import threading
 import time
 from pathlib import Path
 
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import RejectedRequest, Unavailable
 
 DEFAULT_WINDOW_S = 300.0
 DEFAULT_FUTURE_SKEW_S = 30.0
+DEFAULT_BUSY_TIMEOUT_S = 0.25
 
 
 class ReplayGuard:
     def __init__(self, path: str | os.PathLike, *, window_s: float = DEFAULT_WINDOW_S,
-                 future_skew_s: float = DEFAULT_FUTURE_SKEW_S, prune_every_s: float = 5.0):
+                 future_skew_s: float = DEFAULT_FUTURE_SKEW_S, prune_every_s: float = 5.0,
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.window_ms = int(window_s * 1000)
@@ -34,11 +42,13 @@ class ReplayGuard:
         self._pruned = 0.0
         self._lock = threading.Lock()
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        # Setting up may wait for other instances starting at the same time; requests may not wait long.
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # survives a process crash; a power cut may lose the last commits
         self._db.execute("CREATE TABLE IF NOT EXISTS seen (id BLOB PRIMARY KEY, ts INTEGER NOT NULL) WITHOUT ROWID")
         self._db.execute("CREATE INDEX IF NOT EXISTS seen_ts ON seen (ts)")
+        self._db.execute(f"PRAGMA busy_timeout = {max(0, int(busy_timeout_s * 1000))}")
 
     def check_window(self, timestamp_ms: int, *, now_ms: int | None = None) -> None:
         """Refuse an envelope sealed too long ago, or too far in the future (clock skew)."""
@@ -51,28 +61,58 @@ class ReplayGuard:
             raise RejectedRequest("from_future", f"envelope is sealed {-age / 1000:.1f} s in the future, more than "
                                   f"the allowed clock skew of {self.skew_ms / 1000:.0f} s")
 
-    def record(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None) -> list[bool]:
-        """Record (key id, nonce, timestamp ms) of a batch in one transaction; False = seen before (a replay)."""
+    def admit(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None,
+              windowed: bool = True) -> list[RejectedRequest | None]:
+        """(key id, nonce, timestamp ms) of a batch -> None (fresh, now recorded) or why it is refused
+        (expired, from the future, replayed), all in one transaction with one clock reading.
+        Raises ``Unavailable`` when the store is locked or failing (nothing recorded then)."""
         if not items:
             return []
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        fresh = []
+        out: list[RejectedRequest | None] = []
         with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
             try:
-                for key_id, nonce, ts in items:
-                    cur.execute("INSERT OR IGNORE INTO seen (id, ts) VALUES (?, ?)",
-                                (key_id.encode() + b"\0" + nonce, ts))
-                    fresh.append(cur.rowcount == 1)
-                if time.monotonic() - self._pruned > self.prune_every_s:
-                    cur.execute("DELETE FROM seen WHERE ts < ?", (now_ms - self.window_ms,))
-                    self._pruned = time.monotonic()
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-        return fresh
+                cur = self._db.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    now = int(time.time() * 1000) if now_ms is None else now_ms  # read under the write lock
+                    for key_id, nonce, ts in items:
+                        try:
+                            if windowed:
+                                self.check_window(ts, now_ms=now)
+                        except RejectedRequest as exc:
+                            out.append(exc)
+                            continue
+                        cur.execute("INSERT OR IGNORE INTO seen (id, ts) VALUES (?, ?)", (_nonce_id(key_id, nonce), ts))
+                        out.append(None if cur.rowcount == 1 else RejectedRequest(
+                            "replayed", "envelope was already received (replay): its nonce was seen within the "
+                            "replay window"))
+                    if time.monotonic() - self._pruned > self.prune_every_s:
+                        cur.execute("DELETE FROM seen WHERE ts < ?", (now - self.window_ms,))
+                        self._pruned = time.monotonic()
+                    cur.execute("COMMIT")
+                except BaseException:
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise Unavailable("replay_store_unavailable", f"replay store {self.path.name}: "
+                                  f"{type(exc).__name__}: {exc}") from None
+        return out
+
+    def record(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None) -> list[bool]:
+        """Record nonces without the window check; False = seen before (a replay)."""
+        return [r is None for r in self.admit(items, now_ms=now_ms, windowed=False)]
+
+    def release(self, items: list[tuple[str, bytes]]) -> None:
+        """Forget nonces of requests the server failed to answer (its own trouble), so they can be retried."""
+        if not items:
+            return
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.executemany("DELETE FROM seen WHERE id = ?", [(_nonce_id(k, n),) for k, n in items])
+            except sqlite3.Error:
+                pass  # the store is failing: the client seals a new envelope to retry
 
     def size(self) -> int:
         with self._lock:
@@ -81,3 +121,7 @@ class ReplayGuard:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def _nonce_id(key_id: str, nonce: bytes) -> bytes:
+    return key_id.encode() + b"\0" + nonce

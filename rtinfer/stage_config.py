@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from rtinfer import audit, checkpoint, keyring, replay
+from rtinfer import audit, audit_context, checkpoint, internal_key, keyring, replay
 
 
 class StageConfig:
@@ -25,6 +25,12 @@ class StageConfig:
         """Reloaded when the file changes (rotation without a restart)."""
         return keyring.KeyringSource(keyring.resolve_path(self.param("keyring")),
                                      check_s=float(self.param("keyring_check_s", "1")))
+
+    def internal_keys(self) -> internal_key.InternalKeys:
+        """The server-internal secret ($RTINFER_INTERNAL_KEY, or beside the keyring), made on first start,
+        reloaded when it is rotated."""
+        return internal_key.InternalKeys(internal_key.resolve_path(keyring.resolve_path(self.param("keyring"))),
+                                         check_s=float(self.param("keyring_check_s", "1")))
 
     def audit_dir(self) -> Path:
         directory = self.param("audit_dir") or os.environ.get(audit.ENV_DIR)
@@ -50,7 +56,18 @@ class StageConfig:
         return replay.ReplayGuard(self.param("replay_db") or self.audit_dir() / "replay-nonces.sqlite3",
                                   window_s=float(self.param("replay_window_s", str(replay.DEFAULT_WINDOW_S))),
                                   future_skew_s=float(self.param("replay_future_skew_s",
-                                                                 str(replay.DEFAULT_FUTURE_SKEW_S))))
+                                                                 str(replay.DEFAULT_FUTURE_SKEW_S))),
+                                  busy_timeout_s=float(self.param("replay_busy_timeout_s",
+                                                                  str(replay.DEFAULT_BUSY_TIMEOUT_S))))
+
+    def context_store(self) -> replay.ReplayGuard:
+        """AUDIT_CTX MACs postprocess has used, kept for the contexts' freshness window (all instances)."""
+        return replay.ReplayGuard(self.param("audit_ctx_db") or self.audit_dir() / "audit-ctx.sqlite3",
+                                  window_s=float(self.param("audit_ctx_max_age_s",
+                                                            str(audit_context.DEFAULT_MAX_AGE_S))),
+                                  future_skew_s=5.0,
+                                  busy_timeout_s=float(self.param("replay_busy_timeout_s",
+                                                                  str(replay.DEFAULT_BUSY_TIMEOUT_S))))
 
     def classifier_models(self) -> dict[str, str]:
         return classifier_ids(self.param("classifier_models"), self.model_dir.parent)

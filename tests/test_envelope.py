@@ -71,3 +71,13 @@ def test_not_an_envelope():
 def test_garbage_header():
     data = envelope._PREFIX.pack(envelope.MAGIC, 5) + b"{oops" + b"\0" * 40
     assert reason_of(data)[0] == "bad_format"
+
+
+@pytest.mark.parametrize("header", [b'{"aud":"pipeline","cid":"\\udc80","kid":"k1","ts":1}',
+                                    b'{"aud":"pipeline","cid":"c","kid":7,"ts":1}',
+                                    b'{"aud":"pipeline","cid":"c","kid":"k1","ts":1.5}',
+                                    b'{"aud":"pipeline","cid":"c","kid":"k1","ts":1' + b"0" * 400 + b"}"])
+def test_header_fields_must_have_their_types(header):
+    """Issue 14 (2): a ts of 401 digits overflowed the window check; strings must be UTF-8 encodable."""
+    data = envelope._PREFIX.pack(envelope.MAGIC, len(header)) + header + b"\0" * 40
+    assert reason_of(data)[0] == "bad_format"

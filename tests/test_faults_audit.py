@@ -190,3 +190,53 @@ def test_signing_key_must_be_private(tmp_path, signer_files):
         checkpoint.Signer.load(priv)
     os.chmod(priv, 0o600)
     assert "PRIVATE" not in repr(checkpoint.Signer.load(priv))
+
+
+FULL_DISK = textwrap.dedent("""
+    import json, os, resource, sys, time
+    from rtinfer import audit, checkpoint
+    path, key = sys.argv[1], sys.argv[2]
+    w = audit.AuditWriter(path, signer=checkpoint.Signer.load(key), checkpoint_interval_s=0.05,
+                          checkpoint_records=10_000)
+    batch = lambda tag: [{"event": "served", "request_id": f"{tag}-{i}", "pad": "x" * 300} for i in range(8)]
+    w.append(batch("before"))
+    time.sleep(0.2)  # signed by the background thread
+    limit = os.path.getsize(path) + 250  # room for one small record, not for its checkpoint
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # the "disk" fills up
+    w.append([{"event": "served", "request_id": "small-0"}])
+    failed = 0
+    for n in range(6):
+        try:
+            w.append(batch(f"full{n}"))
+        except OSError:
+            failed += 1
+    time.sleep(0.3)  # the background checkpoint fails too, and must not leave a record behind
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    w.append(batch("after"))
+    w.close()
+    print(json.dumps({"failed": failed, "errors": w.write_errors}))
+""")
+
+
+def test_file_size_limit_mid_batch_the_chain_continues(tmp_path, signer_files):
+    """Issue 14 (6): with the file size limit reached inside a write, the complete records of the
+    partial batch stayed on disk while the head went back: the next record did not link and a new
+    writer refused to start. Now the partial batch is cut; the chain, the checkpoints and a restart go on."""
+    priv, pub = signer_files
+    f = tmp_path / "a" / "post_0.jsonl"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(f), str(priv)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    counts = json.loads(out.stdout.splitlines()[-1])
+    assert counts["failed"] >= 4 and counts["errors"] > counts["failed"], counts  # + background checkpoints
+    public = checkpoint.load_public(pub)
+    [rep] = audit.verify_path(f.parent, public=public)["post_0"]
+    assert rep.ok and not rep.torn_tail and rep.unsigned == 0, rep
+    ids = [r["request_id"] for r in audit.read_records(f) if r["event"] == "served"]
+    assert len(ids) == len(set(ids)) and ids[-1] == "after-7"  # no partial batch left, nothing twice
+    assert all(len([i for i in ids if i.startswith(f"{t}-")]) in (0, 8) for t in ["before", *[f"full{n}" for n in range(6)]])
+    assert "small-0" in ids
+    w = audit.AuditWriter(f, signer=checkpoint.Signer.load(priv))  # a restart continues
+    w.append(recs(1, "restart"))
+    w.close()
+    assert all_ok(f.parent, public=public)

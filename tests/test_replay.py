@@ -133,3 +133,50 @@ def test_response_cache_is_off_on_audited_models_and_ensembles():
                 checked += 1
                 assert "response_cache" not in text, f"{f}: a cache hit would skip the audit"
     assert checked >= 3
+
+
+def test_window_and_nonce_are_decided_in_one_transaction(tmp_path):
+    """Issue 14 (8): one clock reading inside the write transaction decides both; no prune in between."""
+    g = replay.ReplayGuard(tmp_path / "r.db", window_s=60, future_skew_s=5, prune_every_s=0)
+    verdicts = g.admit([("k1", b"a" * 12, NOW), ("k1", b"b" * 12, NOW - 61_000), ("k1", b"c" * 12, NOW + 6_000),
+                        ("k1", b"a" * 12, NOW)], now_ms=NOW)
+    assert [v and v.reason for v in verdicts] == [None, "expired", "from_future", "replayed"]
+    assert g.size() == 1  # refused envelopes leave no nonce behind
+    g.close()
+
+
+def test_a_locked_store_fails_fast_and_retryable(tmp_path):
+    """Issue 14 (7): a store held by another writer stalled every request 30 s, then raised
+    OperationalError out of the stage. Now: Unavailable after the short busy timeout, nothing recorded."""
+    import sqlite3
+    from rtinfer.errors import Unavailable
+    g = replay.ReplayGuard(tmp_path / "r.db", busy_timeout_s=0.2)
+    holder = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # e.g. a backup tool, or any sqlite3 session writing
+    t0 = time.monotonic()
+    with pytest.raises(Unavailable) as info:
+        g.admit([("k1", b"n" * 12, NOW)], now_ms=NOW)
+    assert time.monotonic() - t0 < 2 and info.value.reason == "replay_store_unavailable"
+    assert "locked" in str(info.value) and "locked" not in info.value.public  # detail for the audit only
+    holder.execute("ROLLBACK")
+    assert g.admit([("k1", b"n" * 12, NOW)], now_ms=NOW) == [None]  # not burned by the failed attempt
+    g.release([("k1", b"n" * 12)])
+    assert g.admit([("k1", b"n" * 12, NOW)], now_ms=NOW) == [None]  # released: may be sent again
+    holder.close(), g.close()
+
+
+def test_stage_refuses_a_whole_batch_retryably_when_the_store_is_locked(tmp_path, keys):
+    import sqlite3
+    pre = Preprocessor(keys, _Audit(), pipelines={"pipeline"},
+                       replay=replay.ReplayGuard(tmp_path / "r.db", busy_timeout_s=0.1))
+    sealed = [envelope.seal(samples.photo("coffee"), keys.key("k1"), key_id="k1", client_id="c", pipeline="pipeline")
+              for _ in range(2)]
+    holder = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    out = pre.run([Request(s, f"r{i}") for i, s in enumerate(sealed)] + [Request(b"garbage", "r9")])
+    assert [(r.reason, r.retryable) for r in out] == [("replay_store_unavailable", True)] * 2 + [("truncated", False)]
+    assert {r["request_id"]: r["reason"] for r in pre.audit.records} == {
+        "r0": "replay_store_unavailable", "r1": "replay_store_unavailable", "r9": "truncated"}
+    holder.execute("ROLLBACK")
+    assert all(isinstance(r, Accepted) for r in pre.run([Request(s, f"again{i}") for i, s in enumerate(sealed)]))
+    holder.close()

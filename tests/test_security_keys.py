@@ -114,7 +114,7 @@ def test_rotation_on_a_running_server_without_restart(server, keyring_path, audi
         try:
             res = c.classify(samples.photo("coffee"), top_k=1)
         except InferenceServerException as exc:
-            assert "unknown key id 'k7'" in exc.message() and time.monotonic() < deadline, exc.message()
+            assert "authentication failed" in exc.message() and time.monotonic() < deadline, exc.message()
             time.sleep(0.3)
     assert res.predictions[0].index == 967
     assert run_cli("retire", keyring_path, "k7", "--grace-s", "0").returncode == 0
@@ -124,7 +124,7 @@ def test_rotation_on_a_running_server_without_restart(server, keyring_path, audi
         try:
             c.classify(samples.photo("coffee"), top_k=1, request_id=rid)
         except InferenceServerException as exc:
-            assert "retired" in exc.message()
+            assert "authentication failed" in exc.message() and "k7" not in exc.message()
             break
         assert time.monotonic() < deadline, "retired key still accepted"
         time.sleep(0.3)
@@ -133,3 +133,20 @@ def test_rotation_on_a_running_server_without_restart(server, keyring_path, audi
     text = "".join(f.read_text() for f in audit.audit_files(audit_dir))
     assert base64.b64encode(key).decode() not in text and key.hex() not in text
     c.close()
+
+
+def test_internal_key_is_private_rotates_and_is_never_printed(tmp_path):
+    from rtinfer import internal_key
+    path = tmp_path / "server-internal.key"
+    first = internal_key.load_or_create(path)
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and internal_key.load_or_create(path) == first
+    out = subprocess.run([sys.executable, "-m", "rtinfer.internal_key", "rotate", str(path)], capture_output=True,
+                         text=True)
+    keys = internal_key.read(path)
+    assert out.returncode == 0 and len(keys) == 2 and keys[1] == first and keys[0] != first
+    assert internal_key.fingerprint(keys[0]) + " (current)" in out.stdout
+    assert all(k.hex() not in out.stdout and base64.b64encode(k).decode() not in out.stdout for k in keys)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    os.chmod(path, 0o640)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        internal_key.read(path)

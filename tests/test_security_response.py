@@ -46,14 +46,16 @@ def test_sealed_result_matches_the_plain_one(server, keys, audit_dir, protocol):
 
 
 def test_what_a_proxy_sees_holds_no_result(server, keys):
-    """Raw HTTP: AUDIT_REF is an RTE1 envelope, PROBS all zeros; a reply fed back as a request is refused."""
+    """Raw HTTP: AUDIT_REF is an RTE1 envelope, PROBS all zeros; a reply fed back as a request is refused.
+    No seal_response parameter is sent: the sealed header alone decides (a proxy that drops parameters
+    cannot downgrade the answer)."""
     c = PipelineClient(server.http_url, protocol="http", key=keys.key("k1"), key_id="k1", client_id="proxy-test")
-    sealed_req = c.seal(samples.photo("coffee"))
+    sealed_req = c.seal(samples.photo("coffee"), seal_response=True)
     raw = httpclient.InferenceServerClient(server.http_url)
     inp = httpclient.InferInput("ENVELOPE", [1, 1], "BYTES")
     inp.set_data_from_numpy(np.array([[sealed_req]], dtype=np.object_))
     out = raw.infer("pipeline", [inp], request_id="proxy-1",
-                    parameters={"client_id": "proxy-test", "seal_response": True, "top_k": 2},
+                    parameters={"client_id": "proxy-test", "top_k": 2},
                     outputs=[httpclient.InferRequestedOutput("PROBS", binary_data=True),
                              httpclient.InferRequestedOutput("AUDIT_REF", binary_data=True)])
     reply = out.as_numpy("AUDIT_REF").reshape(-1)[0]

@@ -7,15 +7,16 @@ import numpy as np
 from rtinfer import audit, envelope
 from rtinfer.keyring import Keyring
 from rtinfer.postprocess import Postprocessor
+from rtinfer.guard import Refusal
 from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
 
 KEY = os.urandom(32)
 
 
-def context(request_id, key_id="k1"):
+def context(request_id, key_id="k1", sealed=False):
     return json.dumps({"request_id": request_id, "client_id": "c", "key_id": key_id, "pipeline": "pipeline",
                        "envelope_sha256": "00" * 32, "sealed_at_ms": 0, "preprocess_version": "1",
-                       "t_start_ns": 0, "t_pre_done_ns": 1}).encode()
+                       "seal_response": sealed, "t_start_ns": 0, "t_pre_done_ns": 1}).encode()
 
 
 def test_postprocess_seal_key_gone_fails_that_row_only(tmp_path):
@@ -23,10 +24,10 @@ def test_postprocess_seal_key_gone_fails_that_row_only(tmp_path):
     writer = audit.AuditWriter(tmp_path / "post.jsonl")
     post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, keyring=Keyring({"k1": KEY}))
     logits = np.random.default_rng(0).normal(size=(3, 1000)).astype(np.float32)
-    probs, refs = post.run(logits, [context("a"), context("b", key_id="gone"), context("c")], ["a", "b", "c"],
-                           [{"seal_response": "true"}, {"seal_response": "true"}, {}])
+    probs, refs = post.run(logits, [context("a", sealed=True), context("b", key_id="gone", sealed=True),
+                                    context("c")], ["a", "b", "c"])
     assert isinstance(refs[0], bytes) and isinstance(refs[2], str)
-    assert isinstance(refs[1], Exception) and "gone" in str(refs[1])
+    assert isinstance(refs[1], Refusal) and refs[1].reason == "unknown_key" and "gone" not in refs[1].public
     writer.close()
     recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
     assert recs["a"]["event"] == recs["c"]["event"] == "served"
@@ -60,3 +61,153 @@ def test_classifier_ids_name_the_file_each_host_loads(tmp_path):
                    "pipeline_onnx": "classifier_onnx/1:model.portable.onnx@" + "b" * 16,
                    "x": "classifier_onnx/1:missing.onnx@not-in-manifest",
                    "y": "classifier_trt_fp16/1@no-manifest"}
+
+
+def palette_png_trns_no_plte() -> bytes:
+    """Issue 14 (1): a palette PNG with a tRNS chunk and no PLTE; Pillow's convert("RGB") asserted on it."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 3, 0, 0, 0))
+            + chunk(b"tRNS", b"\x00") + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND", b""))
+
+
+class FailingAudit:
+    """An audit whose disk is full."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def append(self, records):
+        self.calls += 1
+        if records:
+            raise OSError(27, "File too large")
+        return []
+
+
+def test_any_exception_of_one_request_fails_it_alone(tmp_path, monkeypatch):
+    """Whatever a step raises for one request (here: the decoder raising something unexpected, a header
+    whose ts overflows a float), that request alone is refused, audited, with no exception text."""
+    from rtinfer import imaging, replay
+    real = imaging.preprocess
+
+    def decoder(data, **kw):
+        if data == b"boom":
+            raise ZeroDivisionError("secret /srv/path detail")
+        return real(data, **kw)
+    monkeypatch.setattr(imaging, "preprocess", decoder)
+    writer = audit.AuditWriter(tmp_path / "pre.jsonl")
+    pre = Preprocessor(Keyring({"k1": KEY}), writer, pipelines={"pipeline"},
+                       replay=replay.ReplayGuard(tmp_path / "r.db"))
+    from clients import samples
+    good = [envelope.seal(samples.photo("coffee"), KEY, key_id="k1", client_id="c", pipeline="pipeline")
+            for _ in range(3)]
+    bad = [envelope.seal(b"boom", KEY, key_id="k1", client_id="c", pipeline="pipeline"),
+           envelope.seal(palette_png_trns_no_plte(), KEY, key_id="k1", client_id="c", pipeline="pipeline"),
+           envelope.seal(b"x", KEY, key_id="k1", client_id="c", pipeline="pipeline",
+                         timestamp_ms=int("1" + "0" * 400))]
+    out = pre.run([Request(e, f"g{i}") for i, e in enumerate(good)] + [Request(e, f"b{i}") for i, e in enumerate(bad)])
+    assert all(isinstance(r, Accepted) for r in out[:3])
+    assert all(isinstance(r, Rejected) and not r.retryable for r in out[3:])
+    assert out[3].reason == "bad_input" and "secret" not in out[3].public and "ZeroDivision" not in out[3].public
+    assert out[5].reason == "bad_format"
+    writer.close()
+    recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
+    assert set(recs) == {"b0", "b1", "b2"} and "ZeroDivisionError" in recs["b0"]["message"]
+
+
+def test_audit_failure_refuses_retryably_and_releases_nonces(tmp_path):
+    """Nothing is answered unaudited; the envelopes the server failed can be sent again."""
+    from rtinfer import replay
+    guard_ = replay.ReplayGuard(tmp_path / "r.db")
+    pre = Preprocessor(Keyring({"k1": KEY}), FailingAudit(), pipelines={"pipeline"}, replay=guard_)
+    bad_image = envelope.seal(b"not an image", KEY, key_id="k1", client_id="c", pipeline="pipeline")
+    [r] = pre.run([Request(bad_image, "r1")])
+    assert r.retryable and r.reason == "audit_unavailable" and "File too large" not in r.public
+    assert guard_.size() == 0  # released: the same envelope may come again
+
+
+def test_postprocess_bad_context_and_logits_fail_their_rows_alone(tmp_path):
+    """A context that is not JSON failed the batch with INTERNAL and an exception name (issue 10)."""
+    writer = audit.AuditWriter(tmp_path / "post.jsonl")
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={})
+    logits = np.random.default_rng(0).normal(size=(4, 1000)).astype(np.float32)
+    logits[3, 7] = np.nan
+    probs, refs = post.run(logits, [context("a"), b"{not json", b'{"client_id": 5}', context("d")],
+                           ["a", "b", "c", "d"])
+    assert isinstance(refs[0], str)
+    assert [(r.reason, r.retryable) for r in refs[1:]] == [("bad_context", False)] * 2 + [("bad_logits", False)]
+    writer.close()
+    recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
+    assert recs["a"]["event"] == "served" and all(recs[k]["event"] == "rejected" for k in "bcd")
+    post = Postprocessor(FailingAudit(), tuple(f"c{i}" for i in range(1000)), models={})
+    probs, refs = post.run(logits[:1], [context("a")], ["a"])
+    assert refs[0].retryable and refs[0].reason == "audit_unavailable" and not probs.any()
+
+
+def test_sealed_result_stays_out_of_the_audit(tmp_path):
+    """Issue 14 (4): the audit held top-1 label and score in clear even for sealed responses."""
+    from rtinfer import audit_context, internal_key
+    from rtinfer.postprocess import result_mac
+    keys = internal_key.InternalKeys(tmp_path / "internal.key")
+    writer = audit.AuditWriter(tmp_path / "post.jsonl")
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, keyring=Keyring({"k1": KEY}),
+                         internal_keys=keys)
+    logits = np.zeros((2, 1000), np.float32)
+    logits[:, 42] = 9
+    contexts = [audit_context.seal(json.loads(c), keys.current) for c in (context("s", sealed=True), context("p"))]
+    _, refs = post.run(logits, contexts, ["s", "p"], [{}, {"seal_response": "1"}])
+    assert isinstance(refs[0], bytes) and isinstance(refs[1], str)  # the header decides, not the parameter
+    writer.close()
+    recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
+    assert "top1" not in recs["s"] and "c42" not in json.dumps(recs["s"])
+    assert recs["s"]["top1_mac"] == result_mac(keys.current, "00" * 32, 42)
+    assert recs["s"]["mac_key"] == internal_key.fingerprint(keys.current)
+    assert recs["p"]["top1"]["index"] == 42
+
+
+def test_postprocess_refuses_unauthenticated_stale_replayed_or_misdirected_contexts(tmp_path):
+    """Issue 10 (1): AUDIT_CTX is MAC'd by preprocess under the server-internal key and bound to the
+    request id and its time; postprocess refuses per request what does not check, audited, and uses
+    a context once. The good rows of the same batch are served."""
+    import time as _time
+
+    from rtinfer import audit_context, internal_key, replay
+    keys = internal_key.InternalKeys(tmp_path / "internal.key", check_s=0)
+    key = keys.current
+    writer = audit.AuditWriter(tmp_path / "post.jsonl")
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(1000)), models={}, internal_keys=keys,
+                         ctx_store=replay.ReplayGuard(tmp_path / "ctx.db", window_s=60, future_skew_s=5))
+    now = _time.time_ns()
+
+    def ctx(rid, client="alice", age_s=0.0, mac_key=key):
+        body = json.loads(context(rid))
+        body.update(client_id=client, t_start_ns=int(now - age_s * 1e9) - 1000, t_pre_done_ns=int(now - age_s * 1e9))
+        return audit_context.seal(body, mac_key)
+    genuine = ctx("good")
+    forged = ctx("forged", client="victim", mac_key=os.urandom(32))
+    unmacd = json.dumps({**json.loads(ctx("plain")), "mac": "00" * 32}).encode()
+    rows = [(genuine, "good"), (forged, "forged"), (unmacd, "plain"), (ctx("stale", age_s=120), "stale"),
+            (ctx("other"), "not-other"), (b"\xff garbage", "garbage"), (ctx("good2"), "good2")]
+    logits = np.zeros((len(rows), 1000), np.float32)
+    _, refs = post.run(logits, [r[0] for r in rows], [r[1] for r in rows])
+    reasons = [r if isinstance(r, str) else r.reason for r in refs]
+    assert isinstance(refs[0], str) and isinstance(refs[6], str)
+    assert reasons[1:6] == ["context_forged", "context_forged", "context_expired", "context_request_id",
+                            "bad_context"]
+    assert all(not r.retryable for r in refs[1:6])
+    _, again = post.run(logits[:1], [genuine], ["good"])  # the same genuine context a second time
+    assert again[0].reason == "context_replayed"
+    internal_key.rotate(tmp_path / "internal.key")  # rotated: a context made just before still checks ...
+    _, after = post.run(logits[:2], [ctx("before-rotation"), ctx("new", mac_key=keys.all()[0])],
+                        ["before-rotation", "new"])
+    assert keys.current != key and all(isinstance(r, str) for r in after), after
+    internal_key.rotate(tmp_path / "internal.key")  # ... but not after the next rotation
+    _, old = post.run(logits[:1], [ctx("too-old-key")], ["too-old-key"])
+    assert old[0].reason == "context_forged"
+    writer.close()
+    recs = audit.read_records(tmp_path)
+    assert [r["request_id"] for r in recs if r["event"] == "served"] == ["good", "good2", "before-rotation", "new"]
+    assert all(r.get("client_id") != "victim" for r in recs)  # a forged context's claims stay out

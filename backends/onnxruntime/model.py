@@ -7,6 +7,10 @@ here and, with the native backend, in the NGC container. It honours the model's
 max_batch_size (Triton's batcher groups requests; this runs them as one batch),
 instance_group (one stub process per instance) and the native backend's
 ``intra_op_thread_count`` / ``inter_op_thread_count`` parameters.
+
+It never raises out of ``execute()``: when the batch as a whole fails, each request
+is run alone, so a request can only fail itself (answered UNAVAILABLE, with no
+exception name or path).
 """
 import json
 import os
@@ -31,6 +35,20 @@ class TritonPythonModel:
         self.outputs = [t["name"] for t in config["output"]]
 
     def execute(self, requests):
+        try:
+            return self._run(requests)
+        except Exception:  # noqa: BLE001 - one request's data must not fail the others: run them one by one
+            if len(requests) == 1:
+                return [_unavailable()]
+            return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        try:
+            return self._run([request])[0]
+        except Exception:  # noqa: BLE001
+            return _unavailable()
+
+    def _run(self, requests):
         feeds, sizes = {}, []
         for name, dtype in self.inputs:
             parts = [pb_utils.get_input_tensor_by_name(r, name).as_numpy() for r in requests]
@@ -43,3 +61,8 @@ class TritonPythonModel:
                 pb_utils.Tensor(name, value[start:start + n]) for name, value in zip(self.outputs, results)]))
             start += n
         return responses
+
+
+def _unavailable():
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(
+        "the classifier could not process this request; retry later", pb_utils.TritonError.UNAVAILABLE))

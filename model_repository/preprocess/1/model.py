@@ -1,10 +1,13 @@
-"""Triton adapter for the preprocess stage; the logic is rtinfer.preprocess."""
+"""Triton adapter for the preprocess stage; the logic is rtinfer.preprocess.
+
+Never raises out of ``execute()``: reading one request's tensors, the stage and the
+answers all go through rtinfer.guard, so one request can only fail itself."""
 import json
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rtinfer import stage_config
+from rtinfer import guard, stage_config
 from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 
@@ -21,27 +24,36 @@ class TritonPythonModel:
             crop=cfg.param("crop", "center"),
             crop_by_pipeline=dict(kv.split("=", 1) for kv in cfg.param("crop_by_pipeline").split(",") if kv),
             jpeg_draft=cfg.param("jpeg_draft", "true").lower() == "true",
+            ctx_key=cfg.internal_keys(),
         )
 
     def execute(self, requests):
-        batch = []
-        for request in requests:
-            params = json.loads(request.parameters() or "{}")
-            raw = pb_utils.get_input_tensor_by_name(request, "ENVELOPE").as_numpy().reshape(-1)
-            batch.append(Request(envelope=bytes(raw[0]) if len(raw) else b"", request_id=request.request_id(),
-                                 client_id=str(params.get("client_id", "")), count=len(raw)))
-        responses = []
-        for result in self.pre.run(batch):
+        return guard.respond(pb_utils, requests, self._handle)
+
+    def _handle(self, requests):
+        out = []
+        for result in self.pre.run([_read(request) for request in requests]):
             if isinstance(result, Accepted):
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor("IMAGE", result.image[np.newaxis]),
-                    pb_utils.Tensor("AUDIT_CTX", np.array([[result.context]], dtype=np.object_)),
-                ]))
-            else:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(result.message, pb_utils.TritonError.INVALID_ARG)))
-        return responses
+                result = [pb_utils.Tensor("IMAGE", result.image[np.newaxis]),
+                          pb_utils.Tensor("AUDIT_CTX", np.array([[result.context]], dtype=np.object_))]
+            out.append(result)
+        return out
 
     def finalize(self):
         self.pre.audit.close()
         self.pre.replay.close()
+
+
+def _read(request) -> Request:
+    """The stage's view of one request; one that cannot be read is refused (and audited) alone."""
+    def read():
+        params = json.loads(request.parameters() or "{}")
+        raw = pb_utils.get_input_tensor_by_name(request, "ENVELOPE").as_numpy().reshape(-1)
+        return Request(envelope=bytes(raw[0]) if len(raw) else b"", request_id=str(request.request_id()),
+                       client_id=str(params.get("client_id", "")) if isinstance(params, dict) else "",
+                       count=len(raw))
+    req = guard.attempt(read, blame=guard.CLIENT)
+    if isinstance(req, guard.Refusal):
+        rid = guard.attempt(lambda: str(request.request_id()))
+        req = Request(b"", request_id=rid if isinstance(rid, str) else "", refused=req)
+    return req

@@ -1,0 +1,77 @@
+"""Fail closed, one request at a time: whatever a request's step raises becomes that request's refusal.
+
+Raising out of a Triton ``execute()`` fails every request of the dynamic batch and
+sends the traceback (with server paths) to the client. Every stage therefore runs
+each request's steps through ``attempt`` and every adapter answers through
+``respond``: a ``RejectedRequest`` keeps its reason; any other exception becomes
+a refusal with a fixed public message, so no exception name, message or path
+reaches a client. The detail goes to the audit record instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rtinfer.errors import SERVER_TROUBLE, RejectedRequest, Unavailable
+
+CLIENT, SERVER = "client", "server"
+BAD_INPUT = "the request could not be processed: its input is malformed"
+_DETAIL_CHARS = 300
+
+
+@dataclass(frozen=True)
+class Refusal:
+    reason: str  # tag for the audit
+    detail: str  # for the audit: what went wrong, without traceback
+    public: str  # what the client is told
+    retryable: bool  # True: the server's trouble (UNAVAILABLE); False: the client's mistake (INVALID_ARG)
+
+    @property
+    def message(self) -> str:
+        return self.public
+
+
+def refusal(exc: BaseException, blame: str = SERVER) -> Refusal:
+    """Classify an exception. ``blame``: who is at fault for an exception the code did not expect
+    (CLIENT for a step that only reads the request's own bytes, like decoding its image)."""
+    if isinstance(exc, RejectedRequest):
+        return Refusal(exc.reason, str(exc)[:_DETAIL_CHARS * 4], exc.public, exc.retryable)
+    detail = f"{type(exc).__name__}: {exc}"[:_DETAIL_CHARS]
+    if blame == CLIENT and not isinstance(exc, (MemoryError, RecursionError)):
+        return Refusal("bad_input", detail, BAD_INPUT, False)
+    return Refusal("internal_error", detail, SERVER_TROUBLE, True)
+
+
+def attempt(fn, *args, blame: str = SERVER, **kwargs):
+    """``fn(*args, **kwargs)``, or the ``Refusal`` for whatever it raised (never raises an Exception)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - this is the one place that turns anything into a refusal
+        return refusal(exc, blame)
+
+
+def unavailable(reason: str, detail: str) -> Refusal:
+    """A refusal for the server's own trouble with a component (audit, replay store)."""
+    return refusal(Unavailable(reason, detail[:_DETAIL_CHARS]))
+
+
+def respond(pb_utils, requests, handler) -> list:
+    """The body of every adapter's ``execute()``: ``handler(requests)`` returns, per request, a list of
+    ``pb_utils.Tensor`` or a ``Refusal``; this turns refusals into per-request Triton errors and, if the
+    handler itself raised, answers every request UNAVAILABLE rather than raising out of ``execute()``."""
+    try:
+        results = handler(requests)
+        if len(results) != len(requests):
+            raise RuntimeError(f"{len(results)} results for {len(requests)} requests")
+    except Exception as exc:  # noqa: BLE001
+        results = [refusal(exc)] * len(requests)
+    responses = []
+    for result in results:
+        if not isinstance(result, Refusal):
+            try:
+                responses.append(pb_utils.InferenceResponse(output_tensors=result))
+                continue
+            except Exception as exc:  # noqa: BLE001
+                result = refusal(exc)
+        code = pb_utils.TritonError.UNAVAILABLE if result.retryable else pb_utils.TritonError.INVALID_ARG
+        responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(result.public, code)))
+    return responses
