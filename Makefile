@@ -14,7 +14,7 @@ AUDIT_DIR    ?= build/audit
 CALIB_DIR    ?=
 EVAL_DIR     ?=
 
-.PHONY: venv engines bench-engines keys serve demo test loadtest bench clean
+.PHONY: venv engines bench-engines keys haproxy serve serve-direct demo test loadtest bench clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -34,29 +34,51 @@ bench-engines: engines
 keys: $(STAMP)
 	$(PY) -m rtinfer.keyring init $(KEYRING)
 
+# The gateway (deploy/gateway/, HAProxy 2.6+ with Lua): installed with apt-get when missing
+# and we are root, otherwise make stops and says how to install it.
+haproxy:
+	@deploy/gateway/require-haproxy.sh
+
 # Security options of `make serve` (empty = off): API_KEY_FILE (inference needs the key),
 # ADMIN_KEY_FILE (model repository, shared memory, statistics, trace, logging need it),
-# TLS_CERT + TLS_KEY (gRPC over TLS), TLS_CLIENT_CA (mutual TLS). Audit checkpoints are
-# signed with AUDIT_SIGNING_KEY (created on first use; AUDIT_SIGNING_KEY= to turn off).
+# TLS_CERT + TLS_KEY (TLS on the gateway's HTTP and gRPC ports; serve-direct: gRPC only),
+# TLS_CLIENT_CA (mutual TLS), RATE_LIMIT (requests per 10 s per client address, gateway only).
+# Audit checkpoints are signed with AUDIT_SIGNING_KEY (created on first use; AUDIT_SIGNING_KEY= to turn off).
 API_KEY_FILE      ?=
 ADMIN_KEY_FILE    ?=
 TLS_CERT          ?=
 TLS_KEY           ?=
 TLS_CLIENT_CA     ?=
+RATE_LIMIT        ?=
 AUDIT_SIGNING_KEY ?= build/keys/audit-signing.pem
-
-serve: engines keys
-	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
-	$(PY) -m rtinfer.server --model-repository model_repository --keyring $(KEYRING) --audit-dir $(AUDIT_DIR) \
-	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+# The gateway listens on GATEWAY_HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT (0.0.0.0 for all
+# interfaces); Triton listens on 127.0.0.1 only, on the TRITON_*_PORT behind it.
+GATEWAY_HOST        ?= 127.0.0.1
+TRITON_HTTP_PORT    ?= 18000
+TRITON_GRPC_PORT    ?= 18001
+TRITON_METRICS_PORT ?= 18002
+SERVE_COMMON = --model-repository model_repository --keyring $(KEYRING) --audit-dir $(AUDIT_DIR) \
 	  $(if $(AUDIT_SIGNING_KEY),--audit-signing-key $(AUDIT_SIGNING_KEY)) \
 	  $(if $(API_KEY_FILE),--api-key-file $(API_KEY_FILE)) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
 	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 
+# The gateway in front of Triton: only the pipeline is reachable, on both protocols.
+serve: engines keys haproxy
+	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
+	$(PY) -m rtinfer.gateway $(SERVE_COMMON) --host $(GATEWAY_HOST) \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	  --triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
+	  --triton-metrics-port $(TRITON_METRICS_PORT) $(if $(RATE_LIMIT),--rate-limit $(RATE_LIMIT))
+
+# Development only: the embedded server without the gateway (every loaded model reachable).
+serve-direct: engines keys
+	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
+	$(PY) -m rtinfer.server $(SERVE_COMMON) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
 demo: engines keys
 	$(PY) -m clients.demo --keyring $(KEYRING) --audit-dir $(AUDIT_DIR)
 
-test: engines
+test: engines haproxy
 	$(PY) -m pytest -q
 
 # Locust load test of the pipeline (own server on free loopback ports unless LOADTEST_TARGET
