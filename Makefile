@@ -14,7 +14,7 @@ AUDIT_DIR    ?= build/audit
 CALIB_DIR    ?=
 EVAL_DIR     ?=
 
-.PHONY: venv engines bench-engines keys haproxy serve serve-direct demo test loadtest bench clean
+.PHONY: venv engines bench-engines keys haproxy serve serve-direct demo test loadtest bench bench-gateway clean
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -101,6 +101,11 @@ BENCH_LEVELS  ?= 1,2,4,8,16
 BENCH_SECONDS ?= 6
 bench: engines keys
 	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS)
+
+# One client's latency through the gateway vs straight to Triton (interleaved), gRPC and HTTP.
+GATEWAY_REQUESTS ?= 300
+bench-gateway: engines keys haproxy
+	$(PY) -m loadtest.gateway_overhead --keyring $(KEYRING) --requests $(GATEWAY_REQUESTS)
 
 clean:
 	rm -rf build model_repository/*/1/*.onnx model_repository/*/1/*.plan model_repository/*/1/*.json

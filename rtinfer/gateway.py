@@ -205,6 +205,7 @@ def main(argv=None) -> int:
                                   tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
                                   rate_limit=args.rate_limit)
     haproxy_binary()  # fail before the server starts
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop both cleanly (Triton closes the audit)
     with server, gateway:
         print(f"gateway ready: HTTP {gateway.http_url}  gRPC {gateway.grpc_url}{' (TLS)' if gateway.tls else ''}"
               f"  metrics {gateway.metrics_url}  exposes '{args.model}' only"
