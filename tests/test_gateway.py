@@ -415,6 +415,14 @@ def test_http_methods_and_admin_paths_are_refused(gateway, method, path):
     assert resp.status in (403, 405) and b"gateway:" in data, (method, path, resp.status, data[:200])
 
 
+def test_http_get_with_a_body_is_refused(gateway):
+    """A body on a GET is refused: no backend gets the chance to read it as a second request."""
+    inner = b"POST /v2/repository/index HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    resp, data = http_send(gateway, "GET", "/v2/health/live", inner, {"Content-Length": str(len(inner))})
+    assert resp.status == 400 and b"takes no body" in data
+    assert http_send(gateway, "GET", "/v2/health/live")[0].status == 200
+
+
 # ------------------------------------------------------------------ API key at the gateway
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

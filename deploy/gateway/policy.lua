@@ -32,6 +32,7 @@ local REFUSALS = {
   compressed           = {415, 12, "compressed gRPC messages are not accepted"},
   incomplete_message   = {413, 8,  "gRPC message incomplete or larger than the gateway's buffer"},
   malformed_message    = {400, 3,  "malformed gRPC message"},
+  body_not_allowed     = {400, 3,  "this request takes no body"},
 }
 
 local function refuse(txn, reason)
@@ -122,6 +123,10 @@ core.register_action("rtinfer_http", {"http-req"}, function(txn, model)
   end
   if txn.sf:method() ~= method then
     return refuse(txn, "method_not_allowed")
+  end
+  if method == "GET" and (txn.f:req_hdr_cnt("transfer-encoding") > 0 or
+                          (txn.f:req_hdr_cnt("content-length") > 0 and txn.sf:req_hdr("content-length") ~= "0")) then
+    return refuse(txn, "body_not_allowed")  -- nothing for a backend to read as a second request
   end
   -- Triton sees exactly the path that was checked; the query string is dropped.
   txn.http:req_set_uri(canon)
