@@ -200,6 +200,14 @@ def test_model_name_must_appear_exactly_once(gateway, keys, fields):
     assert raw_refusal(gateway.grpc_url, body).code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_a_model_name_cannot_forge_log_lines(gateway):
+    mark = len(gateway.log_text())
+    body = classifier_request("").SerializeToString() + name_field("x\nrefused=- model=pipeline")
+    assert raw_refusal(gateway.grpc_url, body).code() == grpc.StatusCode.PERMISSION_DENIED
+    [line] = log_after(gateway, mark, r"refused=model_not_allowed")
+    assert "model=x?refused?-?model?pipeline refused=model_not_allowed" in line, line
+
+
 def test_raw_request_naming_the_pipeline_once_is_served(gateway, keys):
     """The same hand-made request with exactly one model_name goes through (the refusals above are
     about the name, not about raw requests)."""

@@ -229,7 +229,11 @@ core.register_action("rtinfer_grpc_body", {"http-req"}, function(txn, model, max
   if names == nil then
     return refuse(txn, "malformed_message")
   end
-  txn:set_var("txn.model", table.concat(names, ","))
+  local shown = {}  -- for the log: the client chose these bytes
+  for k, name in ipairs(names) do
+    shown[k] = name:sub(1, 64):gsub("[^%w%-%._]", "?")
+  end
+  txn:set_var("txn.model", table.concat(shown, ","))
   if #names ~= 1 or names[1] ~= model then
     return refuse(txn, "model_not_allowed")
   end
