@@ -122,6 +122,21 @@ def test_wrong_dtype_and_shape_still_rejected_by_triton(gateway, protocol):
     c.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_several_envelopes_in_one_request_still_refused_clearly(gateway, gated_triton, keys, protocol):
+    client = pipeline_client(url(gateway, protocol), protocol, keys=keys)
+    kwargs = client.request(client.seal(samples.photo("coffee")), 1, uuid.uuid4().hex)
+    two = [client.seal(samples.photo("coffee")), client.seal(samples.photo("chelsea"))]
+    kwargs["inputs"][0] = client._m.InferInput("ENVELOPE", [2, 1], "BYTES")
+    kwargs["inputs"][0].set_data_from_numpy(np.array(two, dtype=np.object_).reshape(2, 1))
+    with pytest.raises(InferenceServerException) as info:
+        client.client.infer(**kwargs)
+    client.close()
+    assert "one envelope per request, got 2" in info.value.message()
+    [rec] = records_for(gated_triton.audit_dir, kwargs["request_id"])
+    assert rec["reason"] == "batched_request"
+
+
 # ------------------------------------------------------------------ composing models refused
 
 def envelope_request(model: str, sealed: bytes, client_id: str) -> service_pb2.ModelInferRequest:
