@@ -106,8 +106,9 @@ class Gateway:
                    GW_HTTP_BIND=self.http_url, GW_GRPC_BIND=self.grpc_url,
                    GW_METRICS_BIND=f"{self.host}:{self.metrics_port}",
                    **{f"GW_TRITON_{name}": addr for name, addr in self.triton.items()})
-        for optional in ("GW_TLS_PEM", "GW_TLS_CLIENT_CA", "GW_API_KEYS", "GW_RATE_LIMIT"):
-            env.pop(optional, None)
+        for unset in ("GW_TLS_PEM", "GW_TLS_CLIENT_CA", "GW_API_KEYS", "GW_RATE_LIMIT",
+                      access.API_KEY_ENV, access.ADMIN_KEY_ENV):  # HAProxy needs no plaintext key
+            env.pop(unset, None)
         if self.tls:  # HAProxy wants the certificate and its key in one file
             pem = Path(self.tls_cert).read_bytes().rstrip(b"\n") + b"\n" + Path(self.tls_key).read_bytes()
             env["GW_TLS_PEM"] = str(self._private("server.pem", pem))
