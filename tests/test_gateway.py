@@ -8,8 +8,12 @@ would otherwise have been served, so a refusal here is the gateway's doing.
 from __future__ import annotations
 
 import http.client
+import os
 import re
+import signal
 import struct
+import subprocess
+import sys
 import time
 import uuid
 
@@ -25,7 +29,7 @@ from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access, audit
 from rtinfer.gateway import CONFIG_DIR, MAX_REQUEST_BYTES, Gateway
-from rtinfer.server import ROOT
+from rtinfer.server import ROOT, free_port
 
 from conftest import GATED_ADMIN_KEY, GATED_API_KEY, require_haproxy
 from test_pipeline_server import BAD_ENVELOPES, CATS, expect_rejected, records_for
@@ -490,3 +494,49 @@ def test_per_client_rate_limit(gated_triton, tmp_path):
     assert statuses[:5] == [200] * 5 and set(statuses[5:]) == {429}, statuses
     assert str(info.value.status()) == "StatusCode.RESOURCE_EXHAUSTED"
     assert "refused=rate_limited" in gw.log_text()
+
+
+# ------------------------------------------------------------------ what `make serve` runs
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if entry.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def test_serve_command_puts_the_gateway_in_front_of_a_loopback_triton(keyring_path, keys, tmp_path):
+    """`python -m rtinfer.gateway` (make serve): Triton on 127.0.0.1 only, the gateway on the given
+    ports; the pipeline served, a composing step refused; SIGTERM stops both."""
+    require_haproxy()
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    cmd = [sys.executable, "-m", "rtinfer.gateway", "--keyring", str(keyring_path), "--audit-dir", str(tmp_path / "audit"),
+           "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(2)]
+        assert lines[0].startswith("gateway ready"), "".join(lines)
+        triton = re.search(r"on loopback: HTTP (\S+):\d+\s+gRPC (\S+):\d+", lines[1])
+        assert triton and triton.group(1) == triton.group(2) == "127.0.0.1", lines[1]
+        for protocol, port in (("grpc", grpc_port), ("http", http_port)):
+            c = PipelineClient(f"127.0.0.1:{port}", protocol=protocol, key=keys.key("k1"), key_id="k1", client_id="serve")
+            assert c.classify(samples.photo("chelsea"), top_k=1).predictions[0].index in CATS
+            c.pipeline = "preprocess"
+            with pytest.raises(InferenceServerException) as info:
+                c.classify(samples.photo("chelsea"), top_k=1)
+            assert str(info.value.status()) in REFUSED
+            c.close()
+        children = children_of(proc.pid)
+        assert len(children) == 2, children  # tritonserver and haproxy
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in children)  # stopped and reaped
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
