@@ -122,6 +122,19 @@ def test_wrong_key_over_tls_refused_and_logged(tls_gateway, keys, certs, protoco
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_refused_large_request_gets_its_answer_not_a_closed_connection(tls_gateway, keys, certs, protocol):
+    """The gateway answers a refusal once the body is in: a client still sending 6 MiB over TLS
+    reads the 401, not an EOF."""
+    c = client(tls_gateway, keys, protocol, tls_ca=str(certs["ca"]), api_key="not-the-key")
+    kwargs = c.request(b"\0" * (6 * 1024 * 1024), 1)
+    for _ in range(3):
+        with pytest.raises(InferenceServerException) as info:
+            c.client.infer(**kwargs)
+        assert str(info.value.status()) in ("401", "StatusCode.UNAUTHENTICATED"), info.value
+    c.close()
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_plaintext_to_the_tls_ports_is_refused(tls_gateway, protocol):
     c = raw_client(tls_gateway, protocol)
     with pytest.raises(Exception):

@@ -10,10 +10,13 @@
 --   lua.rtinfer_grpc_body <model> <max>  gRPC: read the model name from the whole protobuf
 --                                    message (exactly one field 1), refuse compressed or
 --                                    incomplete messages and messages over <max> bytes.
---   lua.rtinfer_refuse <reason>      answer with the refusal for <reason> (HTTP or gRPC
---                                    status), logged through txn.refused.
+--   lua.rtinfer_refuse <reason>      refuse the request for <reason>.
+--   lua.rtinfer_reply                answer a refused request (HTTP or gRPC status) and end it.
 --
--- Every refusal sets txn.refused (the access log prints it) and ends the transaction.
+-- A refusal only records its reason in txn.refused (the first one wins; the access log
+-- prints it); haproxy.cfg answers with lua.rtinfer_reply, after the request body is in
+-- where it can be: a client still sending its body would otherwise see the connection
+-- (or the HTTP/2 stream) closed instead of the answer.
 
 local GRPC_SERVICE = "/inference.GRPCInferenceService/"
 
@@ -36,8 +39,13 @@ local REFUSALS = {
 }
 
 local function refuse(txn, reason)
-  local r = REFUSALS[reason] or REFUSALS.route_not_allowed
-  txn:set_var("txn.refused", reason)
+  if txn:get_var("txn.refused") == nil then
+    txn:set_var("txn.refused", REFUSALS[reason] and reason or "route_not_allowed")
+  end
+end
+
+local function reply(txn)
+  local r = REFUSALS[txn:get_var("txn.refused")] or REFUSALS.route_not_allowed
   local reply = txn:reply()
   if txn:get_var("txn.api") == "grpc" then
     -- gRPC "trailers-only" answer: HTTP 200 whose headers carry the status.
@@ -242,3 +250,7 @@ end, 2)
 core.register_action("rtinfer_refuse", {"http-req"}, function(txn, reason)
   refuse(txn, reason)
 end, 1)
+
+core.register_action("rtinfer_reply", {"http-req"}, function(txn)
+  reply(txn)
+end, 0)
