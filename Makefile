@@ -16,7 +16,8 @@ EVAL_DIR     ?=
 # Labeled photos (ImageNet names) for accuracy-based choices; used when present, never committed.
 LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
 
-.PHONY: venv engines engines-quick bench-engines keys serve demo test loadtest bench clean evaluate
+.PHONY: venv engines engines-quick bench-engines keys haproxy serve serve-direct demo test loadtest bench \
+        bench-gateway clean evaluate
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -41,30 +42,59 @@ bench-engines: engines
 keys: $(STAMP)
 	$(PY) -m rtinfer.keyring init $(KEYRING)
 
+# The gateway (deploy/gateway/, HAProxy 2.6+ with Lua): installed with apt-get when missing
+# and we are root, otherwise make stops and says how to install it.
+haproxy:
+	@deploy/gateway/require-haproxy.sh
+
 # Security options of `make serve` (empty = off): API_KEY_FILE (inference needs the key),
 # ADMIN_KEY_FILE (model repository, shared memory, statistics, trace, logging need it),
-# TLS_CERT + TLS_KEY (gRPC over TLS), TLS_CLIENT_CA (mutual TLS). Audit checkpoints are
-# signed with AUDIT_SIGNING_KEY (created on first use; AUDIT_SIGNING_KEY= to turn off).
+# TLS_CERT + TLS_KEY (TLS on the gateway's HTTP and gRPC ports; serve-direct: gRPC only),
+# TLS_CLIENT_CA (mutual TLS), RATE_LIMIT (requests per 10 s per client address, gateway only).
+# Audit checkpoints are signed with AUDIT_SIGNING_KEY (created on first use; AUDIT_SIGNING_KEY= to turn off).
 API_KEY_FILE      ?=
 ADMIN_KEY_FILE    ?=
 TLS_CERT          ?=
 TLS_KEY           ?=
 TLS_CLIENT_CA     ?=
+RATE_LIMIT        ?=
 AUDIT_SIGNING_KEY ?= build/keys/audit-signing.pem
-
-serve: engines keys
-	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
-	$(PY) -m rtinfer.server --model-repository model_repository --keyring $(KEYRING) --audit-dir $(AUDIT_DIR) \
-	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+# The gateway listens on GATEWAY_HOST:HTTP_PORT/GRPC_PORT/METRICS_PORT (0.0.0.0 for all
+# interfaces); Triton listens on 127.0.0.1 only, on the TRITON_*_PORT behind it.
+GATEWAY_HOST        ?= 127.0.0.1
+TRITON_HTTP_PORT    ?= 18000
+TRITON_GRPC_PORT    ?= 18001
+TRITON_METRICS_PORT ?= 18002
+SERVE_COMMON = --model-repository model_repository --keyring $(KEYRING) --audit-dir $(AUDIT_DIR) \
 	  $(if $(AUDIT_SIGNING_KEY),--audit-signing-key $(AUDIT_SIGNING_KEY)) \
 	  $(if $(API_KEY_FILE),--api-key-file $(API_KEY_FILE)) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
 	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 
+# The gateway in front of Triton: only the pipeline is reachable, on both protocols.
+serve: engines keys haproxy
+	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
+	$(PY) -m rtinfer.gateway $(SERVE_COMMON) --host $(GATEWAY_HOST) \
+	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
+	  --triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
+	  --triton-metrics-port $(TRITON_METRICS_PORT) $(if $(RATE_LIMIT),--rate-limit $(RATE_LIMIT))
+
+# Development only: the embedded server without the gateway (every loaded model reachable).
+serve-direct: engines keys
+	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
+	$(PY) -m rtinfer.server $(SERVE_COMMON) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+
 demo: engines-quick keys
 	$(PY) -m clients.demo --keyring $(KEYRING) --audit-dir $(AUDIT_DIR)
 
-test: engines
+test: engines haproxy
 	$(PY) -m pytest -q
+
+# Accuracy of the served pipeline, end to end (sealed requests through a server of its own), on the
+# labeled photos' confirm split, next to the original FP32 model offline. Writes build/accuracy/served.json.
+evaluate: engines keys
+	$(if $(LABELED_DIR),,$(error LABELED_DIR is empty: point it at labeled photos (<wnid>_*.JPEG)))
+	$(PY) -m clients.evaluate --data $(LABELED_DIR) --split confirm --keyring $(KEYRING) \
+	  --reference build/engines/source/model.onnx
 
 # Locust load test of the pipeline (own server on free loopback ports unless LOADTEST_TARGET
 # gives "--grpc H:P --http H:P --metrics URL"), per-stage breakdown, SLO check (fails on a miss).
@@ -86,6 +116,11 @@ BENCH_LEVELS  ?= 1,2,4,8,16
 BENCH_SECONDS ?= 6
 bench: engines keys
 	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS)
+
+# One client's latency through the gateway vs straight to Triton (interleaved), gRPC and HTTP.
+GATEWAY_REQUESTS ?= 300
+bench-gateway: engines keys haproxy
+	$(PY) -m loadtest.gateway_overhead --keyring $(KEYRING) --requests $(GATEWAY_REQUESTS)
 
 clean:
 	rm -rf build model_repository/*/1/*.onnx model_repository/*/1/*.plan model_repository/*/1/*.json

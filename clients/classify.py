@@ -9,7 +9,7 @@ comes from Triton's classification extension (class_count on PROBS), or, with
 the request for a sealed answer is inside the authenticated envelope header, so nobody on
 the way can drop it, and a clear answer to it is refused here.
 Access: --api-key-file (or $RTINFER_API_KEY) for servers that require an inference
-key; --tls-ca (+ --tls-cert/--tls-key for mutual TLS) for gRPC over TLS.
+key; --tls-ca (+ --tls-cert/--tls-key for mutual TLS) for TLS (gRPC, or HTTP through the gateway).
 """
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ class PipelineClient:
         self._m = _module(protocol, aio)
         if protocol == "grpc":
             client_kwargs = {**access.grpc_tls_kwargs(tls_ca, tls_cert, tls_key), **client_kwargs}
-        elif tls_ca or tls_cert:
-            raise ValueError("Triton's HTTP endpoint has no TLS; use gRPC, or a TLS proxy with ssl options")
+        else:  # HTTPS: through the gateway (Triton's own HTTP endpoint has no TLS)
+            client_kwargs = {**access.http_tls_kwargs(tls_ca, tls_cert, tls_key, aio=aio), **client_kwargs}
         self.client = self._m.InferenceServerClient(url=url, **client_kwargs)
 
     def seal(self, image: bytes, seal_response: bool | None = None) -> bytes:
@@ -156,9 +156,10 @@ class PipelineClient:
 def add_access_args(p: argparse.ArgumentParser) -> None:
     """--api-key-file and gRPC TLS options (shared with other tools that call the server)."""
     p.add_argument("--api-key-file", help=f"file holding the inference API key (or ${access.API_KEY_ENV})")
-    p.add_argument("--tls-ca", help="gRPC TLS: CA certificate (PEM) that signed the server's certificate")
-    p.add_argument("--tls-cert", help="gRPC mutual TLS: client certificate (PEM)")
-    p.add_argument("--tls-key", help="gRPC mutual TLS: client private key (PEM)")
+    p.add_argument("--tls-ca", help="TLS (gRPC; HTTP through the gateway): CA certificate (PEM) that signed "
+                   "the server's certificate")
+    p.add_argument("--tls-cert", help="mutual TLS: client certificate (PEM)")
+    p.add_argument("--tls-key", help="mutual TLS: client private key (PEM)")
 
 
 def access_kwargs(args) -> dict:

@@ -10,6 +10,7 @@ Health and metadata stay open (load balancers probe them).
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 
 API_KEY_HEADER = "x-api-key"
@@ -72,3 +73,20 @@ def grpc_tls_kwargs(ca: str | None = None, cert: str | None = None, key: str | N
     if not (ca or cert or key):
         return {}
     return {"ssl": True, "root_certificates": ca, "certificate_chain": cert, "private_key": key}
+
+
+def http_tls_kwargs(ca: str | None = None, cert: str | None = None, key: str | None = None,
+                    aio: bool = False) -> dict:
+    """tritonclient.http (or .aio) arguments for HTTPS: the gateway terminates TLS (Triton's own
+    HTTP endpoint has none). ``ca`` verifies the server; cert+key for mutual TLS."""
+    if not (ca or cert or key):
+        return {}
+    if aio:
+        context = ssl.create_default_context(cafile=ca)
+        if cert:
+            context.load_cert_chain(cert, key)
+        return {"ssl": True, "ssl_context": context}
+    options = {"ca_certs": ca} if ca else {}
+    if cert:
+        options.update(certfile=cert, keyfile=key)
+    return {"ssl": True, "ssl_options": options}

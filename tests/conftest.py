@@ -72,3 +72,27 @@ def server(keyring_path, audit_dir, signing_key, tmp_path_factory):
     with TritonServer(keyring=str(keyring_path), audit_dir=str(audit_dir), audit_signing_key=str(signing_key[0]),
                       workdir=work) as srv:
         yield srv
+
+
+GATED_API_KEY, GATED_ADMIN_KEY = "gw-infer-5c0e91aa", "gw-admin-3b7d20f4"
+
+
+def require_haproxy():
+    from rtinfer.gateway import GatewayUnavailable, haproxy_binary
+    try:
+        haproxy_binary()
+    except GatewayUnavailable as exc:  # make test installs it first (make haproxy): a failure, not a skip
+        pytest.fail(str(exc))
+
+
+@pytest.fixture(scope="session")
+def gated_triton(keyring_path, signing_key, tmp_path_factory):
+    """The pipeline on loopback, locked down as behind the gateway (inference and admin keys),
+    with its own audit directory (``.audit_dir``); the gateway tests put gateways in front of it."""
+    require_model()
+    audit_dir = tmp_path_factory.mktemp("audit-gated")
+    with TritonServer(keyring=str(keyring_path), audit_dir=str(audit_dir), audit_signing_key=str(signing_key[0]),
+                      api_key=GATED_API_KEY, admin_key=GATED_ADMIN_KEY,
+                      workdir=tmp_path_factory.mktemp("triton-gated")) as srv:
+        srv.audit_dir = audit_dir
+        yield srv

@@ -95,7 +95,7 @@ def test_image_decoder_on_mutated_images(seed, ed):
         x = imaging.preprocess(mutate(seed, ed), max_pixels=1_000_000)
     except RejectedRequest:
         return
-    assert x.shape == (3, 224, 224) and x.dtype == np.float32 and np.isfinite(x).all()
+    assert x.shape == (224, 224, 3) and x.dtype == np.uint8
 
 
 class _Audit:

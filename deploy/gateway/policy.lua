@@ -1,0 +1,256 @@
+-- rtinfer gateway policy for HAProxy 2.6 (Lua 5.3): only the exposed pipeline is reachable.
+--
+-- Triton has no per-model authorization: any client allowed to infer can call every
+-- loaded model, the composing steps included. This file decides, per request, whether
+-- it may reach Triton at all; haproxy.cfg only wires these actions in.
+--
+--   lua.rtinfer_http <model>         HTTP/REST: normalize the path, allow only the routes a
+--                                    client of <model> needs, forward the canonical path.
+--   lua.rtinfer_grpc_route           gRPC: allow only the unary methods a client needs.
+--   lua.rtinfer_grpc_body <model> <max>  gRPC: read the model name from the whole protobuf
+--                                    message (exactly one field 1), refuse compressed or
+--                                    incomplete messages and messages over <max> bytes.
+--   lua.rtinfer_refuse <reason>      refuse the request for <reason>.
+--   lua.rtinfer_reply                answer a refused request (HTTP or gRPC status) and end it.
+--
+-- A refusal only records its reason in txn.refused (the first one wins; the access log
+-- prints it); haproxy.cfg answers with lua.rtinfer_reply, after the request body is in
+-- where it can be: a client still sending its body would otherwise see the connection
+-- (or the HTTP/2 stream) closed instead of the answer.
+
+local GRPC_SERVICE = "/inference.GRPCInferenceService/"
+
+-- reason -> HTTP status, gRPC status code, message
+local REFUSALS = {
+  route_not_allowed    = {403, 7,  "not exposed by this gateway"},
+  model_not_allowed    = {403, 7,  "model not exposed by this gateway"},
+  bad_path             = {400, 3,  "malformed request path"},
+  method_not_allowed   = {405, 12, "method not allowed"},
+  api_key_missing      = {401, 16, "missing API key"},
+  api_key_wrong        = {401, 16, "wrong API key"},
+  api_key_repeated     = {400, 16, "more than one API key header"},
+  too_large            = {413, 8,  "request larger than the gateway's limit"},
+  length_required      = {411, 3,  "Content-Length required"},
+  rate_limited         = {429, 8,  "rate limit exceeded"},
+  compressed           = {415, 12, "compressed gRPC messages are not accepted"},
+  incomplete_message   = {413, 8,  "gRPC message incomplete or larger than the gateway's buffer"},
+  malformed_message    = {400, 3,  "malformed gRPC message"},
+  body_not_allowed     = {400, 3,  "this request takes no body"},
+}
+
+local function refuse(txn, reason)
+  if txn:get_var("txn.refused") == nil then
+    txn:set_var("txn.refused", REFUSALS[reason] and reason or "route_not_allowed")
+  end
+end
+
+local function reply(txn)
+  local r = REFUSALS[txn:get_var("txn.refused")] or REFUSALS.route_not_allowed
+  local reply = txn:reply()
+  if txn:get_var("txn.api") == "grpc" then
+    -- gRPC "trailers-only" answer: HTTP 200 whose headers carry the status.
+    reply:set_status(200)
+    reply:add_header("content-type", "application/grpc")
+    reply:add_header("grpc-status", tostring(r[2]))
+    reply:add_header("grpc-message", "gateway: " .. r[3])
+  else
+    reply:set_status(r[1])
+    reply:add_header("content-type", "application/json")
+    reply:set_body('{"error":"gateway: ' .. r[3] .. '"}')
+  end
+  txn:done(reply)
+end
+
+-- ---------------------------------------------------------------- HTTP paths
+
+local UNRESERVED = "[%w%-%._~]"
+
+-- RFC 3986 normalization of a raw path: percent-encoded unreserved characters decoded,
+-- "." and ".." segments resolved, empty segments (double slashes) dropped. Anything
+-- ambiguous (an encoded reserved character such as %2F or %00, bad escapes, ".." above
+-- the root, bytes outside printable ASCII) gives nil: refused, never guessed.
+local function normalize(path)
+  if path == nil or path:sub(1, 1) ~= "/" or path:find("[^\33-\126]") then
+    return nil
+  end
+  local bad = false
+  local decoded = path:gsub("%%(..)", function(hex)
+    local code = hex:match("^%x%x$") and tonumber(hex, 16)
+    local ch = code and string.char(code)
+    if not ch or not ch:match(UNRESERVED) then
+      bad = true
+      return ""
+    end
+    return ch
+  end)
+  if bad or decoded:find("%%") then
+    return nil  -- an escape that was not two hex digits
+  end
+  local segments = {}
+  for seg in decoded:gmatch("[^/]+") do
+    if seg == ".." then
+      if #segments == 0 then
+        return nil
+      end
+      table.remove(segments)
+    elseif seg ~= "." then
+      segments[#segments + 1] = seg
+    end
+  end
+  return "/" .. table.concat(segments, "/")
+end
+
+-- The routes a client of the exposed model needs, on the canonical path (case-sensitive,
+-- as Triton's own routing is). Versions: a positive integer.
+local function http_route(canon, model)
+  if canon == "/v2" or canon == "/v2/health/live" or canon == "/v2/health/ready" then
+    return "GET"
+  end
+  local name, rest = canon:match("^/v2/models/([^/]+)(.*)$")
+  if name ~= model then
+    return nil
+  end
+  local tail = rest:match("^/versions/[1-9]%d*(.*)$") or rest
+  if tail == "" or tail == "/ready" or tail == "/config" then
+    return "GET"
+  elseif tail == "/infer" then
+    return "POST"
+  end
+  return nil
+end
+
+core.register_action("rtinfer_http", {"http-req"}, function(txn, model)
+  local canon = normalize(txn.sf:path())
+  if canon == nil then
+    return refuse(txn, "bad_path")
+  end
+  txn:set_var("txn.route", canon)
+  local method = http_route(canon, model)
+  if method == nil then
+    return refuse(txn, "route_not_allowed")
+  end
+  if txn.sf:method() ~= method then
+    return refuse(txn, "method_not_allowed")
+  end
+  if method == "GET" and (txn.f:req_hdr_cnt("transfer-encoding") > 0 or
+                          (txn.f:req_hdr_cnt("content-length") > 0 and txn.sf:req_hdr("content-length") ~= "0")) then
+    return refuse(txn, "body_not_allowed")  -- nothing for a backend to read as a second request
+  end
+  -- Triton sees exactly the path that was checked; the query string is dropped.
+  txn.http:req_set_uri(canon)
+end, 1)
+
+-- ---------------------------------------------------------------- gRPC messages
+
+local GRPC_OPEN = {ServerLive = true, ServerReady = true, ServerMetadata = true}
+-- methods whose request names a model in field 1 (ModelInferRequest.model_name,
+-- ModelReady/Metadata/ConfigRequest.name)
+local GRPC_MODEL = {ModelInfer = true, ModelReady = true, ModelMetadata = true, ModelConfig = true}
+
+-- a base-128 varint at position i of s: value, next position (nil when malformed)
+local function varint(s, i, limit)
+  local value, shift = 0, 0
+  while i <= limit and shift < 64 do
+    local b = s:byte(i)
+    value = value | ((b & 0x7f) << shift)
+    i = i + 1
+    if b < 0x80 then
+      return value, i
+    end
+    shift = shift + 7
+  end
+  return nil
+end
+
+-- Walk the top-level fields of the protobuf message s[first..last]. Returns the values
+-- of field 1 (each must be length-delimited), or nil when the message is malformed.
+-- Protobuf keeps the LAST of repeated scalar fields, so every occurrence counts.
+local function field1_values(s, first, last)
+  local names, i = {}, first
+  while i <= last do
+    local key
+    key, i = varint(s, i, last)
+    if key == nil then return nil end
+    local field, wire = key >> 3, key & 7
+    if field == 0 then return nil end
+    if wire == 0 then
+      local _
+      _, i = varint(s, i, last)
+      if i == nil then return nil end
+    elseif wire == 1 then
+      i = i + 8
+    elseif wire == 5 then
+      i = i + 4
+    elseif wire == 2 then
+      local len
+      len, i = varint(s, i, last)
+      if len == nil or len < 0 or len > last - i + 1 then return nil end
+      if field == 1 then
+        names[#names + 1] = s:sub(i, i + len - 1)
+      end
+      i = i + len
+    else
+      return nil  -- groups (3, 4) and undefined wire types
+    end
+    if field == 1 and wire ~= 2 then return nil end
+    if i > last + 1 then return nil end
+  end
+  return names
+end
+
+core.register_action("rtinfer_grpc_route", {"http-req"}, function(txn)
+  local path = txn.sf:path()
+  if path == nil or path:sub(1, #GRPC_SERVICE) ~= GRPC_SERVICE then
+    return refuse(txn, "route_not_allowed")
+  end
+  local rpc = path:sub(#GRPC_SERVICE + 1)
+  txn:set_var("txn.route", rpc)
+  if txn.sf:url():find("?", 1, true) or not (GRPC_OPEN[rpc] or GRPC_MODEL[rpc]) then
+    return refuse(txn, "route_not_allowed")  -- streaming, admin, statistics, shared memory, ...
+  end
+  if txn.sf:method() ~= "POST" then
+    return refuse(txn, "method_not_allowed")
+  end
+  txn:set_var("txn.needs_body", GRPC_MODEL[rpc] == true)
+end, 0)
+
+-- After haproxy.cfg waited for the whole body (wait-for-body), up to the buffer size.
+core.register_action("rtinfer_grpc_body", {"http-req"}, function(txn, model, max_bytes)
+  local body = txn.sf:req_body() or ""
+  if #body < 5 then
+    return refuse(txn, "malformed_message")
+  end
+  local flag, length = string.unpack(">B I4", body)
+  if flag ~= 0 then
+    return refuse(txn, "compressed")  -- its model name cannot be read without inflating it
+  end
+  if 5 + length > tonumber(max_bytes) then
+    return refuse(txn, "too_large")
+  end
+  if #body < 5 + length then
+    return refuse(txn, "incomplete_message")  -- stalled, or did not fit in the buffer
+  end
+  if #body ~= 5 + length then
+    return refuse(txn, "malformed_message")  -- a unary call carries exactly one message
+  end
+  local names = field1_values(body, 6, #body)
+  if names == nil then
+    return refuse(txn, "malformed_message")
+  end
+  local shown = {}  -- for the log: the client chose these bytes
+  for k, name in ipairs(names) do
+    shown[k] = name:sub(1, 64):gsub("[^%w%-%._]", "?")
+  end
+  txn:set_var("txn.model", table.concat(shown, ","))
+  if #names ~= 1 or names[1] ~= model then
+    return refuse(txn, "model_not_allowed")
+  end
+end, 2)
+
+core.register_action("rtinfer_refuse", {"http-req"}, function(txn, reason)
+  refuse(txn, reason)
+end, 1)
+
+core.register_action("rtinfer_reply", {"http-req"}, function(txn)
+  reply(txn)
+end, 0)
