@@ -45,9 +45,14 @@ def check_structure(data: bytes) -> None:
     """Format-specific limits a small payload could otherwise use to pin a core."""
     if data[:8] == b"\x89PNG\r\n\x1a\n":
         chunks, ancillary, pos = 0, 0, 8
+        paletted = len(data) > 25 and data[12:16] == b"IHDR" and data[25] == 3
         while pos + 8 <= len(data):
             length, kind = struct.unpack(">I4s", data[pos:pos + 8])
             chunks += 1
+            if paletted and kind == b"IDAT":   # the PNG spec requires PLTE before the pixels of colour type 3
+                raise _bad("PNG palette image has no palette (PLTE chunk)")
+            if kind == b"PLTE":
+                paletted = False
             if kind not in (b"IDAT", b"IHDR", b"PLTE", b"IEND", b"tRNS"):
                 ancillary += length
             if chunks > MAX_PNG_CHUNKS:
@@ -100,7 +105,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEF
     except Image.UnidentifiedImageError:
         raise _bad("payload is not a JPEG or PNG image") from None
     except Exception:  # noqa: BLE001 - any decoder failure on client bytes is the client's bad image
-        raise _bad("image could not be decoded (corrupt or truncated JPEG/PNG)") from None
+        raise _bad("image could not be decoded (corrupt or truncated JPEG or PNG)") from None
     return img
 
 
@@ -125,7 +130,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         elif mode in _PLAIN_MODES:
             return img.convert("RGB")
         else:
-            raise _bad(f"image mode {mode} is not supported (8/16-bit grey, RGB, palette, CMYK, with or without alpha)")
+            raise _bad(f"image mode {mode} is not supported (8- or 16-bit grey, RGB, palette, CMYK, with or without alpha)")
         if img.mode == "RGBA":
             background = Image.new("RGBA", img.size, BACKGROUND + (255,))
             img = Image.alpha_composite(background, img)

@@ -17,7 +17,7 @@ CAT, ESPRESSO = 285, 967
 def _labeled_folder(tmp_path):
     """ImageNet-named copies of the shipped photos, in both layouts, plus rotated and 16-bit versions."""
     w = labels.wnids()
-    (tmp_path / w[ESPRESSO]).mkdir()
+    (tmp_path / w[ESPRESSO]).mkdir(parents=True)
     (tmp_path / w[ESPRESSO] / "coffee.jpg").write_bytes(samples.photo("coffee"))
     (tmp_path / f"{w[CAT]}_chelsea.jpg").write_bytes(samples.photo("chelsea"))
     (tmp_path / f"{w[CAT]}_chelsea_png.png").write_bytes(samples.photo("chelsea", "PNG"))

@@ -105,13 +105,14 @@ def test_palette_with_transparency():
     assert tuple(x[10, 10]) == (255, 255, 255)
 
 
-def test_palette_trns_without_plte_is_handled():
+def test_palette_trns_without_plte_is_a_clean_refusal():
     """Issue 14: an 81-byte palette PNG with tRNS and no PLTE made convert("RGB") raise AssertionError
-    outside the decoder's guard. Now it is converted through RGBA (Pillow's default palette)."""
+    outside the decoder's guard. A palette image without its palette is malformed: bad_image."""
     ihdr = struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0)
     data = _png(ihdr, _chunk(b"tRNS", b"\x00"), _chunk(b"IDAT", zlib.compress(b"\x00" * 20)))
-    x = imaging.preprocess(data)
-    assert x.shape == (224, 224, 3) and x.dtype == np.uint8
+    with pytest.raises(RejectedRequest) as info:
+        imaging.preprocess(data)
+    assert info.value.reason == "bad_image" and "PLTE" in str(info.value)
 
 
 def test_conversion_failure_is_a_clean_refusal(monkeypatch):
@@ -135,10 +136,15 @@ def test_jpeg_draft_decodes_less_and_agrees():
     assert imaging.decode(data, draft=True).size[0] < 2400
 
 
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height (other tests send it through the server too)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return _png(ihdr, _chunk(b"IDAT", zlib.compress(b"\0" * 64)))
+
+
 def test_png_header_bomb_refused_before_inflating():
-    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
     with pytest.raises(RejectedRequest) as info:
-        imaging.preprocess(_png(ihdr, _chunk(b"IDAT", zlib.compress(b"\0" * 64))))
+        imaging.preprocess(_png_header_only(100_000, 100_000))
     assert info.value.reason == "too_many_pixels"
 
 
