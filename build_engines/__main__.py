@@ -114,10 +114,6 @@ class Data:
     def eval(self):
         return images.to_batch(np.load(self.eval_p))
 
-    @property
-    def labeled(self) -> bool:
-        return self.calib_y is not None
-
     @functools.cached_property
     def calib_y(self):
         y = np.load(self.calib_y_p)

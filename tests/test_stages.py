@@ -211,3 +211,22 @@ def test_postprocess_refuses_unauthenticated_stale_replayed_or_misdirected_conte
     recs = audit.read_records(tmp_path)
     assert [r["request_id"] for r in recs if r["event"] == "served"] == ["good", "good2", "before-rotation", "new"]
     assert all(r.get("client_id") != "victim" for r in recs)  # a forged context's claims stay out
+
+
+def test_crop_policy_is_chosen_per_pipeline(tmp_path):
+    """`crop_by_pipeline`: the envelope's sealed audience picks the crop (centre by default)."""
+    import io
+    from PIL import Image
+    arr = np.zeros((256, 768, 3), np.uint8)
+    arr[:, :256] = (255, 0, 0)   # a red left third: cut away by the centre crop, kept by the squash
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    writer = audit.AuditWriter(tmp_path / "pre.jsonl")
+    pre = Preprocessor(Keyring({"k1": KEY}), writer, pipelines={"pipeline", "pipeline_onnx"},
+                       crop_by_pipeline={"pipeline_onnx": "squash"})
+    out = pre.run([Request(envelope.seal(buf.getvalue(), KEY, key_id="k1", client_id="c", pipeline=p), p)
+                   for p in ("pipeline", "pipeline_onnx")])
+    writer.close()
+    centre, squash = (r.image for r in out)
+    assert centre.shape == squash.shape == (224, 224, 3) and centre.dtype == np.uint8
+    assert centre[:, :, 0].max() == 0 and squash[:, :60, 0].min() > 200
