@@ -122,6 +122,15 @@ BENCH_SECONDS ?= 6
 bench: engines keys
 	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS)
 
+# Monitoring, for real (README "Monitoring"): Triton + gateway + Prometheus (rules time-compressed) on
+# loopback, clean Locust load, a valid surge, then injected abuse; prints the alerts that fired and
+# writes $(OBSERVE_OUT)/alerts.json and observe.png. Fails when an expected alert did not fire or
+# one fired on clean traffic. OBSERVE_ARGS: e.g. --clean-s 30 --surge-s 0 --attack-s 30 (see --help).
+OBSERVE_OUT  ?= build/observe
+OBSERVE_ARGS ?=
+observe: engines haproxy prometheus
+	$(PY) -m rtinfer.observe --out $(OBSERVE_OUT) $(OBSERVE_ARGS)
+
 # One client's latency through the gateway vs straight to Triton (interleaved), gRPC and HTTP.
 GATEWAY_REQUESTS ?= 300
 bench-gateway: engines keys haproxy
