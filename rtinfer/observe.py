@@ -178,7 +178,7 @@ def plot(prom: Prometheus, start: float, end: float, marks: dict[str, float], pa
         ax.set_title(f"{title} ({panels[title]['fieldConfig']['defaults'].get('unit', '')})", fontsize=9)
         ax.set_xlabel("seconds since start", fontsize=8)
         ax.tick_params(labelsize=7)
-        if ax.lines:
+        if any(not line.get_label().startswith("_") for line in ax.lines):
             ax.legend(fontsize=6, loc="upper left")
     fig.suptitle(f"rtinfer under clean load and injected abuse (Prometheus rules time-compressed x{prom.factor:g})")
     fig.tight_layout()
@@ -224,7 +224,7 @@ def run(out: Path, *, clean_s: float, surge_s: float, attack_s: float, compress:
                 time.sleep(clean_s)
                 if surge_s:
                     log.phase, marks["surge"] = "surge", time.time()
-                    surge = _locust(out, gateway, ring, key_file, 4 * users, surge_s, (0, 0), "surge")
+                    surge = _locust(out, gateway, ring, key_file, 3 * users, surge_s, (0, 0.1), "surge")
                     time.sleep(surge_s)
                     surge.wait(30)
                 log.phase, marks["attack"] = "attack", time.time()

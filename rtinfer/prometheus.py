@@ -99,7 +99,7 @@ class Prometheus:
 
     def __init__(self, workdir: Path, *, triton_metrics: str, gateway_metrics: str | None = None,
                  factor: float = 1.0, port: int = 0):
-        self.workdir = Path(workdir)
+        self.workdir = Path(workdir).resolve()  # the config names its rule files by absolute path
         self.factor = factor
         self.port = port or free_port()
         self.interval = _seconds_text(BASE_INTERVAL_S / factor)
@@ -139,10 +139,15 @@ class Prometheus:
                 raise RuntimeError(f"prometheus exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
+                    ready = resp.status == 200
             except OSError:
-                pass
+                ready = False
+            if ready:  # a rule file that matches nothing is no error to Prometheus: check they loaded
+                groups = {g["name"] for g in self.api("rules")["groups"]}
+                if len(groups) != len(RULE_FILES):
+                    self.stop()
+                    raise RuntimeError(f"prometheus loaded rule groups {sorted(groups)}, not one per {RULE_FILES}")
+                return self
             time.sleep(0.2)
         self.stop()
         raise TimeoutError(f"prometheus not ready after {timeout:.0f}s:\n{self.log_tail()}")
