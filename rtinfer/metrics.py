@@ -162,7 +162,10 @@ class Exporter:
             metric.increment(value)
 
     def set(self, short: str, value: float, **labels) -> None:
-        self._metric(short, {"stage": self.stage, **labels}).set(float(value))
+        key = ("set", short, tuple(sorted(labels.items())))
+        if self.seen.get(key) != float(value):  # each update is a message to the server: skip unchanged ones
+            self._metric(short, {"stage": self.stage, **labels}).set(float(value))
+            self.seen[key] = float(value)
 
     def observe(self, short: str, value: float, **labels) -> None:
         self._metric(short, {"stage": self.stage, **labels}).observe(float(value))
@@ -194,10 +197,11 @@ class Exporter:
                 self.observe(step, v)
 
     def audit(self, writer) -> None:
+        """The writer's counters; its checkpoint lag at most once a second (a gauge, read when it is scraped)."""
         chain = writer.chain
         self.total("audit_records_total", writer.records_written, chain=chain)
         self.total("audit_write_errors_total", writer.write_errors, chain=chain)
-        if writer.signer is not None:
+        if writer.signer is not None and self.due(f"audit-{chain}", 1.0):
             self.total("audit_checkpoints_total", writer.checkpoints, chain=chain)
             records, age = writer.checkpoint_lag()
             self.set("audit_checkpoint_lag_records", records, chain=chain)
