@@ -61,7 +61,8 @@ SPECS = {
     "audit_records_total": Spec("counter", "Audit records written (checkpoints included)"),
     "audit_write_errors_total": Spec("counter", "Audit writes that failed (nothing answered unaudited)"),
     "audit_checkpoints_total": Spec("counter", "Signed audit checkpoints written"),
-    "audit_checkpoint_lag_records": Spec("gauge", "Records after the chain's last signed checkpoint, at the last write"),
+    "audit_checkpoint_lag_records": Spec("gauge", "Records after the chain's last signed checkpoint "
+                                         "(read at a write, at most once a second)"),
     "audit_checkpoint_age_seconds": Spec("gauge", "Seconds since the last signed checkpoint while records are "
                                          "unsigned, at the last write (0: all signed)"),
     "keyring_reloads_total": Spec("counter", "Keyring file reloads by result (ok, error: previous keys kept)"),

@@ -242,7 +242,8 @@ def run(out: Path, *, clean_s: float, surge_s: float, attack_s: float, compress:
                 result["missing"] = sorted(set().union(*(EXPECTED[p] for p in marks if p in EXPECTED))
                                            - {f["alert"] for f in result["fired"] if f["phase"] != "clean"})
                 result["fired_when_clean"] = [f for f in result["fired"] if f["phase"] == "clean"]
-                result["series"] = sorted({s["__name__"] for s in prom.api("series", **{"match[]": '{__name__=~".+"}'})})
+                every = prom.api("series", **{"match[]": '{__name__=~".+"}'})
+                result["series"] = sorted({s["__name__"] for s in every})
                 plot(prom, start, end, marks, out / "observe.png")
     (out / "alerts.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -61,7 +61,8 @@ def test_panels_read_only_series_that_exist():
     text = DASHBOARD.read_text()
     for series in ("rtinfer_decrypt_seconds", "rtinfer_decode_seconds", "rtinfer_audit_write_seconds",
                    "reason:rtinfer_refusals:rate2m", "model:nv_inference_batch_size:mean2m",
-                   "rtinfer_audit_records_total", "rtinfer_audit_checkpoint_lag_records", "client:rtinfer_requests:rate2m",
+                   "rtinfer_audit_records_total", "rtinfer_audit_checkpoint_lag_records",
+                   "client:rtinfer_requests:rate2m",
                    "proxy:haproxy_refusals:rate2m", "client:rtinfer_requests:zscore"):
         assert series in text, series
     assert set(KEY_PANELS) <= {p["title"] for p in panels(dash)}
@@ -71,7 +72,8 @@ def test_metric_names_of_promql():
     assert prometheus.metric_names(
         'sum by (le, stage) (rate(rtinfer_decode_seconds_bucket{stage="pre",le=~"1|2"}[5m] offset 1h)) '
         '/ on(stage) group_left x:y:z and vector(0.4) > bool 2') == {"rtinfer_decode_seconds_bucket", "x:y:z"}
-    assert prometheus.metric_names('histogram_quantile(0.99, sum by (le) (rate(a_bucket[$__rate_interval])))') == {"a_bucket"}
+    grafana = 'histogram_quantile(0.99, sum by (le) (rate(a_bucket[$__rate_interval])))'
+    assert prometheus.metric_names(grafana) == {"a_bucket"}
 
 
 def test_compressed_rules_keep_their_meaning_faster():
@@ -82,5 +84,6 @@ def test_compressed_rules_keep_their_meaning_faster():
 
 
 def test_rule_expressions_of_a_rule_file():
-    text = "rules:\n  - record: a:b:c\n    expr: sum(x)\n  - alert: A\n    expr: |\n      y > 1\n        and z\n    for: 1m\n"
+    text = ("rules:\n  - record: a:b:c\n    expr: sum(x)\n"
+            "  - alert: A\n    expr: |\n      y > 1\n        and z\n    for: 1m\n")
     assert prometheus.rule_expressions(text) == ["sum(x)", "y > 1 and z"]

@@ -80,7 +80,8 @@ def stages(tmp_path_factory):
         shutil.copytree(ROOT / "model_repository" / model, repo / model, ignore=shutil.ignore_patterns("__pycache__"))
     cfg = repo / "preprocess" / "config.pbtxt"
     text = cfg.read_text().replace("count: 1", "count: 2")
-    text = text.replace('"metrics_clients" value: { string_value: "" }', '"metrics_clients" value: { string_value: "alice" }')
+    text = text.replace('"metrics_clients" value: { string_value: "" }',
+                        '"metrics_clients" value: { string_value: "alice" }')
     cfg.write_text(text.replace('"metrics_max_clients" value: { string_value: "20" }',
                                 '"metrics_max_clients" value: { string_value: "2" }'))
     ring = keyring.write_new(tmp / "keyring.json", key_ids=("k1", "old"))
