@@ -55,6 +55,7 @@ class Attacker:
         self.http, self.gw, self.api_key, self.photo = httpclient, gateway, api_key, photo
         self.k1, self.old = keys.entries()["k1"].key, keys.entries()["old"].key
         self.sent: dict[str, int] = {}
+        self.captured = envelope.seal(photo, self.k1, key_id="k1", client_id=CLIENT, pipeline="pipeline")
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -71,10 +72,8 @@ class Attacker:
         self._infer(client, envelope.seal(self.photo, os.urandom(32), key_id="k1", client_id="mallory",
                                           pipeline="pipeline"), "mallory")
 
-    def replay(self, client, captured=[]):  # noqa: B006 - alice's envelope, captured once, sent again
-        if not captured:
-            captured.append(envelope.seal(self.photo, self.k1, key_id="k1", client_id=CLIENT, pipeline="pipeline"))
-        self._infer(client, captured[0], CLIENT)
+    def replay(self, client):  # alice's envelope, captured once, sent again and again
+        self._infer(client, self.captured, CLIENT)
 
     def retired(self, client):  # alice still sealing with the key retired at the last rotation
         self._infer(client, envelope.seal(self.photo, self.old, key_id="old", client_id=CLIENT,
