@@ -16,8 +16,8 @@ EVAL_DIR     ?=
 # Labeled photos (ImageNet names) for accuracy-based choices; used when present, never committed.
 LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
 
-.PHONY: venv engines engines-quick bench-engines keys haproxy serve serve-direct demo test loadtest bench \
-        bench-gateway clean evaluate
+.PHONY: venv engines engines-quick bench-engines keys haproxy prometheus serve serve-direct demo test loadtest bench \
+        bench-gateway clean evaluate observe
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -46,6 +46,11 @@ keys: $(STAMP)
 # and we are root, otherwise make stops and says how to install it.
 haproxy:
 	@deploy/gateway/require-haproxy.sh
+
+# Monitoring (deploy/prometheus/): Prometheus 2.x and promtool, installed with apt-get when missing
+# and we are root, otherwise make stops and says how to install them.
+prometheus:
+	@deploy/prometheus/require-prometheus.sh
 
 # Security options of `make serve` (empty = off): API_KEY_FILE (inference needs the key),
 # ADMIN_KEY_FILE (model repository, shared memory, statistics, trace, logging need it),
@@ -86,7 +91,7 @@ serve-direct: engines keys
 demo: engines-quick keys
 	$(PY) -m clients.demo --keyring $(KEYRING) --audit-dir $(AUDIT_DIR)
 
-test: engines haproxy
+test: engines haproxy prometheus
 	$(PY) -m pytest -q
 
 # Accuracy of the served pipeline, end to end (sealed requests through a server of its own), on the
@@ -116,6 +121,15 @@ BENCH_LEVELS  ?= 1,2,4,8,16
 BENCH_SECONDS ?= 6
 bench: engines keys
 	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS)
+
+# Monitoring, for real (README "Monitoring"): Triton + gateway + Prometheus (rules time-compressed) on
+# loopback, clean Locust load, a valid surge, then injected abuse; prints the alerts that fired and
+# writes $(OBSERVE_OUT)/alerts.json and observe.png. Fails when an expected alert did not fire or
+# one fired on clean traffic. OBSERVE_ARGS: e.g. --clean-s 30 --surge-s 0 --attack-s 30 (see --help).
+OBSERVE_OUT  ?= build/observe
+OBSERVE_ARGS ?=
+observe: engines haproxy prometheus
+	$(PY) -m rtinfer.observe --out $(OBSERVE_OUT) $(OBSERVE_ARGS)
 
 # One client's latency through the gateway vs straight to Triton (interleaved), gRPC and HTTP.
 GATEWAY_REQUESTS ?= 300

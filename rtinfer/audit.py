@@ -139,6 +139,7 @@ class AuditWriter:
         self._size = os.fstat(self._fd).st_size
         self._stale = False  # a failed write could not be cut back: reread the head before the next one
         self.write_errors = 0
+        self.records_written = 0  # request records (checkpoints counted in ``checkpoints``), for metrics
         self._dirty = False
         self._last_sync = self._last_ckpt = time.monotonic()
         self.fsyncs = self.checkpoints = self.rotations = 0
@@ -205,6 +206,11 @@ class AuditWriter:
     @property
     def head(self) -> str:
         return self._head
+
+    def checkpoint_lag(self) -> tuple[int, float]:
+        """(records after the last signed checkpoint, seconds since it while any are unsigned, else 0)."""
+        unsigned = self._unsigned
+        return unsigned, (time.monotonic() - self._last_ckpt) if unsigned else 0.0
 
     def _chain(self, records: list[dict]) -> tuple[list[bytes], list[str]]:
         lines, hashes = [], []
@@ -280,6 +286,7 @@ class AuditWriter:
                     lines += self._checkpoint_lines()
                 return lines, hashes
             hashes = self._commit(build)
+            self.records_written += len(records)
             if self.policy == "batch":
                 self._sync()
             if self.max_bytes and self._size >= self.max_bytes:

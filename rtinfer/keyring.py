@@ -86,6 +86,15 @@ class Keyring:
                                   "seal with an active key", public=NOT_AUTHENTICATED)
         return entry.key
 
+    def state_counts(self, *, now: float | None = None) -> dict[str, int]:
+        """Keys by state: active, retired (still opening, in grace), expired (opens nothing)."""
+        now = time.time() if now is None else now
+        out = {"active": 0, "retired": 0, "expired": 0}
+        for e in self._entries.values():
+            until = e.usable_until()
+            out["active" if until is None else "retired" if now <= until else "expired"] += 1
+        return out
+
     def sealing_key_id(self) -> str:
         """The newest active key: what clients should seal with now."""
         active = [(e.created, k) for k, e in self._entries.items() if e.state == "active"]
@@ -186,6 +195,7 @@ class KeyringSource:
         self._ring = Keyring.load(self.path)  # the first load must succeed
         self._checked = time.monotonic()
         self.reloads = 0
+        self.reload_errors = 0
 
     def _stat(self):
         try:
@@ -207,8 +217,10 @@ class KeyringSource:
                     self._ring = Keyring.load(self.path)
                     self.reloads += 1
                 except KeyringError as exc:
+                    self.reload_errors += 1
                     self.on_error(f"keyring not reloaded, keeping the previous keys: {exc}")
                 except Exception as exc:  # noqa: BLE001 - whatever the file holds, the previous keys stay
+                    self.reload_errors += 1
                     self.on_error(f"keyring not reloaded, keeping the previous keys: {type(exc).__name__}")
             return self._ring
 

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from rtinfer import audit_context, envelope
+from rtinfer import audit_context, envelope, metrics
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
@@ -71,6 +71,7 @@ class Postprocessor:
         # (None: unchecked, unit tests only).
         self.internal_keys = internal_keys
         self.ctx_store = ctx_store  # contexts used, for their freshness window
+        self.last = metrics.Report()  # what the last run() observed (outcomes, timings), for the adapter
 
     def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
             params: list[dict] | None = None) -> tuple[np.ndarray, list]:
@@ -83,14 +84,38 @@ class Postprocessor:
         started = time.time_ns()
         n = len(contexts)
         params = params or [{}] * n
+        self.last = metrics.Report()
+        out, ctxs = self._run(logits, contexts, request_ids, params, started)
+        report = attempt(self._report, out, ctxs, params, n)
+        if not isinstance(report, Refusal):
+            self.last.outcomes = report
+        return out
+
+    def _report(self, result: tuple, ctxs: dict, params: list, n: int) -> list[metrics.Outcome]:
+        """Per row, for metrics: the client id (from the MAC'd context, else as claimed) and why refused;
+        the served rows' whole duration (preprocess start to the served record written)."""
+        now, refs = time.time_ns(), result[1]
+        out = []
+        for i in range(n):
+            ctx = ctxs.get(i)
+            client = ctx.get("client_id") if ctx else params[i].get("client_id", "")
+            if isinstance(refs[i], Refusal):
+                out.append(metrics.Outcome(client, False, refs[i].reason))
+            else:
+                out.append(metrics.Outcome(client, True))
+                self.last.add("request_duration_seconds", (now - ctx["t_start_ns"]) / 1e9)
+        return out
+
+    def _run(self, logits, contexts, request_ids, params, started) -> tuple[tuple[np.ndarray, list], dict]:
+        n = len(contexts)
         probs = attempt(lambda: softmax(np.asarray(logits, dtype=np.float32).reshape(n, -1)))
         if isinstance(probs, Refusal):
-            return np.zeros((n, len(self.labels)), np.float32), [probs] * n
+            return (np.zeros((n, len(self.labels)), np.float32), [probs] * n), {}
         done = time.time_ns()
         ring = attempt(lambda: self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys)
         accepted = attempt(lambda: None if self.internal_keys is None else self.internal_keys.all())
         if isinstance(accepted, Refusal):
-            return np.zeros_like(probs), [accepted] * n
+            return (np.zeros_like(probs), [accepted] * n), {}
         out: list = [None] * n
         records, ctxs, seal_keys = [], {}, {}
         for i in range(n):  # a context may already be a Refusal: the adapter could not read that request
@@ -119,9 +144,10 @@ class Postprocessor:
                 out[i] = record
                 record = self._rejected(request_ids[i], ctx, record)
             records.append(record)
-        hashes = attempt(self.audit.append, records)  # audited before anything is returned
+        with self.last.timed("audit_write_seconds"):
+            hashes = attempt(self.audit.append, records)  # audited before anything is returned
         if isinstance(hashes, Refusal):
-            return np.zeros_like(probs), [unavailable("audit_unavailable", hashes.detail)] * n
+            return (np.zeros_like(probs), [unavailable("audit_unavailable", hashes.detail)] * n), ctxs
         for i in range(n):
             if out[i] is not None:
                 continue
@@ -130,15 +156,16 @@ class Postprocessor:
                 out[i] = attempt(self.seal, probs[i], hashes[i], request_ids[i], ctxs[i],
                                  top_k_of(params[i]), seal_keys[i])
                 probs[i] = 0.0
-        return probs, out
+        return (probs, out), ctxs
 
     def _admit(self, ctxs: dict[int, dict], out: list) -> None:
         """Freshness and single use of the authenticated contexts, in one transaction for the batch."""
         order = sorted(ctxs)
         if self.ctx_store is None or not order:
             return
-        verdicts = attempt(self.ctx_store.admit, [(audit_context.STORE_KEY_ID, audit_context.nonce(ctxs[i]),
-                                                   audit_context.issued_ms(ctxs[i])) for i in order])
+        with self.last.timed("replay_check_seconds"):
+            verdicts = attempt(self.ctx_store.admit, [(audit_context.STORE_KEY_ID, audit_context.nonce(ctxs[i]),
+                                                       audit_context.issued_ms(ctxs[i])) for i in order])
         for k, i in enumerate(order):
             if isinstance(verdicts, Refusal):
                 out[i] = verdicts

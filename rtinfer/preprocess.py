@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from rtinfer import audit_context, envelope, imaging
+from rtinfer import audit_context, envelope, imaging, metrics
 from rtinfer.audit import AuditWriter
 from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
@@ -61,6 +61,7 @@ class Preprocessor:
                 raise ValueError(f"crop policy {policy!r} is not one of {imaging.CROPS}")
         self.jpeg_draft = jpeg_draft
         self.ctx_key = ctx_key  # MACs AUDIT_CTX (server-internal key), so postprocess can trust it
+        self.last = metrics.Report()  # what the last run() observed (outcomes, step timings), for the adapter
 
     @property
     def keyring(self) -> Keyring:
@@ -83,7 +84,8 @@ class Preprocessor:
         if len(req.envelope) > self.max_envelope_bytes:
             raise RejectedRequest("too_large", f"envelope is {len(req.envelope)} bytes, "
                                   f"more than the limit of {self.max_envelope_bytes}")
-        opened = envelope.open_envelope(req.envelope, self._key_for(ring))
+        with self.last.timed("decrypt_seconds"):
+            opened = envelope.open_envelope(req.envelope, self._key_for(ring))
         hdr = opened.header
         if req.client_id and req.client_id != hdr.client_id:
             raise RejectedRequest("client_mismatch", f"client id '{req.client_id}' in the request does not match "
@@ -92,8 +94,9 @@ class Preprocessor:
 
     def _accept(self, req: Request, opened: envelope.Opened, started_ns: int) -> Accepted:
         hdr = opened.header
-        image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels, crop=self.crops[hdr.pipeline],
-                                   draft=self.jpeg_draft)
+        with self.last.timed("decode_seconds"):
+            image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels, crop=self.crops[hdr.pipeline],
+                                       draft=self.jpeg_draft)
         done_ns = time.time_ns()
         ctx = {
             "request_id": req.request_id, "client_id": hdr.client_id, "key_id": hdr.key_id,
@@ -110,6 +113,7 @@ class Preprocessor:
         audited becomes retryable (fail closed: no unaudited answer)."""
         results: list = [None] * len(requests)
         started = [time.time_ns() for _ in requests]
+        self.last = metrics.Report()
         ring = attempt(lambda: self.keyring)
         opened = {}
         for i, req in enumerate(requests):
@@ -122,15 +126,29 @@ class Preprocessor:
         for i in admitted:
             results[i] = attempt(self._accept, requests[i], opened[i], started[i], blame=CLIENT)
         refused = [i for i, r in enumerate(results) if isinstance(r, Refusal)]
-        written = attempt(lambda: self.audit.append(
-            [self._rejection_record(requests[i], results[i], started[i]) for i in refused]))
+        records = attempt(lambda: [self._rejection_record(requests[i], results[i], started[i]) for i in refused])
+        written = records
+        if records and not isinstance(records, Refusal):
+            with self.last.timed("audit_write_seconds"):
+                written = attempt(self.audit.append, records)
         if isinstance(written, Refusal):  # the audit is failing: nothing may be answered unaudited
             for i in refused:
                 results[i] = unavailable("audit_unavailable", written.detail)
         if self.replay is not None:  # the server failed these: their envelopes may be sent again
             attempt(self.replay.release, [(opened[i].header.key_id, opened[i].nonce) for i in admitted
                                           if isinstance(results[i], Refusal) and results[i].retryable])
+        outcomes = attempt(self._outcomes, requests, results, opened, records)
+        self.last.outcomes = [] if isinstance(outcomes, Refusal) else outcomes
         return results
+
+    @staticmethod
+    def _outcomes(requests, results, opened, records) -> list[metrics.Outcome]:
+        """Per request, for metrics: the authenticated client id if accepted, else the claimed one and why."""
+        claimed = iter(rec.get("claimed_client_id") or rec["client_id"] for rec in records) \
+            if isinstance(records, list) else None
+        return [metrics.Outcome(next(claimed) if claimed else requests[i].client_id, False, r.reason)
+                if isinstance(r, Refusal) else metrics.Outcome(opened[i].header.client_id, True)
+                for i, r in enumerate(results)]
 
     def _admit(self, opened: dict[int, envelope.Opened], results: list) -> list[int]:
         """Window check and nonce insert for the batch's authenticated envelopes, in one transaction:
@@ -138,8 +156,9 @@ class Preprocessor:
         order = sorted(opened)
         if self.replay is None or not order:
             return order
-        verdicts = attempt(self.replay.admit, [(opened[i].header.key_id, opened[i].nonce,
-                                                opened[i].header.timestamp_ms) for i in order])
+        with self.last.timed("replay_check_seconds"):
+            verdicts = attempt(self.replay.admit, [(opened[i].header.key_id, opened[i].nonce,
+                                                    opened[i].header.timestamp_ms) for i in order])
         if isinstance(verdicts, Refusal):  # store locked or failing: every one of them, retryable
             for i in order:
                 results[i] = verdicts

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rtinfer import guard, labels, stage_config
+from rtinfer import guard, labels, metrics, stage_config
 from rtinfer.postprocess import Postprocessor
 
 
@@ -17,6 +17,7 @@ class TritonPythonModel:
         self.post = Postprocessor(cfg.audit_writer(), labels.names(), models=cfg.classifier_models(),
                                   version=args["model_version"], keyring=cfg.keyring(),
                                   internal_keys=cfg.internal_keys(), ctx_store=cfg.context_store())
+        self.metrics = _metrics(cfg, "postprocess")
 
     def execute(self, requests):
         return guard.respond(pb_utils, requests, self._handle)
@@ -31,6 +32,7 @@ class TritonPythonModel:
             params.extend([prm] * len(ctx))
         probs, refs = self.post.run(np.concatenate(logits) if logits else np.zeros((0, 1000), np.float32),
                                     contexts, ids, params)
+        guard.attempt(self._export, len(requests))
         out, start = [], 0
         for row in rows:
             n = len(row[1])
@@ -41,6 +43,13 @@ class TritonPythonModel:
                 pb_utils.Tensor("AUDIT_REF", np.array(mine, dtype=np.object_).reshape(n, 1))])
             start += n
         return out
+
+    def _export(self, batch: int):
+        """Stage metrics (rtinfer.metrics) on Triton's metrics port; a failure here fails no request."""
+        if self.metrics is not None:
+            self.metrics.report(self.post.last, batch)
+            self.metrics.audit(self.post.audit)
+            self.metrics.store(self.post.ctx_store, "contexts")
 
     def finalize(self):
         self.post.audit.close()
@@ -62,3 +71,12 @@ def _read(request):
         rid = guard.attempt(lambda: str(request.request_id()))
         row = np.zeros((1, 1000), np.float32), [row], rid if isinstance(rid, str) else "", {}
     return row
+
+
+def _metrics(cfg, stage):
+    """The stage's metric exporter, or None (and a warning) when this server cannot give custom metrics."""
+    exporter = guard.attempt(metrics.for_stage, pb_utils, stage, cfg)
+    if isinstance(exporter, guard.Refusal):
+        pb_utils.Logger.log_warn(f"{stage}: no stage metrics: {exporter.detail}")
+        return None
+    return exporter

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rtinfer import guard, stage_config
+from rtinfer import guard, metrics, stage_config
 from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 
@@ -26,18 +26,29 @@ class TritonPythonModel:
             jpeg_draft=cfg.param("jpeg_draft", "true").lower() == "true",
             ctx_key=cfg.internal_keys(),
         )
+        self.metrics = _metrics(cfg, "preprocess")
 
     def execute(self, requests):
         return guard.respond(pb_utils, requests, self._handle)
 
     def _handle(self, requests):
         out = []
-        for result in self.pre.run([_read(request) for request in requests]):
+        results = self.pre.run([_read(request) for request in requests])
+        guard.attempt(self._export, len(requests))
+        for result in results:
             if isinstance(result, Accepted):
                 result = [pb_utils.Tensor("IMAGE", result.image[np.newaxis]),
                           pb_utils.Tensor("AUDIT_CTX", np.array([[result.context]], dtype=np.object_))]
             out.append(result)
         return out
+
+    def _export(self, batch: int):
+        """Stage metrics (rtinfer.metrics) on Triton's metrics port; a failure here fails no request."""
+        if self.metrics is not None:
+            self.metrics.report(self.pre.last, batch)
+            self.metrics.audit(self.pre.audit)
+            self.metrics.keyring(self.pre.keys)
+            self.metrics.store(self.pre.replay, "nonces")
 
     def finalize(self):
         self.pre.audit.close()
@@ -57,3 +68,12 @@ def _read(request) -> Request:
         rid = guard.attempt(lambda: str(request.request_id()))
         req = Request(b"", request_id=rid if isinstance(rid, str) else "", refused=req)
     return req
+
+
+def _metrics(cfg, stage):
+    """The stage's metric exporter, or None (and a warning) when this server cannot give custom metrics."""
+    exporter = guard.attempt(metrics.for_stage, pb_utils, stage, cfg)
+    if isinstance(exporter, guard.Refusal):
+        pb_utils.Logger.log_warn(f"{stage}: no stage metrics: {exporter.detail}")
+        return None
+    return exporter
