@@ -168,6 +168,11 @@ def markdown(summary: dict, inside: dict[str, float], server_pre_ms: float | Non
                     f"(compute {med['postprocess compute']:.2f} - Python {inside['postprocess_total']:.2f})")
     if hops:
         lines += ["", "Stub hop per step (Triton's input + execute - the Python inside, ms): " + "; ".join(hops) + "."]
+    bare = sum(inside.get(k, 0.0) for k in ("decode", "to_rgb", "resize_crop", "ort"))
+    if inside.get("ort") is not None:
+        lines += ["", f"What the server adds to bare decode + crop + inference ({bare:.2f} ms in-process): "
+                  f"**{med['total'] - bare:+.2f} ms** (median total {med['total']:.2f} ms, "
+                  f"{'through the gateway' if 'gateway_grpc' in summary else paths[0]})."]
     if ort_ref:
         lines += ["", "Bare ONNX Runtime in-process, same photo, interleaved (p50 ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in ort_ref.items()) + "."]
