@@ -12,18 +12,16 @@ instance_group (one stub process per instance) and the native backend's
 ``lone_request_thread_count`` (ours, 0 = off): one thread per instance keeps the cores
 for the other instances and the Python stages under load, but leaves cores idle
 for a lone request. With it, a batch of one request runs on a second session with
-that many threads, when no other instance of this model is running a batch (each
-instance holds a lock file while it computes; the others are probed, not waited for).
+that many threads when no other model instance of this server is computing
+(``rtinfer.busy``: instances that mark themselves busy, probed, never waited for;
+``lone_request_allow_spinning`` sets that session's spinning).
 
 It never raises out of ``execute()``: when the batch as a whole fails, each request
 is run alone, so a request can only fail itself (answered UNAVAILABLE, with no
 exception name or path).
 """
-import fcntl
 import json
 import os
-import tempfile
-import time
 
 import numpy as np
 import onnxruntime as ort
@@ -43,42 +41,6 @@ def _session(path, params, intra, spinning=None):
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
-class Peers:
-    """Whether another instance of this model (another stub process) is computing right now."""
-
-    def __init__(self, model, instance):
-        self.dir = os.path.join(tempfile.gettempdir(), f"rtinfer-ort-{os.getppid()}-{model}")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        self.mine = os.path.join(self.dir, f"{instance}.lock")
-        self.fd = os.open(self.mine, os.O_RDWR | os.O_CREAT, 0o600)
-        self.others, self.listed = [], 0.0
-
-    def busy(self):
-        if time.monotonic() - self.listed > 1.0:  # instances appear at load; look again now and then
-            self.others = [os.path.join(self.dir, f) for f in os.listdir(self.dir)
-                           if f.endswith(".lock") and os.path.join(self.dir, f) != self.mine]
-            self.listed = time.monotonic()
-        for path in self.others:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            finally:
-                os.close(fd)  # closing drops the probe's lock
-        return False
-
-    def __enter__(self):
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-
-
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -90,7 +52,8 @@ class TritonPythonModel:
         self.lone = None
         if lone:
             self.lone = _session(path, params, lone, params.get("lone_request_allow_spinning"))
-            self.peers = Peers(args["model_name"], args["model_instance_name"])
+            from rtinfer import busy  # on PYTHONPATH in the embedded server, the only place this backend runs
+            self.peers = busy.Marker(args["model_instance_name"])
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]
         self.outputs = [t["name"] for t in config["output"]]
 
@@ -120,7 +83,7 @@ class TritonPythonModel:
             results = self.session.run(self.outputs, feeds)
         else:
             with self.peers:
-                wide = sum(sizes) == 1 and not self.peers.busy()
+                wide = sum(sizes) == 1 and not self.peers.others_busy()
                 results = (self.lone if wide else self.session).run(self.outputs, feeds)
         responses, start = [], 0
         for n in sizes:
@@ -128,6 +91,10 @@ class TritonPythonModel:
                 pb_utils.Tensor(name, value[start:start + n]) for name, value in zip(self.outputs, results)]))
             start += n
         return responses
+
+    def finalize(self):
+        if self.lone is not None:
+            self.peers.close()
 
 
 def _unavailable():

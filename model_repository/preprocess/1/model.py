@@ -7,7 +7,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rtinfer import guard, stage_config
+from rtinfer import busy, guard, stage_config
 from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 
@@ -26,9 +26,11 @@ class TritonPythonModel:
             jpeg_draft=cfg.param("jpeg_draft", "true").lower() == "true",
             ctx_key=cfg.internal_keys(),
         )
+        self.busy = busy.Marker(args["model_instance_name"])
 
     def execute(self, requests):
-        return guard.respond(pb_utils, requests, self._handle)
+        with self.busy:  # the classifier keeps a lone request to one thread while this computes (never raises)
+            return guard.respond(pb_utils, requests, self._handle)
 
     def _handle(self, requests):
         out = []
@@ -40,6 +42,7 @@ class TritonPythonModel:
         return out
 
     def finalize(self):
+        self.busy.close()
         self.pre.audit.close()
         self.pre.replay.close()
 
