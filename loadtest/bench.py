@@ -314,9 +314,12 @@ def ratios(results: dict[str, list[dict]], single: dict) -> dict:
             out[f"{arm}/fastapi_saturated"] = round(sat[arm] / sat["fastapi"], 3)
             fast = max(results["fastapi"], key=lambda lv: lv["throughput"])
             mine = best_within(results[arm], fast["p99_ms"])
+            within = [lv for lv in results[arm] if lv["throughput"] == mine and lv["p99_ms"] <= fast["p99_ms"]]
+            same_cpu = (round(cpu_ms_per_image(fast) / cpu_ms_per_image(within[0]), 3) if within else 0.0)
             out[f"{arm}/fastapi_at_equal_p99"] = {
                 "fastapi_p99_ms": fast["p99_ms"], "fastapi_throughput": fast["throughput"],
-                f"{arm}_throughput_at_p99_within": mine, "ratio": round(mine / fast["throughput"], 3)}
+                f"{arm}_throughput_at_p99_within": mine, "ratio": round(mine / fast["throughput"], 3),
+                "same_cpu_ratio": same_cpu}
     if single:
         out["one_client_p50_pipeline_grpc_minus_ort_with_decode_ms"] = single["pipeline_grpc_minus_ort_with_decode_p50_ms"]
         out["one_client_p50_pipeline_http_minus_ort_with_decode_ms"] = single["pipeline_http_minus_ort_with_decode_p50_ms"]
@@ -324,30 +327,40 @@ def ratios(results: dict[str, list[dict]], single: dict) -> dict:
 
 
 def targets(rat: dict, single: dict) -> list[tuple[str, str, str]]:
-    """The issue's targets: (target, measured, met?) from this run's figures only."""
+    """The issue's targets: (target, measured, met?) from this run's figures only. Throughput targets are
+    met only when they hold at equal CPU as well: on shared cores the arms get unequal shares (the
+    pipeline's several processes get more of the machine than the one in-process bare ORT arm)."""
     rows = []
     if single:
         for arm in ("pipeline_grpc", "pipeline_http"):
             d = single[f"{arm}_minus_ort_with_decode_p50_ms"]
             rows.append((f"one client, {arm}: p50 <= bare ORT decode + inference + 2 ms",
                          f"{single[arm]['p50_ms']:.2f} vs {single[single['reference']]['p50_ms']:.2f} ms "
-                         f"({single['reference']}): **{d:+.2f} ms**",
-                         "met" if d <= 2.0 else "not met"))
+                         f"({single['reference']}): **{d:+.2f} ms**", "met" if d <= 2.0 else "not met"))
     sat = rat["saturated_throughput"]
+
+    def verdict(raw: float, same: float, goal: float) -> str:
+        if raw >= goal and same >= goal:
+            return "met"
+        return "not met at equal CPU" if raw >= goal else "not met"
     for arm in ("pipeline_grpc", "pipeline_http"):
         if arm not in sat:
             continue
-        for ref in ("ort_decode", "ort", "ort_batched"):
-            if ref in sat:
-                r = rat[f"{arm}/{ref}_saturated"]
-                rows.append((f"saturated {arm} >= 0.95x bare ORT ({ref})",
-                             f"{sat[arm]:.1f} / {sat[ref]:.1f} img/s = **{r:.2f}x** (same CPU: {rat[f'{arm}/{ref}_same_cpu']:.2f}x)",
-                             "met" if r >= 0.95 else "not met"))
+        refs = [r for r in ORT_ARMS if r in sat]
+        if refs:
+            best = max(refs, key=lambda r: sat[r])  # bare ORT's best arm in this run
+            r, same = rat[f"{arm}/{best}_saturated"], rat[f"{arm}/{best}_same_cpu"]
+            also = ", ".join(f"{x} {rat[f'{arm}/{x}_saturated']:.2f}x ({rat[f'{arm}/{x}_same_cpu']:.2f}x)"
+                             for x in refs if x != best)
+            rows.append((f"saturated {arm} >= 0.95x bare ORT's best arm ({best})",
+                         f"{sat[arm]:.1f} / {sat[best]:.1f} img/s = **{r:.2f}x**, at equal CPU **{same:.2f}x** "
+                         f"(other arms: {also})", verdict(r, same, 0.95)))
         if f"{arm}/fastapi_at_equal_p99" in rat:
             f = rat[f"{arm}/fastapi_at_equal_p99"]
             rows.append((f"{arm} >= 1.5x FastAPI at equal p99",
                          f"{f[f'{arm}_throughput_at_p99_within']:.1f} img/s within p99 {f['fastapi_p99_ms']:.0f} ms vs "
-                         f"{f['fastapi_throughput']:.1f}: **{f['ratio']:.2f}x**", "met" if f["ratio"] >= 1.5 else "not met"))
+                         f"{f['fastapi_throughput']:.1f}: **{f['ratio']:.2f}x**, at equal CPU "
+                         f"**{f.get('same_cpu_ratio', 0):.2f}x**", verdict(f["ratio"], f.get("same_cpu_ratio", 0), 1.5)))
     return rows
 
 
@@ -405,6 +418,16 @@ def markdown(results: dict, single: dict, rat: dict, meta: dict, split: dict | N
     return "\n".join(lines)
 
 
+README_BEGIN, README_END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+
+
+def update_readme(table: str, path: Path = ROOT / "README.md") -> None:
+    """The README's benchmark block is this report, verbatim (so it is regenerated, never retyped)."""
+    text = path.read_text()
+    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    path.write_text(text[:start] + "\n" + table + "\n" + text[end:])
+
+
 def model_info() -> dict:
     manifest = MODEL.parent / "manifest.json"
     info = {"file": str(MODEL.relative_to(ROOT))}
@@ -431,7 +454,18 @@ def main(argv=None) -> int:
     p.add_argument("--grpc", default="")
     p.add_argument("--http", default="")
     p.add_argument("--metrics", default="")
+    p.add_argument("--from-json", type=Path, help="measure nothing: render the report of an earlier bench.json")
+    p.add_argument("--readme", action="store_true",
+                   help=f"also replace the block between {README_BEGIN} and {README_END} in README.md with the report")
     args = p.parse_args(argv)
+    if args.from_json:
+        doc = json.loads(args.from_json.read_text())
+        table = markdown(doc["results"], doc["single_request"], ratios(doc["results"], doc["single_request"]),
+                         doc["meta"], doc.get("breakdown"))
+        print(table)
+        if args.readme:
+            update_readme(table)
+        return 0
     levels = [int(x) for x in args.levels.split(",") if x]
     arms_wanted = [a for a in args.arms.split(",") if a]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -487,6 +521,8 @@ def main(argv=None) -> int:
         plots.latency_vs_throughput(results, args.out / "bench.png",
                                     f"EfficientNet-Lite0 ({meta['model'].get('variant')}), {meta['host_cores']} CPU cores: "
                                     "Triton pipeline vs bare ONNX Runtime vs FastAPI baseline")
+    if args.readme:
+        update_readme(table)
     print("\n" + table)
     print(f"\nreports: {args.out}/bench.json, bench.md, bench.png" + (", breakdown.png" if split else ""))
     return 0
