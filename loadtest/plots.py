@@ -110,7 +110,7 @@ def request_breakdown(split: dict, single: dict, out: Path) -> Path:
     ax.barh(rows[-1:], [decode], color="#8c564b", hatch="//", label="bare: decode + crop")
     ax.barh(rows[-1:], [inside.get("ort", 0.0)], left=[decode], color="#17becf", hatch="//", label="bare: ORT")
     if single:
-        ref = single["ort_with_decode"]["p50_ms"]
+        ref = single[single.get("reference", "ort_with_decode")]["p50_ms"]
         ax.axvline(ref + 2.0, color="k", ls="--", lw=1)
         ax.text(ref + 2.0, len(rows) - 0.5, " target: bare ORT decode+inference p50 + 2 ms", va="bottom", fontsize=8)
     ax.set_xlabel("ms (medians per segment; they need not add up to the median total)")
