@@ -321,8 +321,8 @@ def ratios(results: dict[str, list[dict]], single: dict) -> dict:
                 f"{arm}_throughput_at_p99_within": mine, "ratio": round(mine / fast["throughput"], 3),
                 "same_cpu_ratio": same_cpu}
     if single:
-        out["one_client_p50_pipeline_grpc_minus_ort_with_decode_ms"] = single["pipeline_grpc_minus_ort_with_decode_p50_ms"]
-        out["one_client_p50_pipeline_http_minus_ort_with_decode_ms"] = single["pipeline_http_minus_ort_with_decode_p50_ms"]
+        for arm in ("pipeline_grpc", "pipeline_http"):
+            out[f"one_client_p50_{arm}_minus_ort_with_decode_ms"] = single[f"{arm}_minus_ort_with_decode_p50_ms"]
     return out
 
 
@@ -357,10 +357,11 @@ def targets(rat: dict, single: dict) -> list[tuple[str, str, str]]:
                          f"(other arms: {also})", verdict(r, same, 0.95)))
         if f"{arm}/fastapi_at_equal_p99" in rat:
             f = rat[f"{arm}/fastapi_at_equal_p99"]
+            same = f.get("same_cpu_ratio", 0.0)
             rows.append((f"{arm} >= 1.5x FastAPI at equal p99",
                          f"{f[f'{arm}_throughput_at_p99_within']:.1f} img/s within p99 {f['fastapi_p99_ms']:.0f} ms vs "
-                         f"{f['fastapi_throughput']:.1f}: **{f['ratio']:.2f}x**, at equal CPU "
-                         f"**{f.get('same_cpu_ratio', 0):.2f}x**", verdict(f["ratio"], f.get("same_cpu_ratio", 0), 1.5)))
+                         f"{f['fastapi_throughput']:.1f}: **{f['ratio']:.2f}x**, at equal CPU **{same:.2f}x**",
+                         verdict(f["ratio"], same, 1.5)))
     return rows
 
 
@@ -447,7 +448,8 @@ def main(argv=None) -> int:
     p.add_argument("--arms", default=",".join(ARMS))
     p.add_argument("--seconds", type=float, default=6.0)
     p.add_argument("--warmup", type=float, default=1.5)
-    p.add_argument("--single", type=int, default=200, help="sequential requests per arm for one client's p50/p99 (0: skip)")
+    p.add_argument("--single", type=int, default=200,
+                   help="sequential requests per arm for one client's p50/p99 (0: skip)")
     p.add_argument("--breakdown", type=int, default=60, help="traced requests per path for the breakdown (0: skip)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--ort-threads", type=int, default=0, help="bare ORT and baseline intra-op threads (0: all cores)")
@@ -518,9 +520,9 @@ def main(argv=None) -> int:
     table = markdown(results, single, rat, meta, split)
     (args.out / "bench.md").write_text("# Benchmark\n\n" + table + "\n")
     if results:
-        plots.latency_vs_throughput(results, args.out / "bench.png",
-                                    f"EfficientNet-Lite0 ({meta['model'].get('variant')}), {meta['host_cores']} CPU cores: "
-                                    "Triton pipeline vs bare ONNX Runtime vs FastAPI baseline")
+        title = (f"EfficientNet-Lite0 ({meta['model'].get('variant')}), {meta['host_cores']} CPU cores: "
+                 "Triton pipeline vs bare ONNX Runtime vs FastAPI baseline")
+        plots.latency_vs_throughput(results, args.out / "bench.png", title)
     if args.readme:
         update_readme(table)
     print("\n" + table)

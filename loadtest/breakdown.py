@@ -146,8 +146,9 @@ def markdown(summary: dict, inside: dict[str, float], server_pre_ms: float | Non
         lines.append(f"| {k} | " + " | ".join(f"{summary[p]['median_ms'].get(k, 0):.2f}" for p in paths) + " |")
     if len(paths) >= 2 and "gateway_grpc" in summary and "direct_grpc" in summary:
         g, d = summary["gateway_grpc"]["median_ms"], summary["direct_grpc"]["median_ms"]
-        lines += ["", f"Gateway (gRPC): total {g['total'] - d['total']:+.2f} ms; in "
-                  f"{g['client+gateway in'] - d['client+gateway in']:+.2f} ms, out {g['gateway+client out'] - d['gateway+client out']:+.2f} ms."]
+        gin = g["client+gateway in"] - d["client+gateway in"]
+        gout = g["gateway+client out"] - d["gateway+client out"]
+        lines += ["", f"Gateway (gRPC): total {g['total'] - d['total']:+.2f} ms; in {gin:+.2f} ms, out {gout:+.2f} ms."]
     if inside:
         lines += ["", "Inside the stages, same photo, timed in-process with the stages' code (median ms): "
                   + ", ".join(f"{k} {v:.2f}" for k, v in inside.items()) + "."]

@@ -18,7 +18,8 @@ import numpy as np
 
 from rtinfer import audit_context, envelope, imaging, internal_key, labels, replay
 from rtinfer.audit import AuditWriter
-from rtinfer.postprocess import Postprocessor
+from rtinfer.keyring import Keyring
+from rtinfer.postprocess import Postprocessor, softmax
 from rtinfer.preprocess import Preprocessor, Request
 
 STEPS = ("decrypt", "replay_check", "decode", "to_rgb", "resize_crop", "audit_ctx_seal", "preprocess_total",
@@ -41,7 +42,6 @@ def measure(photo: bytes, key: bytes, session, *, n: int = 60, fsync: str = "int
     post_writer = AuditWriter(where / "post.jsonl", fsync=fsync)
     guard = replay.ReplayGuard(where / "nonces.sqlite3")
     ctx_store = replay.ReplayGuard(where / "ctx.sqlite3", window_s=60.0, future_skew_s=5.0)
-    from rtinfer.keyring import Keyring
     ring = Keyring({"k1": key})
     pre = Preprocessor(ring, writer, pipelines={"pipeline"}, replay=guard, ctx_key=keys)
     post = Postprocessor(post_writer, labels.names(), models={"pipeline": "classifier_onnx/1"},
@@ -83,7 +83,6 @@ def measure(photo: bytes, key: bytes, session, *, n: int = 60, fsync: str = "int
             audit_context.open_context(accepted.context, keys.all(), rid)
             t["audit_ctx_check"] = _ms(t0)
             t0 = time.perf_counter_ns()
-            from rtinfer.postprocess import softmax
             softmax(logits)
             t["softmax"] = _ms(t0)
             t0 = time.perf_counter_ns()
