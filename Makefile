@@ -115,12 +115,13 @@ loadtest: engines keys
 	$(PY) -m loadtest.run --keyring $(KEYRING) --out $(LOADTEST_OUT) --users $(USERS) --spawn-rate $(SPAWN_RATE) --duration $(DURATION) \
 	  --slo $(SLO) $(if $(STEP),--step) $(LOADTEST_TARGET)
 
-# Side by side, one run: bare ONNX Runtime, the Triton pipeline (gRPC, HTTP), the FastAPI baseline.
-# Reports in build/bench/ (bench.json, bench.md, bench.png).
+# Side by side, one run: bare ONNX Runtime, the Triton pipeline through the gateway (gRPC, HTTP), the
+# FastAPI baseline; one client's p50/p99 and the breakdown of one request. Reports in build/bench/
+# (bench.json, bench.md, bench.png, breakdown.png); the README's benchmark block is regenerated from it.
 BENCH_LEVELS  ?= 1,2,4,8,16
 BENCH_SECONDS ?= 6
-bench: engines keys
-	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS)
+bench: engines keys haproxy
+	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS) --readme
 
 # Monitoring, for real (README "Monitoring"): Triton + gateway + Prometheus (rules time-compressed) on
 # loopback, clean Locust load, a valid surge, then injected abuse; prints the alerts that fired and

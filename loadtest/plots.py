@@ -91,3 +91,32 @@ def latency_vs_throughput(results: dict, out: Path, title: str) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def request_breakdown(split: dict, single: dict, out: Path) -> Path:
+    """One request's critical path per path (stacked segments, Triton trace + client clock, medians),
+    beside bare ONNX Runtime doing decode + inference on the same photo."""
+    paths = list(split["paths"])
+    segs = [k for k in split["paths"][paths[0]]["median_ms"] if k != "total"]
+    cmap = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(14, 2.2 + 0.7 * (len(paths) + 1)))
+    rows = [*paths, "bare ORT (in-process)"]
+    for i, seg in enumerate(segs):
+        vals = [split["paths"][p]["median_ms"][seg] for p in paths] + [0.0]
+        left = [sum(split["paths"][p]["median_ms"][s] for s in segs[:i]) for p in paths] + [0.0]
+        ax.barh(rows, vals, left=left, color=cmap(i % 20), label=seg)
+    inside = split.get("inside_ms", {})
+    decode = sum(inside.get(k, 0.0) for k in ("decode", "to_rgb", "resize_crop"))
+    ax.barh(rows[-1:], [decode], color="#8c564b", hatch="//", label="bare: decode + crop")
+    ax.barh(rows[-1:], [inside.get("ort", 0.0)], left=[decode], color="#17becf", hatch="//", label="bare: ORT")
+    if single:
+        ref = single[single.get("reference", "ort_with_decode")]["p50_ms"]
+        ax.axvline(ref + 2.0, color="k", ls="--", lw=1)
+        ax.text(ref + 2.0, len(rows) - 0.5, " target: bare ORT decode+inference p50 + 2 ms", va="bottom", fontsize=8)
+    ax.set_xlabel("ms (medians per segment; they need not add up to the median total)")
+    ax.set_title("Where one request's time goes (chelsea, one client)")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.25))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

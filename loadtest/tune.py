@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -32,12 +33,23 @@ VARIANTS: dict[str, dict[str, dict]] = {
     "intra1": {"classifier_onnx": {"intra": 1}},
     "two_x_intra1": {"classifier_onnx": {"instances": 2, "intra": 1}},
     "two_x_intra1_pre2": {"classifier_onnx": {"instances": 2, "intra": 1}, "preprocess": {"instances": 2}},
-    "intra1_pre2": {"classifier_onnx": {"intra": 1}, "preprocess": {"instances": 2}},
     "intra2_pre2": {"preprocess": {"instances": 2}},
-    "intra1_b248_d3000": {"classifier_onnx": {"intra": 1, "preferred": [2, 4, 8], "delay_us": 3000}},
     "two_x_intra1_nodelay": {"classifier_onnx": {"instances": 2, "intra": 1, "delay_us": 0}},
-    "intra1_nodelay": {"classifier_onnx": {"intra": 1, "delay_us": 0}, "preprocess": {"delay_us": 0},
-                       "postprocess": {"delay_us": 0}},
+    # issue 11 candidates: pre/post queue delays, a wide session for a lone request, spinning
+    "stage_delay0": {"preprocess": {"delay_us": 0}, "postprocess": {"delay_us": 0}},
+    "stage_delay200": {"preprocess": {"delay_us": 200}, "postprocess": {"delay_us": 200}},
+    "lone2": {"classifier_onnx": {"params": {"lone_request_thread_count": "2"}}},
+    "lone2_nospin": {"classifier_onnx": {"params": {"lone_request_thread_count": "2",
+                                                    "lone_request_allow_spinning": "0"}}},
+    "lone2_nospin_delay0": {"classifier_onnx": {"params": {"lone_request_thread_count": "2",
+                                                           "lone_request_allow_spinning": "0"}},
+                            "preprocess": {"delay_us": 0}, "postprocess": {"delay_us": 0}},
+    "lone0": {"classifier_onnx": {"params": {"lone_request_thread_count": "0"}}},
+    "one_x_intra2_nospin": {"classifier_onnx": {"instances": 1, "intra": 2,
+                                                "params": {"session.intra_op.allow_spinning": "0"}}},
+    "two_x_intra2_nospin": {"classifier_onnx": {"instances": 2, "intra": 2,
+                                                "params": {"session.intra_op.allow_spinning": "0"}}},
+    "pre2": {"preprocess": {"instances": 2}},
 }
 
 _FIELDS = {
@@ -46,6 +58,18 @@ _FIELDS = {
     "preferred": (r"(preferred_batch_size: )\[[^\]]*\]", lambda v: "[ " + ", ".join(map(str, v)) + " ]"),
     "delay_us": (r"(max_queue_delay_microseconds: )\d+", lambda v: str(v)),
 }
+
+
+def _set_params(text: str, params: dict[str, str]) -> str:
+    """Each parameter's value replaced where the config has it, else added to its parameters list."""
+    for key, value in params.items():
+        entry = f'{{ key: "{key}" value: {{ string_value: "{value}" }} }}'
+        text, n = re.subn(r'\{ key: "' + re.escape(key) + r'" value: \{ string_value: "[^"]*" \} \}', entry, text)
+        if n == 0:
+            text, n = re.subn(r"(parameters \[\n)", lambda m: m.group(1) + f"  {entry},\n", text)
+        if n != 1:
+            raise ValueError(f"parameter {key} matched {n} times, expected 1")
+    return text
 
 
 def config_file(repo: Path, model: str) -> Path:
@@ -58,6 +82,9 @@ def apply(repo: Path, overrides: dict[str, dict]) -> None:
         path = config_file(repo, model)
         text = path.read_text()
         for name, value in fields.items():
+            if name == "params":
+                text = _set_params(text, value)
+                continue
             pattern, fmt = _FIELDS[name]
             text, n = re.subn(pattern, lambda m: m.group(1) + fmt(value), text)
             if n != 1:
@@ -74,6 +101,40 @@ def make_repo(out: Path, name: str) -> Path:
     return repo
 
 
+def one_client(servers: dict[str, TritonServer], key: bytes, n: int) -> dict[str, dict]:
+    """One client, one request at a time, round-robin over the variants (and bare ORT decode + inference,
+    all cores), so each variant's server is idle while another answers and drifting load hits all alike."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from loadtest.payloads import PHOTOS, Sealer, photos
+    from rtinfer import imaging
+    chelsea = photos()[PHOTOS.index("chelsea")]
+    bare = Arms(target.Target("", "", ""), 0, key, "k1", 5, 0).session
+    sealer = Sealer(key, key_id="k1", client_id="tune", pipeline="pipeline", names=("chelsea",))
+    clients = {name: grpcclient.InferenceServerClient(srv.grpc_url) for name, srv in servers.items()}
+
+    def call(name):
+        if name == "ort_with_decode":
+            return lambda: bare.run(None, {"input": imaging.preprocess(chelsea)[np.newaxis]})
+        inp = grpcclient.InferInput("ENVELOPE", [1, 1], "BYTES")
+        inp.set_data_from_numpy(np.array([[sealer.next()]], dtype=np.object_))
+        return lambda: clients[name].infer("pipeline", [inp], request_id=uuid.uuid4().hex,
+                                           parameters={"client_id": "tune"})
+    names = ["ort_with_decode", *servers]
+    times = {name: [] for name in names}
+    for i in range(n + 10):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            fn = call(name)
+            t0 = time.perf_counter()
+            fn()
+            if i >= 10:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    for c in clients.values():
+        c.close()
+    return {name: {"p50_ms": round(loadgen.percentile(sorted(v), 0.5), 2),
+                   "p99_ms": round(loadgen.percentile(sorted(v), 0.99), 2), "n": len(v)} for name, v in times.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m loadtest.tune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,9 +144,10 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default="1,4,8")
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--single", type=int, default=0, help="one client: requests per variant, round-robin (0: skip)")
     args = p.parse_args(argv)
     names = args.variants.split(",")
-    levels = [int(x) for x in args.levels.split(",")]
+    levels = [int(x) for x in args.levels.split(",") if x]
     target.ensure_keyring(args.keyring)
     key = Keyring.load(args.keyring).key("k1")
     results = {n: {"overrides": VARIANTS[n], "levels": [], "breakdown": {}} for n in names}
@@ -99,6 +161,10 @@ def main(argv=None) -> int:
             servers[n] = srv
             print(f"{n}: ready on gRPC {srv.grpc_url}", flush=True)
         started = time.monotonic()
+        if args.single:
+            single = one_client(servers, key, args.single)
+            results["one_client"] = single
+            print(json.dumps(single), flush=True)
         for c in levels:
             for n in ["ort", *names]:
                 srv = servers.get(n)
@@ -118,16 +184,20 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results["model"] = model_info()  # which model file was measured (another variant may be installed later)
     (args.out / "tune.json").write_text(json.dumps(results, indent=1))
+    last = levels[-1] if levels else 0
     lines = ["| variant | overrides | " + " | ".join(f"c={c} img/s, p50/p99 ms" for c in levels) +
-             f" | at c={levels[-1]}: per stage queue+infer ms (batch) |", "|---|---|" + "---:|" * len(levels) + "---|"]
+             f" | at c={last}: per stage queue+infer ms (batch) |", "|---|---|" + "---:|" * len(levels) + "---|"]
     for n, r in results.items():
-        if n == "model":
+        if n in ("model", "one_client"):
             continue
         cells = [f"{lv['throughput']:.1f}, {lv['p50_ms']:.1f}/{lv['p99_ms']:.1f}" for lv in r["levels"]]
-        stages = r.get("breakdown", {}).get(str(levels[-1]), [])
+        stages = r.get("breakdown", {}).get(str(last), [])
         per = "; ".join(f"{s['model'].replace('classifier_onnx', 'clf')} {s['queue_ms']:.1f}+{s['infer_ms']:.1f} "
                         f"({s['avg_batch']:.1f})" for s in stages if s["model"] != "pipeline")
         lines.append(f"| {n} | `{json.dumps(r['overrides'])}` | " + " | ".join(cells) + f" | {per} |")
+    if "one_client" in results:
+        lines.append("\nOne client (round-robin, chelsea): " + ", ".join(
+            f"{k} p50 {v['p50_ms']:.2f} / p99 {v['p99_ms']:.2f} ms" for k, v in results["one_client"].items()))
     lines.append(f"\nModel: {json.dumps(results['model'])}")
     (args.out / "tune.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

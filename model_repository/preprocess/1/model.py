@@ -7,7 +7,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rtinfer import guard, metrics, stage_config
+from rtinfer import busy, guard, metrics, stage_config
 from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 
@@ -27,9 +27,11 @@ class TritonPythonModel:
             ctx_key=cfg.internal_keys(),
         )
         self.metrics = _metrics(cfg, "preprocess")
+        self.busy = busy.Marker(args["model_instance_name"])
 
     def execute(self, requests):
-        return guard.respond(pb_utils, requests, self._handle)
+        with self.busy:  # the classifier keeps a lone request to one thread while this computes (never raises)
+            return guard.respond(pb_utils, requests, self._handle)
 
     def _handle(self, requests):
         out = []
@@ -51,6 +53,7 @@ class TritonPythonModel:
             self.metrics.store(self.pre.replay, "nonces")
 
     def finalize(self):
+        self.busy.close()
         self.pre.audit.close()
         self.pre.replay.close()
 

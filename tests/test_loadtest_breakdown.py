@@ -1,0 +1,50 @@
+"""The one-request breakdown reads Triton's trace file as Triton 2.51 writes it (one JSON array of
+model records and one-stamp timestamp records, steps linked to the ensemble by parent_id) and
+cuts the request's critical path into segments that add up to what the client measured."""
+from __future__ import annotations
+
+import json
+
+from loadtest import breakdown
+
+
+def _trace(rid: str, base: int, tid: int) -> list[dict]:
+    """A traced ensemble request as Triton writes it, stamps in ns from ``base`` (shape copied from a real
+    server's trace file)."""
+    ens = {"GRPC_WAITREAD_START": 0, "GRPC_WAITREAD_END": 1_000_000, "REQUEST_START": 1_100_000,
+           "QUEUE_START": 1_120_000, "INFER_RESPONSE_COMPLETE": 12_000_000, "GRPC_SEND_START": 12_100_000,
+           "GRPC_SEND_END": 12_300_000, "REQUEST_END": 12_400_000}
+    steps = {"preprocess": 1_200_000, "classifier_onnx": 5_000_000, "postprocess": 11_000_000}
+    items = [{"id": tid, "model_name": "pipeline", "model_version": 1, "request_id": rid}]
+    items += [{"id": tid, "timestamps": [{"name": k, "ns": base + v}]} for k, v in ens.items()]
+    for i, (step, t) in enumerate(steps.items()):
+        sid = tid + 1 + i
+        items.append({"id": sid, "model_name": step, "model_version": 1, "request_id": rid, "parent_id": tid})
+        for k, dt in (("REQUEST_START", 0), ("QUEUE_START", 10_000), ("COMPUTE_START", 200_000),
+                      ("COMPUTE_INPUT_END", 300_000), ("COMPUTE_OUTPUT_START", 3_000_000),
+                      ("COMPUTE_END", 3_500_000), ("REQUEST_END", 3_600_000)):
+            items.append({"id": sid, "timestamps": [{"name": k, "ns": base + t + dt}]})
+    return items
+
+
+def test_segments_follow_the_critical_path_and_add_up(tmp_path):
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(_trace("a", 10**12, 1) + _trace("b", 2 * 10**12, 5)))
+    traces = breakdown.read_traces(path)
+    assert set(traces) == {"a", "b"}
+    assert set(traces["a"]) >= {"ensemble", *breakdown.STEPS}
+    row = {"request_id": "a", "path": "gateway_grpc", "t0": 10**12 - 500_000, "t1": 10**12 + 12_800_000}
+    seg = breakdown.segments(row, traces["a"])
+    assert seg["client+gateway in"] == 1.5
+    assert [round(seg[f"preprocess {k}"], 9) for k in ("queue", "input", "execute")] == [0.2, 0.1, 2.7]
+    assert abs(seg["scheduler->classifier_onnx"] - 0.8) < 1e-9
+    assert seg["gateway+client out"] == 0.5
+    assert abs(sum(v for k, v in seg.items() if k != "total") - seg["total"]) < 1e-9
+    summary = breakdown.summarize([row], traces)
+    assert summary["gateway_grpc"]["n"] == 1 and summary["gateway_grpc"]["median_ms"]["total"] == 13.3
+
+
+def test_incomplete_trace_is_left_out():
+    row = {"request_id": "x", "path": "p", "t0": 0, "t1": 1}
+    assert breakdown.segments(row, {"ensemble": {"GRPC_WAITREAD_END": 1}}) is None
+    assert breakdown.summarize([row], {}) == {}
