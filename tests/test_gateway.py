@@ -154,8 +154,8 @@ def envelope_request(model: str, sealed: bytes, client_id: str) -> service_pb2.M
 def classifier_request(model: str) -> service_pb2.ModelInferRequest:
     """Raw tensors for classifier_onnx: no envelope, no key, no audit record."""
     req = service_pb2.ModelInferRequest(model_name=model)
-    req.inputs.add(name="input", datatype="FP32", shape=[1, 3, 224, 224])
-    req.raw_input_contents.append(np.zeros((1, 3, 224, 224), np.float32).tobytes())
+    req.inputs.add(name="input", datatype="UINT8", shape=[1, 224, 224, 3])
+    req.raw_input_contents.append(np.zeros((1, 224, 224, 3), np.uint8).tobytes())
     return req
 
 
