@@ -39,11 +39,12 @@ def make_pool(files: list, labels: list, teacher_onnx: Path, opts: Options, out:
 
 def run(pool: dict, prune_x: np.ndarray, out: Path, opts: Options, ckpt: Path | None = None) -> dict:
     """Prune (ranking + least-squares refit on ``prune_x``, float NCHW 224), distil on ``pool``, export
-    ``out`` (FP32 NCHW ONNX). Returns the training log."""
+    ``out`` (FP32 NCHW ONNX) and the untrained student beside it (``start.onnx``). Returns the training log."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model = student.load()
     kept = student.prune(model, opts.keep, torch.from_numpy(prune_x)) if opts.keep < 1.0 else []
+    export.to_onnx(model, out.with_name("start.onnx"))   # the student before training, to show what training did
     log = train(model, pool, steps=opts.steps, batch=opts.batch, lr=opts.lr, alpha=opts.alpha, tau=opts.tau,
                 seed=opts.seed, ckpt=ckpt, time_limit_s=opts.time_cap_s)
     export.to_onnx(model, out)
