@@ -6,7 +6,7 @@ import sys
 from build_engines import paths
 from build_engines.stages import run_stage
 
-STAGES = ("source", "images", "prune", "cpu", "fp16", "int8_trt", "report", "install")
+STAGES = ("source", "images", "distill_pool", "distill", "prune", "cpu", "fp16", "int8_trt", "report", "install")
 
 
 def test_second_build_rebuilds_nothing():
