@@ -29,11 +29,15 @@ MIN_INT8_SHARE = 0.9   # all-INT8 and first/last-FP32 graphs: 0.97-1.0; they mea
 
 def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_ref, eval_x, eval_ref,
           budget: float, margin: float, method_choices=("minmax", "percentile"), scan_n: int = 64,
-          int8_bases=("pruned",)) -> dict:
+          int8_bases=("pruned",), extra_fp32: dict | None = None) -> dict:
+    """``extra_fp32``: more FP32 candidates by name (e.g. the distilled pruned student), judged by the same rule."""
     work = out_dir / "work"
     qlogs, cands, graphs = {}, {}, {"pruned-fp32-ortopt": Path(pruned)}
     int8_share = {"pruned-fp32-ortopt": 0.0}
     cands["pruned-fp32-ortopt"] = (optimize(pruned, out_dir / "pruned_fp32_ortopt.onnx"), "fp32")
+    for name, path in (extra_fp32 or {}).items():
+        graphs[f"{name}-ortopt"], int8_share[f"{name}-ortopt"] = Path(path), 0.0
+        cands[f"{name}-ortopt"] = (optimize(path, out_dir / f"{name.replace('-', '_')}_ortopt.onnx"), "fp32")
     # INT8 from the pruned model and, on request, from the unpruned one: pruning spends part of
     # the budget that INT8 (the larger speed-up on CPU) then cannot use; the measurement decides.
     bases = {"pruned": Path(pruned), "unpruned": Path(source)}

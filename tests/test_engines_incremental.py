@@ -7,6 +7,7 @@ from build_engines import paths
 from build_engines.stages import run_stage
 
 STAGES = ("source", "images", "prune", "cpu", "fp16", "int8_trt", "report", "install")
+DISTILL = ("distill_pool", "distill")   # only when the build was asked to distill (off by default)
 
 
 def test_second_build_rebuilds_nothing():
@@ -19,6 +20,9 @@ def test_second_build_rebuilds_nothing():
     assert r.returncode == 0, r.stderr[-2000:]
     for stage in STAGES:
         assert f"[{stage}] up to date" in r.stdout, r.stdout
+    if "[distill] off" not in r.stdout:
+        for stage in DISTILL:
+            assert f"[{stage}] up to date" in r.stdout, r.stdout
     assert "building" not in r.stdout, r.stdout
     after = {p: p.stat().st_mtime_ns for p in before}
     assert after == before
