@@ -17,7 +17,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from . import cost, evaluate, quantize, throughput

@@ -32,7 +32,6 @@ keys cannot be shown other values than the hash covers).
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import hashlib
 import json

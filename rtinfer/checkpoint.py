@@ -18,13 +18,14 @@ import base64
 import hashlib
 import json
 import os
-import stat
 import sys
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from rtinfer.keyring import read_private
 
 ENV_VAR = "RTINFER_AUDIT_SIGNING_KEY"
 
@@ -50,13 +51,7 @@ class Signer:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Signer":
         path = Path(path)
-        with open(path, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            data = fh.read()
-        if mode & (stat.S_IRWXG | stat.S_IRWXO):
-            raise PermissionError(f"audit signing key {path} is readable by group/others "
-                                  f"(mode {stat.S_IMODE(mode):o}); chmod 600 it")
-        key = serialization.load_pem_private_key(data, password=None)
+        key = serialization.load_pem_private_key(read_private(path, "audit signing key"), password=None)
         if not isinstance(key, Ed25519PrivateKey):
             raise ValueError(f"{path} is not an Ed25519 private key")
         return cls(key)

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from rtinfer import access
-from rtinfer.server import ROOT, TritonServer, _die_with_parent, free_port
+from rtinfer.server import ROOT, Endpoints, TritonServer, _die_with_parent, free_port
 
 CONFIG_DIR = ROOT / "deploy" / "gateway"
 HAPROXY_ENV = "RTINFER_HAPROXY"
@@ -48,7 +48,7 @@ def key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest().upper()
 
 
-class Gateway:
+class Gateway(Endpoints):
     """A running HAProxy in front of Triton's HTTP, gRPC and metrics ports; a context manager."""
 
     def __init__(self, triton_http: str, triton_grpc: str, triton_metrics: str, *, host: str = "127.0.0.1",
@@ -79,18 +79,6 @@ class Gateway:
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
-
-    @property
-    def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def _private(self, name: str, data: bytes) -> Path:
         path = self.workdir / name

@@ -16,11 +16,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import stat
 import sys
 import threading
 import time
 from pathlib import Path
+
+from rtinfer.keyring import read_private
 
 ENV_VAR = "RTINFER_INTERNAL_KEY"
 FILE_NAME = "server-internal.key"
@@ -52,12 +53,7 @@ def _write_new(path: Path, keys: list[bytes]) -> Path:
 def read(path: str | os.PathLike) -> list[bytes]:
     """The keys, current first; the file must exist, be 0600 and hold whole keys."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        mode = os.fstat(fh.fileno()).st_mode
-        data = fh.read()
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise PermissionError(f"server-internal key {path} is readable by group/others "
-                              f"(mode {stat.S_IMODE(mode):o}); chmod 600 it")
+    data = read_private(path, "server-internal key")
     if not data or len(data) % KEY_BYTES:
         raise ValueError(f"server-internal key {path} is {len(data)} bytes, not a multiple of {KEY_BYTES}")
     return [data[i:i + KEY_BYTES] for i in range(0, len(data), KEY_BYTES)]

@@ -118,16 +118,23 @@ def resolve_path(path: str | None) -> Path:
     return Path(path)
 
 
+def read_private(path: str | os.PathLike, what: str, error: type[Exception] = PermissionError) -> bytes:
+    """The bytes of a key file that only its owner may read (keyring, server-internal key, signing key).
+
+    The mode checked is that of the file read, not of a name that may be swapped in between."""
+    with open(path, "rb") as fh:
+        mode = os.fstat(fh.fileno()).st_mode
+        data = fh.read()
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise error(f"{what} {path} is readable by group/others (mode {stat.S_IMODE(mode):o}); chmod 600 it")
+    return data
+
+
 def _read(path: Path) -> dict[str, Entry]:
     try:
-        with open(path, "rb") as fh:  # check the mode of the file we read, not of a name that may be swapped
-            mode = os.fstat(fh.fileno()).st_mode
-            raw = fh.read()
+        raw = read_private(path, "keyring file", KeyringError)
     except FileNotFoundError:
         raise KeyringError(f"keyring file not found: {path}") from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise KeyringError(f"keyring file {path} is readable by group/others (mode {stat.S_IMODE(mode):o}); "
-                           "chmod 600 it")
     try:
         data = json.loads(raw)
     except (ValueError, RecursionError) as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +21,14 @@ SPLITS = ("choose", "confirm", "all")
 _WNID = re.compile(r"^(n\d{8})(?:_|$)")
 
 
+@lru_cache(maxsize=1)
+def _index() -> dict[str, int]:
+    return {w: i for i, w in enumerate(wnids())}
+
+
 def class_of(path: Path) -> int | None:
     """Class index from the file name or its folder, None when neither is an ImageNet wnid."""
-    index = {w: i for i, w in enumerate(wnids())}
+    index = _index()
     for name in (path.stem, path.parent.name):
         m = _WNID.match(name)
         if m and m.group(1) in index:

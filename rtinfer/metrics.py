@@ -224,6 +224,17 @@ class Exporter:
 WATCHED = ("auth_failed", "unknown_key", "retired_key", "replayed", "expired", "client_mismatch", "context_forged")
 
 
+def for_stage_or_none(pb_utils, stage: str, cfg) -> Exporter | None:
+    """``for_stage`` for the adapters: a server that cannot give custom metrics logs a warning and the
+    stage serves without them (metrics never fail a model's load)."""
+    from rtinfer import guard
+    exporter = guard.attempt(for_stage, pb_utils, stage, cfg)
+    if isinstance(exporter, guard.Refusal):
+        pb_utils.Logger.log_warn(f"{stage}: no stage metrics: {exporter.detail}")
+        return None
+    return exporter
+
+
 def for_stage(pb_utils, stage: str, cfg) -> Exporter | None:
     """The stage's exporter (None when this Triton's Python backend has no custom metrics), with the
     series of the listed clients and ``other`` created at zero."""

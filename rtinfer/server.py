@@ -82,7 +82,27 @@ def server_env(extra: dict | None = None) -> dict:
     return env
 
 
-class TritonServer:
+class Endpoints:
+    """Addresses clients use, from ``host`` and the three ports (the server's, or the gateway's in front)."""
+    host: str
+    http_port: int
+    grpc_port: int
+    metrics_port: int
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+class TritonServer(Endpoints):
     """A running tritonserver; a context manager that always stops it."""
 
     def __init__(self, model_repository: str | os.PathLike = ROOT / "model_repository", *,
@@ -115,18 +135,6 @@ class TritonServer:
         if audit_signing_key:
             self.env["RTINFER_AUDIT_SIGNING_KEY"] = str(Path(audit_signing_key).resolve())
         self.proc: subprocess.Popen | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"{self.host}:{self.http_port}"
-
-    @property
-    def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def command(self) -> list[str]:
         backends = assemble_backends(self.workdir / "backends")

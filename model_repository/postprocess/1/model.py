@@ -17,7 +17,7 @@ class TritonPythonModel:
         self.post = Postprocessor(cfg.audit_writer(), labels.names(), models=cfg.classifier_models(),
                                   version=args["model_version"], keyring=cfg.keyring(),
                                   internal_keys=cfg.internal_keys(), ctx_store=cfg.context_store())
-        self.metrics = _metrics(cfg, "postprocess")
+        self.metrics = metrics.for_stage_or_none(pb_utils, "postprocess", cfg)
 
     def execute(self, requests):
         return guard.respond(pb_utils, requests, self._handle)
@@ -71,12 +71,3 @@ def _read(request):
         rid = guard.attempt(lambda: str(request.request_id()))
         row = np.zeros((1, 1000), np.float32), [row], rid if isinstance(rid, str) else "", {}
     return row
-
-
-def _metrics(cfg, stage):
-    """The stage's metric exporter, or None (and a warning) when this server cannot give custom metrics."""
-    exporter = guard.attempt(metrics.for_stage, pb_utils, stage, cfg)
-    if isinstance(exporter, guard.Refusal):
-        pb_utils.Logger.log_warn(f"{stage}: no stage metrics: {exporter.detail}")
-        return None
-    return exporter

@@ -26,7 +26,7 @@ class TritonPythonModel:
             jpeg_draft=cfg.param("jpeg_draft", "true").lower() == "true",
             ctx_key=cfg.internal_keys(),
         )
-        self.metrics = _metrics(cfg, "preprocess")
+        self.metrics = metrics.for_stage_or_none(pb_utils, "preprocess", cfg)
         self.busy = busy.Marker(args["model_instance_name"])
 
     def execute(self, requests):
@@ -71,12 +71,3 @@ def _read(request) -> Request:
         rid = guard.attempt(lambda: str(request.request_id()))
         req = Request(b"", request_id=rid if isinstance(rid, str) else "", refused=req)
     return req
-
-
-def _metrics(cfg, stage):
-    """The stage's metric exporter, or None (and a warning) when this server cannot give custom metrics."""
-    exporter = guard.attempt(metrics.for_stage, pb_utils, stage, cfg)
-    if isinstance(exporter, guard.Refusal):
-        pb_utils.Logger.log_warn(f"{stage}: no stage metrics: {exporter.detail}")
-        return None
-    return exporter
