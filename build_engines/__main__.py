@@ -1,7 +1,8 @@
 """`python -m build_engines`: run every stage of `make engines`, skipping those already up to date.
 
 source -> images -> prune -> distill (pruned student taught by the original) -> cpu (INT8 / FP32, fastest within budget) -> fp16, int8_trt
-(precision-explicit ONNX for TensorRT) -> report -> install -> TensorRT engines (GPU hosts).
+(precision-explicit ONNX for TensorRT) -> report -> install -> big (EfficientNet-Lite2, the cascade's
+cloud classifier) -> TensorRT engines (GPU hosts).
 """
 import argparse
 import functools
@@ -397,6 +398,33 @@ def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
                         variant=m["variant"], figures=figures, extra=extra))
 
 
+def stage_big(args) -> None:
+    """EfficientNet-Lite2 for the cascade's cloud leg (build_engines.big_model): export, FP16 ONNX, figures."""
+    from rtinfer import labeled
+    from . import big_model
+    if args.labeled_dir:
+        files, labels = labeled.find(args.labeled_dir)
+        splits = {s: labeled.select(files, labels, s) for s in ("choose", "confirm")}
+    else:
+        photos = images.packaged_photos()
+        splits = {"choose": (photos, None), "confirm": (photos, None)}
+    d = paths.BUILD / "big"
+    outs = [big_model.MODEL, big_model.MANIFEST, d / "fp16.onnx", d / "logits_choose.npz", d / "logits_confirm.npz"]
+
+    def build():
+        figures = big_model.build(d, splits, args.budget)
+        for split in ("choose", "confirm"):
+            f = figures[split]
+            acc = f"top-1 {f['top1_accuracy']:.1%}" if "top1_accuracy" in f else "unlabeled"
+            print(f"[big] Lite2 {split}: {acc}, agreement with PyTorch {f['top1_agreement']:.1%}, "
+                  f"KL {f['mean_kl']:.1e}", flush=True)
+
+    run_stage("big", d, {"stage_code": own_code(stage_big), "weights": source_model.weights_sha256("lite2"),
+        "photos": {s: images.source_fingerprint(f) for s, (f, _) in splits.items()}, "imaging": _imaging_hash(),
+        "budget": args.budget, "code": code_hash("big_model", "source_model", "graph_clean", "fp16", "manifest",
+                                                 "sanity", "uint8_front", *MEASURE_CODE)}, outs, build)
+
+
 def quick_install(src: Path, weights_sha: str) -> None:
     """`make demo`: serve the variant a full build installed if it is there and intact, else the plain export."""
     try:
@@ -498,6 +526,7 @@ def main(argv=None) -> None:
     int8_trt = stage_int8_trt(pruned, data, args, weights_sha)
     stage_report(src, pruned, cpu, fp16, int8_trt, data, args)
     stage_install(cpu, paths.CPU_DIR / "manifest.json", weights_sha)
+    stage_big(args)
     stage_tensorrt(fp16, int8_trt)
     print(f"[engines] finished in {time.perf_counter() - t0:.1f} s", flush=True)
     lock.close()

@@ -23,7 +23,8 @@ def has_front(model: onnx.ModelProto) -> bool:
 
 
 def add_front(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` whose ``input`` is UINT8 NHWC; the old FP32 NCHW input becomes internal."""
+    """A copy of ``model`` whose ``input`` is UINT8 NHWC; the old FP32 NCHW input becomes internal
+    (its spatial size is kept: 224 for Lite0, 260 for Lite2)."""
     if has_front(model):
         return model
     m = onnx.ModelProto()
@@ -35,7 +36,9 @@ def add_front(model: onnx.ModelProto) -> onnx.ModelProto:
         node.input[:] = [INNER if n == INPUT_NAME else n for n in node.input]
     g.input.remove(old)
     batch = old.type.tensor_type.shape.dim[0]
-    new = helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, IMAGE_SIZE, IMAGE_SIZE, 3])
+    dims = old.type.tensor_type.shape.dim
+    size = dims[2].dim_value if len(dims) == 4 and dims[2].dim_value else IMAGE_SIZE
+    new = helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [None, size, size, 3])
     new.type.tensor_type.shape.dim[0].CopyFrom(batch)
     g.input.insert(0, new)
     np_type = onnx.helper.tensor_dtype_to_np_dtype(float_type)

@@ -18,7 +18,8 @@ from PIL import Image, ImageOps, PngImagePlugin
 from rtinfer.errors import RejectedRequest
 
 SIZE = 224
-RESIZE = 256           # model card: shorter side to 256 (bicubic), then the centre 224x224
+CROP_PADDING = 32      # model card (EfficientNet-Lite, TF reference): shorter side to size + 32 (bicubic), centre crop
+RESIZE = SIZE + CROP_PADDING  # 256 for the edge model's 224; the cloud model (Lite2, 260) uses 292
 CROPS = ("center", "squash")
 DEFAULT_CROP = "center"  # measured on labeled photos: README, "Accuracy"
 FORMATS = ("JPEG", "PNG")
@@ -69,20 +70,20 @@ def check_structure(data: bytes) -> None:
             raise _bad(f"JPEG has {scans} scans, more than the limit of {MAX_JPEG_SCANS}")
 
 
-def _draft_size(width: int, height: int, crop: str) -> tuple[int, int]:
+def _draft_size(width: int, height: int, crop: str, size: int = SIZE) -> tuple[int, int]:
     """Smallest size the crop policy needs, so a JPEG can be decoded at 1/2, 1/4 or 1/8 scale."""
     if crop == "squash":
-        return SIZE, SIZE
-    scale = RESIZE / min(width, height)
+        return size, size
+    scale = (size + CROP_PADDING) / min(width, height)
     return max(1, int(np.ceil(width * scale))), max(1, int(np.ceil(height * scale)))
 
 
 def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEFAULT_CROP,
-           draft: bool = True) -> Image.Image:
+           draft: bool = True, size: int = SIZE) -> Image.Image:
     """Open and fully decode a JPEG/PNG, checking format, size and structure before decoding.
 
     ``draft``: JPEGs are decoded straight at the smallest DCT scale that still covers what
-    ``crop`` needs (README, "Accuracy": measured not to cost accuracy)."""
+    ``crop`` needs at output ``size`` (README, "Accuracy": measured not to cost accuracy)."""
     check_structure(data)
     try:
         with warnings.catch_warnings():
@@ -95,7 +96,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEF
             if width < 1 or height < 1:
                 raise _bad("image has no pixels")
             if draft and img.format == "JPEG":
-                img.draft("RGB", _draft_size(width, height, crop))
+                img.draft("RGB", _draft_size(width, height, crop, size))
             img.load()
     except RejectedRequest:
         raise
@@ -141,26 +142,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise _bad(f"image could not be converted to RGB (malformed {mode} image)") from None
 
 
-def fit(img: Image.Image, crop: str = DEFAULT_CROP) -> Image.Image:
-    """``center``: shorter side to 256 (bicubic), centre 224x224 (the model card's transform).
-    ``squash``: the whole image to 224x224 (bilinear), aspect ratio not kept."""
+def fit(img: Image.Image, crop: str = DEFAULT_CROP, size: int = SIZE) -> Image.Image:
+    """``center``: shorter side to size + 32 (bicubic), centre size x size (the EfficientNet-Lite model
+    card's transform: 256/224 for Lite0, 292/260 for Lite2).
+    ``squash``: the whole image to size x size (bilinear), aspect ratio not kept."""
     if crop == "squash":
-        return img.resize((SIZE, SIZE), Image.BILINEAR)
+        return img.resize((size, size), Image.BILINEAR)
     if crop != "center":
         raise ValueError(f"unknown crop policy {crop!r}; one of {CROPS}")
     w, h = img.size
-    scale = RESIZE / min(w, h)
-    nw, nh = max(SIZE, round(w * scale)), max(SIZE, round(h * scale))
-    left, top = (nw - SIZE) // 2, (nh - SIZE) // 2
+    scale = (size + CROP_PADDING) / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (nw - size) // 2, (nh - size) // 2
     # resize only the region that ends up in the crop: same pixels, less work on panoramas
-    box = (left / scale, top / scale, (left + SIZE) / scale, (top + SIZE) / scale)
-    return img.resize((SIZE, SIZE), Image.BICUBIC, box=box)
+    box = (left / scale, top / scale, (left + size) / scale, (top + size) / scale)
+    return img.resize((size, size), Image.BICUBIC, box=box)
 
 
 def preprocess(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEFAULT_CROP,
-               draft: bool = True) -> np.ndarray:
-    """Image bytes -> UINT8 RGB [224, 224, 3], what the classifier graphs take."""
-    return to_array(fit(to_rgb(decode(data, max_pixels=max_pixels, crop=crop, draft=draft)), crop))
+               draft: bool = True, size: int = SIZE) -> np.ndarray:
+    """Image bytes -> UINT8 RGB [size, size, 3] (224 by default), what the classifier graphs take."""
+    return to_array(fit(to_rgb(decode(data, max_pixels=max_pixels, crop=crop, draft=draft, size=size)), crop, size))
 
 
 def to_array(img: Image.Image) -> np.ndarray:
@@ -168,7 +170,7 @@ def to_array(img: Image.Image) -> np.ndarray:
 
 
 def normalize(batch: np.ndarray) -> np.ndarray:
-    """UINT8 [N,224,224,3] -> float32 NCHW, (x - 127) / 128: what the classifier graph does first.
+    """UINT8 [N,H,W,3] -> float32 NCHW, (x - 127) / 128: what the classifier graph does first.
 
     Only the build's internal FP32 graphs (before the UINT8 front is added) take this."""
     x = np.asarray(batch, dtype=np.float32)
