@@ -40,11 +40,11 @@ def served(url: str, protocol: str, key: bytes, key_id: str, pipeline: str, file
     return [None if isinstance(r, Exception) else [p.index for p in r.predictions] for r in results]
 
 
-def reference(model: Path, files: list[Path]) -> np.ndarray:
-    """Logits of a local ONNX model under the model card's transform (rtinfer.imaging, center crop)."""
+def reference(model: Path, files: list[Path], size: int = imaging.SIZE) -> np.ndarray:
+    """Logits of a local ONNX model under the model card's transform (rtinfer.imaging, center crop at ``size``)."""
     import onnxruntime as ort
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
-    x = np.stack([imaging.preprocess(f.read_bytes(), crop="center") for f in files])
+    x = np.stack([imaging.preprocess(f.read_bytes(), crop="center", size=size) for f in files])
     if sess.get_inputs()[0].type != "tensor(uint8)":
         x = imaging.normalize(x)
     return np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 16]})[0] for i in range(0, len(x), 16)])

@@ -61,8 +61,9 @@ def result_mac(key: bytes, envelope_sha256: str, index: int) -> str:
 class Postprocessor:
     def __init__(self, audit: AuditWriter, labels: tuple[str, ...], *, models: dict[str, str], version: str = "1",
                  keyring: Keyring | KeyringSource | None = None, internal_keys: InternalKeys | None = None,
-                 ctx_store: ReplayGuard | None = None):
+                 ctx_store: ReplayGuard | None = None, stage: str = "postprocess"):
         self.audit = audit
+        self.stage = stage  # what its audit records name (the cascade runs this stage inside itself)
         self.labels = labels
         self.models = models  # pipeline name -> "classifier model/version (sha256 prefix)"
         self.version = version
@@ -74,18 +75,21 @@ class Postprocessor:
         self.last = metrics.Report()  # what the last run() observed (outcomes, timings), for the adapter
 
     def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
-            params: list[dict] | None = None) -> tuple[np.ndarray, list]:
+            params: list[dict] | None = None, routes: list[dict] | None = None) -> tuple[np.ndarray, list]:
         """Batch of logits [N,1000] + audit contexts + Triton request ids (+ request parameters)
         -> probabilities and, per row, the record hash (str), the sealed result (bytes), or the
         Refusal that failed that row alone. Never raises.
 
         The request id is the one Triton hands this last step, so the record shows it
-        reached the end of the ensemble; preprocess saw the same id (``ctx``)."""
+        reached the end of the ensemble; preprocess saw the same id (``ctx``).
+
+        ``routes`` (the cascade): per row, what its served record says about the route taken:
+        ``route``, ``confidence``, ... and ``models`` (merged into the record's ``models``)."""
         started = time.time_ns()
         n = len(contexts)
         params = params or [{}] * n
         self.last = metrics.Report()
-        out, ctxs = self._run(logits, contexts, request_ids, params, started)
+        out, ctxs = self._run(logits, contexts, request_ids, params, started, routes or [{}] * n)
         report = attempt(self._report, out, ctxs, params, n)
         if not isinstance(report, Refusal):
             self.last.outcomes = report
@@ -106,7 +110,7 @@ class Postprocessor:
                 self.last.add("request_duration_seconds", (now - ctx["t_start_ns"]) / 1e9)
         return out
 
-    def _run(self, logits, contexts, request_ids, params, started) -> tuple[tuple[np.ndarray, list], dict]:
+    def _run(self, logits, contexts, request_ids, params, started, routes) -> tuple[tuple[np.ndarray, list], dict]:
         n = len(contexts)
         probs = attempt(lambda: softmax(np.asarray(logits, dtype=np.float32).reshape(n, -1)))
         if isinstance(probs, Refusal):
@@ -132,7 +136,7 @@ class Postprocessor:
                 records.append(self._rejected(request_ids[i], ctx, out[i]))
                 continue
             record = attempt(self._served, request_ids[i], ctx, probs[i], started, done,
-                             accepted[0] if accepted else None, blame=CLIENT)
+                             accepted[0] if accepted else None, routes[i], blame=CLIENT)
             if not isinstance(record, Refusal) and ctx.get("seal_response") is True:
                 # The key opened this request moments ago; one retired in between fails this request alone.
                 key = ring if isinstance(ring, Refusal) else attempt(ring.key, ctx["key_id"])
@@ -174,12 +178,12 @@ class Postprocessor:
                     "context_refused", "AUDIT_CTX refused"))))
 
     def _base(self, request_id: str, ctx: dict) -> dict:
-        return {"stage": "postprocess", "time": _now_iso(), "request_id": str(request_id),
+        return {"stage": self.stage, "time": _now_iso(), "request_id": str(request_id),
                 "client_id": ctx.get("client_id"), "key_id": ctx.get("key_id"),
                 "envelope_sha256": ctx.get("envelope_sha256"), "pipeline": ctx.get("pipeline")}
 
     def _served(self, request_id: str, ctx: dict, probs: np.ndarray, started: int, done: int,
-                result_key: bytes | None) -> dict:
+                result_key: bytes | None, route: dict | None = None) -> dict:
         if not np.isfinite(probs).all():
             raise RejectedRequest("bad_logits", "the classifier's logits are not finite")
         idx = int(probs.argmax())
@@ -188,6 +192,7 @@ class Postprocessor:
             "event": "served", **self._base(request_id, ctx),
             "models": {"preprocess": ctx["preprocess_version"], "postprocess": self.version,
                        "classifier": self.models.get(ctx["pipeline"], "unknown")},
+            **{k: v for k, v in (route or {}).items() if k != "models"},
             "response_sealed": sealed,
             "timing_ms": {
                 "preprocess": round((ctx["t_pre_done_ns"] - ctx["t_start_ns"]) / 1e6, 3),
@@ -196,6 +201,7 @@ class Postprocessor:
                 "total": round((done - ctx["t_start_ns"]) / 1e6, 3),
             },
         }
+        record["models"].update((route or {}).get("models", {}))
         if not sealed:
             record["top1"] = {"index": idx, "label": self.labels[idx], "score": round(float(probs[idx]), 6)}
         elif result_key is not None:  # the client asked for privacy: no result in clear, in the log either

@@ -5,8 +5,9 @@ Pure logic behind ``model_repository/preprocess/1/model.py``; tests drive it dir
 from __future__ import annotations
 
 import hashlib
+import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -28,12 +29,31 @@ class Request:
     client_id: str = ""  # as the client declared it in request parameters (unauthenticated)
     count: int = 1  # envelopes in the Triton request; `envelope` is the first
     refused: Refusal | None = None  # the adapter could not read the request: refused, but still audited
+    params: dict = field(default_factory=dict)  # the request's parameters (top_k, ...), for the stages after
+
+
+def read_request(pb_utils, request) -> Request:
+    """The stage's view of one Triton request (``ENVELOPE``); one that cannot be read is refused (and
+    audited) alone. ``pb_utils`` is passed in by the adapter (preprocess, cascade): no Triton import here."""
+    def read():
+        params = json.loads(request.parameters() or "{}")
+        params = params if isinstance(params, dict) else {}
+        raw = pb_utils.get_input_tensor_by_name(request, "ENVELOPE").as_numpy().reshape(-1)
+        return Request(envelope=bytes(raw[0]) if len(raw) else b"", request_id=str(request.request_id()),
+                       client_id=str(params.get("client_id", "")), count=len(raw), params=params)
+    req = attempt(read, blame=CLIENT)
+    if isinstance(req, Refusal):
+        rid = attempt(lambda: str(request.request_id()))
+        req = Request(b"", request_id=rid if isinstance(rid, str) else "", refused=req)
+    return req
 
 
 @dataclass
 class Accepted:
     image: np.ndarray  # UINT8 RGB [224, 224, 3]
     context: bytes  # JSON carried straight to postprocess (AUDIT_CTX), MAC'd (rtinfer.audit_context)
+    decoded: object = None  # keep_decoded (the cascade): the RGB image, to crop again for the big model
+    plaintext: bytes | None = None  # keep_decoded: the image bytes, to re-seal for a remote cloud
 
 
 Rejected = Refusal  # a refused request: reason, detail (audit), public message, retryable
@@ -47,7 +67,8 @@ class Preprocessor:
                  max_envelope_bytes: int = DEFAULT_MAX_ENVELOPE_BYTES,
                  max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1",
                  crop: str = imaging.DEFAULT_CROP, crop_by_pipeline: dict[str, str] | None = None,
-                 jpeg_draft: bool = True, ctx_key: bytes | InternalKeys | None = None):
+                 jpeg_draft: bool = True, ctx_key: bytes | InternalKeys | None = None,
+                 keep_decoded: int | None = None, stage: str = "preprocess"):
         self.keys = keyring
         self.audit = audit
         self.replay = replay
@@ -60,6 +81,9 @@ class Preprocessor:
             if policy not in imaging.CROPS:
                 raise ValueError(f"crop policy {policy!r} is not one of {imaging.CROPS}")
         self.jpeg_draft = jpeg_draft
+        # The cascade: also keep the decoded image (JPEG draft large enough for a crop of this size) and the bytes.
+        self.keep_decoded = keep_decoded
+        self.stage = stage  # what its audit records name (the cascade runs this stage inside itself)
         self.ctx_key = ctx_key  # MACs AUDIT_CTX (server-internal key), so postprocess can trust it
         self.last = metrics.Report()  # what the last run() observed (outcomes, step timings), for the adapter
 
@@ -94,9 +118,15 @@ class Preprocessor:
 
     def _accept(self, req: Request, opened: envelope.Opened, started_ns: int) -> Accepted:
         hdr = opened.header
+        crop, rgb = self.crops[hdr.pipeline], None
         with self.last.timed("decode_seconds"):
-            image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels, crop=self.crops[hdr.pipeline],
-                                       draft=self.jpeg_draft)
+            if self.keep_decoded:  # decoded once, large enough for both crops
+                rgb = imaging.to_rgb(imaging.decode(opened.plaintext, max_pixels=self.max_pixels, crop=crop,
+                                                    draft=self.jpeg_draft, size=max(self.keep_decoded, imaging.SIZE)))
+                image = imaging.to_array(imaging.fit(rgb, crop))
+            else:
+                image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels, crop=crop,
+                                           draft=self.jpeg_draft)
         done_ns = time.time_ns()
         ctx = {
             "request_id": req.request_id, "client_id": hdr.client_id, "key_id": hdr.key_id,
@@ -105,6 +135,8 @@ class Preprocessor:
             "seal_response": hdr.seal_response, "t_start_ns": started_ns, "t_pre_done_ns": done_ns,
         }
         key = self.ctx_key.current if isinstance(self.ctx_key, InternalKeys) else self.ctx_key
+        if self.keep_decoded:
+            return Accepted(image, audit_context.seal(ctx, key), rgb, opened.plaintext)
         return Accepted(image, audit_context.seal(ctx, key))
 
     def run(self, requests: list[Request]) -> list[Accepted | Refusal]:
@@ -173,7 +205,7 @@ class Preprocessor:
 
     def _rejection_record(self, req: Request, why: Refusal, started_ns: int) -> dict:
         rec = {
-            "event": "rejected", "stage": "preprocess", "time": _now_iso(),
+            "event": "rejected", "stage": self.stage, "time": _now_iso(),
             "request_id": str(req.request_id), "client_id": str(req.client_id), "key_id": None,
             "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(), "envelope_bytes": len(req.envelope),
             "reason": why.reason, "message": why.detail, "retryable": why.retryable,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -215,6 +216,29 @@ class TritonServer(Endpoints):
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def repository_with(target: Path, overrides: dict[str, dict[str, str]], repo: Path | None = None) -> Path:
+    """A repository in ``target`` where model -> {parameter: value} replaces those parameter values: the
+    models named are copied with their ``parameters`` changed, every other one is a symlink (tests,
+    measurements that compare settings such as the cascade's threshold)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for model in (repo or ROOT / "model_repository").iterdir():
+        if not model.is_dir():
+            continue
+        if model.name not in overrides:
+            (target / model.name).symlink_to(model, target_is_directory=True)
+            continue
+        shutil.copytree(model, target / model.name, ignore=shutil.ignore_patterns("__pycache__"))
+        for cfg in [target / model.name / "config.pbtxt", *(target / model.name / "configs").glob("*.pbtxt")]:
+            text = cfg.read_text()
+            for key, value in overrides[model.name].items():
+                pattern = re.compile(r'(\{ key: "%s" value: \{ string_value: ")[^"]*(" \} \})' % re.escape(key))
+                text, n = pattern.subn(lambda m: m.group(1) + value + m.group(2), text)
+                if n != 1:
+                    raise ValueError(f"parameter {key} not found once in {cfg}")
+            cfg.write_text(text)
+    return target
 
 
 def main(argv=None) -> int:

@@ -1,19 +1,17 @@
 """Shared fixtures: keys, and one real tritonserver per test session on free loopback ports.
 
-``model_repository_with`` builds a copy of the repository for servers that need other
+``model_repository_with`` (``rtinfer.server.repository_with``) builds a copy of the repository for servers that need other
 stage parameters (rotation size, replay window, ...): the stages are copied with their
 ``parameters`` changed, every other model is a symlink to the real one.
 """
 from __future__ import annotations
 
-import re
-import shutil
 from pathlib import Path
 
 import pytest
 
 from rtinfer import checkpoint, keyring
-from rtinfer.server import ROOT, TritonServer
+from rtinfer.server import ROOT, TritonServer, repository_with as model_repository_with  # noqa: F401 (tests import it)
 
 REPO = ROOT / "model_repository"
 
@@ -21,26 +19,6 @@ REPO = ROOT / "model_repository"
 def require_model():
     if not (REPO / "classifier_onnx" / "1" / "model.onnx").exists():
         pytest.fail("the CPU model is not built: run `make engines` (make test does it first)")
-
-
-def model_repository_with(target: Path, overrides: dict[str, dict[str, str]]) -> Path:
-    """A repository in ``target`` where model -> {parameter: value} replaces those parameter values."""
-    target.mkdir(parents=True, exist_ok=True)
-    for model in REPO.iterdir():
-        if not model.is_dir():
-            continue
-        if model.name not in overrides:
-            (target / model.name).symlink_to(model, target_is_directory=True)
-            continue
-        shutil.copytree(model, target / model.name, ignore=shutil.ignore_patterns("__pycache__"))
-        for cfg in [target / model.name / "config.pbtxt", *(target / model.name / "configs").glob("*.pbtxt")]:
-            text = cfg.read_text()
-            for key, value in overrides[model.name].items():
-                pattern = re.compile(r'(\{ key: "%s" value: \{ string_value: ")[^"]*(" \} \})' % re.escape(key))
-                text, n = pattern.subn(lambda m: m.group(1) + value + m.group(2), text)
-                assert n == 1, f"parameter {key} not found once in {cfg}"
-            cfg.write_text(text)
-    return target
 
 
 @pytest.fixture(scope="session")

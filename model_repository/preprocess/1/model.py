@@ -2,13 +2,11 @@
 
 Never raises out of ``execute()``: reading one request's tensors, the stage and the
 answers all go through rtinfer.guard, so one request can only fail itself."""
-import json
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from rtinfer import busy, guard, metrics, stage_config
-from rtinfer.preprocess import Accepted, Preprocessor, Request
+from rtinfer.preprocess import Accepted, Preprocessor, read_request
 
 
 class TritonPythonModel:
@@ -35,7 +33,7 @@ class TritonPythonModel:
 
     def _handle(self, requests):
         out = []
-        results = self.pre.run([_read(request) for request in requests])
+        results = self.pre.run([read_request(pb_utils, request) for request in requests])
         guard.attempt(self._export, len(requests))
         for result in results:
             if isinstance(result, Accepted):
@@ -57,17 +55,3 @@ class TritonPythonModel:
         self.pre.audit.close()
         self.pre.replay.close()
 
-
-def _read(request) -> Request:
-    """The stage's view of one request; one that cannot be read is refused (and audited) alone."""
-    def read():
-        params = json.loads(request.parameters() or "{}")
-        raw = pb_utils.get_input_tensor_by_name(request, "ENVELOPE").as_numpy().reshape(-1)
-        return Request(envelope=bytes(raw[0]) if len(raw) else b"", request_id=str(request.request_id()),
-                       client_id=str(params.get("client_id", "")) if isinstance(params, dict) else "",
-                       count=len(raw))
-    req = guard.attempt(read, blame=guard.CLIENT)
-    if isinstance(req, guard.Refusal):
-        rid = guard.attempt(lambda: str(request.request_id()))
-        req = Request(b"", request_id=rid if isinstance(rid, str) else "", refused=req)
-    return req

@@ -1,0 +1,75 @@
+"""The cascade's remote cloud leg: another Triton, asked over gRPC with TLS, never with the image in clear.
+
+The edge re-seals the image bytes with its own service key (``rtinfer.envelope``, via
+``PipelineClient``) for the cloud's pipeline and asks for a sealed response, so the answer
+travels encrypted too (top-k of all 1000 classes, i.e. the whole distribution). Each escalation
+has a deadline (``client_timeout`` per attempt, retries only while time is left) and a
+circuit breaker (``rtinfer.routing.Breaker``): when the cloud is slow, down or refuses, the
+row gets ``None`` and the cascade returns the edge answer as ``edge_fallback``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+
+from clients.classify import PipelineClient
+from rtinfer import routing
+from rtinfer.cascade import CloudAnswer
+
+NUM_CLASSES = 1000
+
+
+class CloudLeg:
+    def __init__(self, url: str, *, key: bytes, key_id: str, client_id: str, pipeline: str = "pipeline",
+                 api_key: str = "", tls_ca: str | None = None, deadline_s: float = 1.0, attempts: int = 2,
+                 min_attempt_s: float = 0.05, breaker: routing.Breaker | None = None, clock=time.monotonic):
+        self.url, self.pipeline = url, pipeline
+        self.client = PipelineClient(url, protocol="grpc", key=key, key_id=key_id, client_id=client_id,
+                                     pipeline=pipeline, api_key=api_key, tls_ca=tls_ca, seal_response=True)
+        self.deadline_s, self.attempts, self.min_attempt_s = deadline_s, attempts, min_attempt_s
+        self.breaker = breaker or routing.Breaker(clock=clock)
+        self.clock = clock
+        self.lock = threading.Lock()  # the breaker is shared by the instance's calls
+        self.last_errors: list[str] = []
+
+    @property
+    def model_id(self) -> str:
+        return f"remote:{self.url}/{self.pipeline}"
+
+    def ask(self, plaintext: bytes, request_id: str) -> CloudAnswer | None:
+        """One escalated image: the cloud's distribution, or None (deadline, errors, breaker open)."""
+        deadline = routing.Deadline.start(self.deadline_s, self.clock)
+        t0 = time.perf_counter()
+        for n in range(self.attempts):
+            with self.lock:
+                if not self.breaker.allow():
+                    self.last_errors.append("breaker open")
+                    return None
+            timeout = routing.next_timeout(deadline, n, self.attempts, self.min_attempt_s)
+            if timeout is None:
+                return None
+            try:
+                kwargs = self.client.request(self.client.seal(plaintext), NUM_CLASSES, f"{request_id}.cloud{n}")
+                result = self.client.result(kwargs, self.client.client.infer(**kwargs, client_timeout=timeout))
+            except Exception as exc:  # noqa: BLE001 - any failure of the cloud means: fall back
+                self.last_errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                with self.lock:
+                    self.breaker.failure()
+                continue
+            with self.lock:
+                self.breaker.success()
+            probs = np.zeros(NUM_CLASSES, np.float64)
+            for p in result.predictions:
+                probs[p.index] = p.score
+            return CloudAnswer(probs, self.model_id, (time.perf_counter() - t0) * 1e3)
+        return None
+
+    def __call__(self, rows) -> list[CloudAnswer | None]:
+        """The cascade's ``cloud`` callable: accepted rows (their image bytes and audit context) in order."""
+        return [self.ask(row.plaintext, str(json.loads(row.context).get("request_id", ""))) for row in rows]
+
+    def close(self):
+        self.client.close()
