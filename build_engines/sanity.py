@@ -21,7 +21,10 @@ def check_sanity(model_path: Path) -> dict:
     """Run chelsea and coffee through ONNX Runtime; raise if the classes are wrong."""
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     imgs = sanity_images()
-    x = np.stack([to_input(imgs["chelsea"]), to_input(imgs["coffee"])])
+    inp = sess.get_inputs()[0]
+    size = inp.shape[1] if inp.type == "tensor(uint8)" else inp.shape[2]  # NHWC uint8 or NCHW float
+    size = size if isinstance(size, int) else 224
+    x = np.stack([to_input(imgs["chelsea"], size), to_input(imgs["coffee"], size)])
     logits = sess.run([OUTPUT_NAME], {INPUT_NAME: as_input(sess, x)})[0]
     top = logits.argmax(axis=1)
     result = {"chelsea": int(top[0]), "coffee": int(top[1])}
