@@ -1,0 +1,202 @@
+"""The cascade (issue 12) on a real tritonserver over real sockets: routes by measured confidence,
+answers equal to the routed model's, and bad input treated exactly as the pipeline treats it.
+
+One server per module loads ``pipeline`` and ``cascade`` side by side (the same stages' code), so a
+bad envelope can be sent to both and the answers compared."""
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+from tritonclient.utils import InferenceServerException
+
+from clients import samples
+from clients.classify import PipelineClient
+from clients.evaluate import reference
+from rtinfer import audit, envelope, routing
+from rtinfer.postprocess import softmax
+from rtinfer.server import TritonServer
+
+from conftest import REPO, require_model
+from test_pipeline_server import batch_stats, records_for, tampered
+
+EDGE, BIG = REPO / "classifier_onnx" / "1" / "model.onnx", REPO / "classifier_big" / "1" / "model.onnx"
+MODELS = ("pipeline", "cascade", "classifier_big")
+
+
+def cascade_policy() -> routing.Policy:
+    """The decision this host's cascade config makes (the test follows the configured default)."""
+    text = (REPO / "cascade" / "configs" / "cpu.pbtxt").read_text()
+    param = {k: v for k, v in re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text)}
+    return routing.Policy(param["confidence_metric"], float(param["threshold"]))
+
+
+@pytest.fixture(scope="module")
+def cascade_server(keyring_path, signing_key, tmp_path_factory):
+    require_model()
+    if not BIG.exists():
+        pytest.fail("classifier_big is not built: run `make engines`")
+    audit_dir = tmp_path_factory.mktemp("audit-cascade")
+    with TritonServer(models=MODELS, keyring=str(keyring_path), audit_dir=str(audit_dir),
+                      audit_signing_key=str(signing_key[0]), workdir=tmp_path_factory.mktemp("triton-cascade")) as srv:
+        srv.audit_dir = audit_dir
+        yield srv
+
+
+def client(srv, keys, pipeline="cascade", **kw):
+    return PipelineClient(srv.grpc_url, key=keys.key("k1"), key_id="k1", client_id="cascade-tester",
+                          pipeline=pipeline, **kw)
+
+
+def candidates() -> dict[str, bytes]:
+    """The bundled photos and a few degraded versions: a spread of edge confidences to choose from."""
+    out = {}
+    for name in samples.SKIMAGE_PHOTOS:
+        data = samples.photo(name)
+        out[name] = data
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        for kind, im in (("grey", img.convert("L").convert("RGB")),
+                         ("blurred", img.resize((24, 24)).resize(img.size))):
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=92)
+            out[f"{name}-{kind}"] = buf.getvalue()
+    return out
+
+
+def offline(tmp_path, photos: dict[str, bytes]):
+    """Both classifiers offline on the same bytes, each under its own crop (224 / 260)."""
+    files = []
+    for name, data in photos.items():
+        files.append(tmp_path / f"{name}.jpg")
+        files[-1].write_bytes(data)
+    return softmax(reference(EDGE, files, 224)), softmax(reference(BIG, files, 260))
+
+
+def test_confident_images_stay_on_the_edge_uncertain_ones_escalate(cascade_server, keys, tmp_path):
+    photos = candidates()
+    names = list(photos)
+    edge_p, big_p = offline(tmp_path, photos)
+    policy = cascade_policy()
+    escalate, conf = policy.decide(edge_p)
+    order = np.argsort(conf)
+    unsure, sure = order[0], order[-1]  # the least and the most confident, by measurement
+    assert escalate[unsure] and not escalate[sure], (policy, dict(zip(names, conf.round(3))))
+    c = client(cascade_server, keys)
+    try:
+        for i in range(len(names)):  # every candidate: routed as measured, answered by that model
+            res = c.classify(photos[names[i]], top_k=5)
+            [rec] = records_for(cascade_server.audit_dir, res.request_id)
+            want_route = routing.CLOUD if escalate[i] else routing.EDGE
+            routed = big_p[i] if escalate[i] else edge_p[i]
+            assert rec["event"] == "served" and rec["stage"] == "cascade" and rec["route"] == want_route, (names[i], rec)
+            assert res.predictions[0].index == int(routed.argmax()) == rec["top1"]["index"], names[i]
+            assert [p.index for p in res.predictions] == list(np.argsort(-routed)[:5]), names[i]
+            assert abs(res.predictions[0].score - float(routed.max())) < 1e-3
+            assert rec["confidence"] == pytest.approx(float(conf[i]), abs=1e-4)
+            assert rec["confidence_metric"] == policy.metric and rec["threshold"] == policy.threshold
+            models = rec["models"]
+            assert models["edge"].startswith("classifier_onnx/1:model.onnx@") and "manifest" not in models["edge"]
+            assert models["cloud"].startswith("classifier_big/1@") and "manifest" not in models["cloud"]
+            assert models["classifier"] == (models["cloud"] if escalate[i] else models["edge"])
+            assert rec["hash"] == res.audit_ref and rec["client_id"] == c.client_id
+    finally:
+        c.close()
+
+
+def bad_envelopes(c: PipelineClient, keys) -> dict:
+    """name -> envelope sealed for ``c.pipeline`` with one thing wrong (as test_pipeline_server's cases)."""
+    from test_imaging import _png_header_only
+    p = c.pipeline
+    return {
+        "tampered": tampered(c.seal(samples.photo("coffee"))),
+        "wrong key": envelope.seal(b"x" * 100, keys.key("k2"), key_id="k1", client_id=c.client_id, pipeline=p),
+        "unknown key": envelope.seal(b"x", b"\1" * 32, key_id="k9", client_id=c.client_id, pipeline=p),
+        "truncated": c.seal(samples.photo("coffee"))[:20],
+        "wrong audience": envelope.seal(samples.photo("coffee"), keys.key("k1"), key_id="k1",
+                                        client_id=c.client_id, pipeline="other_service"),
+        "wrong client": envelope.seal(samples.photo("coffee"), keys.key("k1"), key_id="k1",
+                                      client_id="somebody-else", pipeline=p),
+        "corrupt image": c.seal(samples.photo("coffee")[:3000]),
+        "not an image": c.seal(b"GIF89a definitely not a photo"),
+        "decompression bomb": c.seal(_png_header_only(60_000, 60_000)),
+        "oversized": c.seal(b"\0" * (8 * 1024 * 1024 + 1)),
+    }
+
+
+def refusal(c: PipelineClient, sealed: bytes) -> tuple[str, str, str]:
+    rid = uuid.uuid4().hex
+    with pytest.raises(InferenceServerException) as info:
+        c.infer_envelope(sealed, request_id=rid)
+    msg = info.value.message()
+    assert "Traceback" not in msg and ".py" not in msg and "k9" not in msg
+    return re.sub(r"^in ensemble '\w+', ", "", msg), str(info.value.status()), rid
+
+
+def test_bad_input_gets_the_same_clear_errors_as_pipeline_and_is_audited(cascade_server, keys):
+    pipe, casc = client(cascade_server, keys, "pipeline"), client(cascade_server, keys, "cascade")
+    try:
+        want, got = bad_envelopes(pipe, keys), bad_envelopes(casc, keys)
+        for case in want:
+            p_msg, p_status, p_rid = refusal(pipe, want[case])
+            c_msg, c_status, c_rid = refusal(casc, got[case])
+            # the same words; sizes may differ by the audience's length in the envelope header
+            assert (re.sub(r"\d+", "N", c_msg), c_status) == (re.sub(r"\d+", "N", p_msg), p_status), case
+            assert c_status == "StatusCode.INVALID_ARGUMENT", case
+            [p_rec] = records_for(cascade_server.audit_dir, p_rid)
+            [c_rec] = records_for(cascade_server.audit_dir, c_rid)
+            assert c_rec["event"] == "rejected" and c_rec["stage"] == "cascade", case
+            assert c_rec["reason"] == p_rec["reason"], case
+        # an envelope sealed for one service is refused by the other
+        for src, dst in ((pipe, casc), (casc, pipe)):
+            msg, status, _ = refusal(dst, src.seal(samples.photo("coffee")))
+            assert "authentication failed" in msg and status == "StatusCode.INVALID_ARGUMENT"
+        assert casc.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
+    finally:
+        pipe.close()
+        casc.close()
+
+
+def test_one_bad_request_in_a_cascade_batch_fails_alone(cascade_server, keys):
+    """Concurrent requests, every third tampered: batches form in the cascade, only the bad ones fail."""
+    before = batch_stats(cascade_server, "cascade")
+    images = [samples.photo("chelsea"), samples.photo("coffee")]
+
+    async def run():
+        c = client(cascade_server, keys, aio=True)
+
+        async def one(i):
+            sealed = c.seal(images[i % 2])
+            kwargs = c.request(tampered(sealed) if i % 3 == 0 else sealed, 1, f"cmix-{i}")
+            try:
+                return c.result(kwargs, await c.client.infer(**kwargs))
+            except InferenceServerException as exc:
+                return exc
+        try:
+            return await asyncio.gather(*(one(i) for i in range(24)))
+        finally:
+            await c.close()
+
+    results = asyncio.run(run())
+    for i, res in enumerate(results):
+        if i % 3 == 0:
+            assert isinstance(res, InferenceServerException) and "authentication failed" in res.message()
+        else:
+            assert not isinstance(res, Exception), res
+    after = batch_stats(cascade_server, "cascade")
+    assert sum(after.get(b, 0) - before.get(b, 0) for b in after if b > 1) > 0, (before, after)
+    for i in range(24):
+        [rec] = records_for(cascade_server.audit_dir, f"cmix-{i}")
+        assert rec["event"] == ("rejected" if i % 3 == 0 else "served")
+
+
+def test_cascade_audit_chain_verifies(cascade_server):
+    files = [f for f in audit.audit_files(cascade_server.audit_dir) if f.name.startswith("cascade_")]
+    assert files
+    for f in audit.audit_files(cascade_server.audit_dir):
+        rep = audit.verify_file(f)
+        assert rep.ok, (f, rep)
