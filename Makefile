@@ -19,7 +19,7 @@ LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
 DISTILL_STEPS ?=
 
 .PHONY: venv engines engines-quick bench-engines keys haproxy prometheus serve serve-direct demo test loadtest bench \
-        bench-gateway clean evaluate observe
+        bench-gateway clean evaluate observe serve-edge-cloud cascade-curve
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -96,6 +96,18 @@ demo: engines-quick keys
 
 test: engines haproxy prometheus
 	$(PY) -m pytest -q
+
+# The cascade (README "Cascade"): an edge and a cloud Triton on loopback (cloud: gRPC + TLS, its own
+# inference key, the edge's service key in its keyring); the edge's gRPC/HTTP on GRPC_PORT/HTTP_PORT.
+serve-edge-cloud: engines keys
+	$(PY) -m rtinfer.edge_cloud --keyring $(KEYRING) --edge-grpc-port $(GRPC_PORT) --edge-http-port $(HTTP_PORT)
+
+# The cascade's trade-off on the labeled photos: top-1, share escalated (offline, every threshold) and
+# latency through a real server (a few thresholds); chooses the threshold on the choose split.
+# Writes build/cascade/cascade_curve.{json,md,png}.
+cascade-curve: engines
+	$(if $(LABELED_DIR),,$(error LABELED_DIR is empty: point it at labeled photos (<wnid>_*.JPEG)))
+	$(PY) -m clients.cascade_curve --data $(LABELED_DIR)
 
 # Accuracy of the served pipeline, end to end (sealed requests through a server of its own), on the
 # labeled photos' confirm split, next to the original FP32 model offline. Writes build/accuracy/served.json.

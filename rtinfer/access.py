@@ -5,13 +5,21 @@ Triton checks a header per API group: inference needs the API key; the groups th
 change or reveal the deployment (model repository, shared memory, statistics, trace,
 logging) need the admin key. gRPC clients must prefix the header with
 ``triton-grpc-protocol-`` (Triton only passes such metadata to the check).
-Health and metadata stay open (load balancers probe them).
+Health and metadata stay open (load balancers probe them). ``loopback_certs`` makes a throwaway
+CA and server certificate for servers on 127.0.0.1 (tests, `make serve-edge-cloud`).
 """
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import os
 import ssl
 from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 API_KEY_HEADER = "x-api-key"
 ADMIN_KEY_HEADER = "x-admin-key"
@@ -90,3 +98,44 @@ def http_tls_kwargs(ca: str | None = None, cert: str | None = None, key: str | N
     if cert:
         options.update(certfile=cert, keyfile=key)
     return {"ssl": True, "ssl_options": options}
+
+
+def _name(cn):
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem_key(key):
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def loopback_certs(directory) -> dict:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files ``ca``,
+    ``server``, ``server-key``): for servers on loopback (tests, `make serve-edge-cloud`), never production."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name("rtinfer test CA")).issuer_name(_name("rtinfer test CA"))
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["server"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["server-key"].write_bytes(_pem_key(key))
+    paths["server-key"].chmod(0o600)
+    return paths

@@ -23,7 +23,7 @@ from rtinfer.server import TritonServer, free_port, repository_with
 
 from conftest import REPO, require_model
 from test_pipeline_server import records_for
-from test_security_access import make_ca_and_server_cert
+from rtinfer.access import loopback_certs as make_ca_and_server_cert
 
 CLOUD_API_KEY = "cloud-infer-7d1f"
 SERVICE_KEY_ID = "edge-svc"

@@ -5,64 +5,20 @@ server binds 127.0.0.1 on free ports and is stopped by the fixture.
 """
 from __future__ import annotations
 
-import datetime
-import ipaddress
-
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access, audit
+from rtinfer.access import _name, _pem_key, loopback_certs as make_ca_and_server_cert  # noqa: F401 (other tests import them)
 from rtinfer.server import TritonServer
 
 from conftest import require_model
 
 API_KEY, ADMIN_KEY = "infer-7d1b3f0c", "admin-92ac55e1"
-
-
-def _name(cn):
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def _pem_key(key):
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def make_ca_and_server_cert(directory):
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("rtinfer test CA")).issuer_name(_name("rtinfer test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}
-    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths["server"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["server-key"].write_bytes(_pem_key(key))
-    paths["server-key"].chmod(0o600)
-    return paths
 
 
 @pytest.fixture(scope="module")
