@@ -52,8 +52,7 @@ def read_request(pb_utils, request) -> Request:
 class Accepted:
     image: np.ndarray  # UINT8 RGB [224, 224, 3]
     context: bytes  # JSON carried straight to postprocess (AUDIT_CTX), MAC'd (rtinfer.audit_context)
-    decoded: object = None  # keep_decoded (the cascade): the RGB image, to crop again for the big model
-    plaintext: bytes | None = None  # keep_decoded: the image bytes, to re-seal for a remote cloud
+    plaintext: bytes | None = None  # keep_plaintext (the cascade): the image bytes, for the big model's own crop
 
 
 Rejected = Refusal  # a refused request: reason, detail (audit), public message, retryable
@@ -68,7 +67,7 @@ class Preprocessor:
                  max_pixels: int = imaging.DEFAULT_MAX_PIXELS, version: str = "1",
                  crop: str = imaging.DEFAULT_CROP, crop_by_pipeline: dict[str, str] | None = None,
                  jpeg_draft: bool = True, ctx_key: bytes | InternalKeys | None = None,
-                 keep_decoded: int | None = None, stage: str = "preprocess"):
+                 keep_plaintext: bool = False, stage: str = "preprocess"):
         self.keys = keyring
         self.audit = audit
         self.replay = replay
@@ -81,8 +80,9 @@ class Preprocessor:
             if policy not in imaging.CROPS:
                 raise ValueError(f"crop policy {policy!r} is not one of {imaging.CROPS}")
         self.jpeg_draft = jpeg_draft
-        # The cascade: also keep the decoded image (JPEG draft large enough for a crop of this size) and the bytes.
-        self.keep_decoded = keep_decoded
+        # The cascade: also keep the image bytes (decoded again at the big model's size if it escalates, so the
+        # edge model sees exactly the pixels the pipeline's classifier sees), or re-sealed for a remote cloud.
+        self.keep_plaintext = keep_plaintext
         self.stage = stage  # what its audit records name (the cascade runs this stage inside itself)
         self.ctx_key = ctx_key  # MACs AUDIT_CTX (server-internal key), so postprocess can trust it
         self.last = metrics.Report()  # what the last run() observed (outcomes, step timings), for the adapter
@@ -118,15 +118,9 @@ class Preprocessor:
 
     def _accept(self, req: Request, opened: envelope.Opened, started_ns: int) -> Accepted:
         hdr = opened.header
-        crop, rgb = self.crops[hdr.pipeline], None
         with self.last.timed("decode_seconds"):
-            if self.keep_decoded:  # decoded once, large enough for both crops
-                rgb = imaging.to_rgb(imaging.decode(opened.plaintext, max_pixels=self.max_pixels, crop=crop,
-                                                    draft=self.jpeg_draft, size=max(self.keep_decoded, imaging.SIZE)))
-                image = imaging.to_array(imaging.fit(rgb, crop))
-            else:
-                image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels, crop=crop,
-                                           draft=self.jpeg_draft)
+            image = imaging.preprocess(opened.plaintext, max_pixels=self.max_pixels, crop=self.crops[hdr.pipeline],
+                                       draft=self.jpeg_draft)
         done_ns = time.time_ns()
         ctx = {
             "request_id": req.request_id, "client_id": hdr.client_id, "key_id": hdr.key_id,
@@ -135,8 +129,8 @@ class Preprocessor:
             "seal_response": hdr.seal_response, "t_start_ns": started_ns, "t_pre_done_ns": done_ns,
         }
         key = self.ctx_key.current if isinstance(self.ctx_key, InternalKeys) else self.ctx_key
-        if self.keep_decoded:
-            return Accepted(image, audit_context.seal(ctx, key), rgb, opened.plaintext)
+        if self.keep_plaintext:
+            return Accepted(image, audit_context.seal(ctx, key), opened.plaintext)
         return Accepted(image, audit_context.seal(ctx, key))
 
     def run(self, requests: list[Request]) -> list[Accepted | Refusal]:

@@ -26,7 +26,7 @@ class TritonPythonModel:
             max_envelope_bytes=int(p("max_envelope_bytes")), max_pixels=int(p("max_pixels")),
             version=args["model_version"], crop=p("crop", "center"),
             jpeg_draft=p("jpeg_draft", "true").lower() == "true", ctx_key=cfg.internal_keys(),
-            keep_decoded=self.big_size, stage="cascade")
+            keep_plaintext=True, stage="cascade")
         post = Postprocessor(audit, labels.names(), models={}, version=args["model_version"], keyring=pre.keys,
                              internal_keys=pre.ctx_key, ctx_store=cfg.context_store(), stage="cascade")
         repo = cfg.model_dir.parent
@@ -77,9 +77,12 @@ class TritonPythonModel:
         return self._infer(self.edge_name, images)
 
     def _big(self, rows) -> list:
-        """The cloud in this server: the big classifier on the same decoded images, cropped at its size."""
+        """The cloud in this server: the big classifier on the same image bytes, decoded and cropped at its size
+        (the model card's transform for it: shorter side to size + 32, centre crop)."""
         t0 = time.perf_counter()
-        x = np.stack([imaging.to_array(imaging.fit(r.decoded, "center", self.big_size)) for r in rows])
+        pre = self.cascade.pre
+        x = np.stack([imaging.preprocess(r.plaintext, max_pixels=pre.max_pixels, draft=pre.jpeg_draft,
+                                         size=self.big_size) for r in rows])
         probs = softmax(self._infer(self.big_name, x))
         ms = (time.perf_counter() - t0) * 1e3
         return [CloudAnswer(p, self.cloud_id, ms) for p in probs]
