@@ -2,7 +2,8 @@
 
 Triton has no per-model authorization: whoever may infer can call every loaded model,
 the composing steps included. The gateway is the only public listener; it exposes the
-pipeline (inference, health, its metadata and config, metrics) on HTTP and gRPC and
+pipelines (``pipeline`` and ``cascade`` by default, ``--model``: inference, health, their metadata and
+config, metrics) on HTTP and gRPC and
 refuses everything else, checks the inference key and logs every request and refusal.
 ``python -m rtinfer.gateway`` starts Triton on internal loopback ports and the gateway on
 the public ones, and serves until Ctrl-C (``make serve``).
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 from rtinfer import access
-from rtinfer.server import ROOT, Endpoints, TritonServer, _die_with_parent, free_port
+from rtinfer.server import ROOT, Endpoints, TritonServer, _die_with_parent, free_port, with_targets
 
 CONFIG_DIR = ROOT / "deploy" / "gateway"
 HAPROXY_ENV = "RTINFER_HAPROXY"
@@ -161,7 +162,8 @@ class Gateway(Endpoints):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rtinfer.gateway", description=__doc__)
     p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
-    p.add_argument("--model", default="pipeline", help="the one model exposed (loaded with its steps)")
+    p.add_argument("--model", default="pipeline,cascade",
+                   help="the models exposed, comma-separated (loaded with their steps and BLS targets)")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway listens on (0.0.0.0: all)")
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
@@ -183,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate-limit", type=int, default=0, help="requests per 10 s per client address (0: off)")
     args = p.parse_args(argv)
     api_key = access.read_secret(file=args.api_key_file, env=access.API_KEY_ENV)
-    server = TritonServer(args.model_repository, models=[args.model], host="127.0.0.1",
+    server = TritonServer(args.model_repository, models=with_targets(args.model.split(",")), host="127.0.0.1",
                           http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
                           metrics_port=args.triton_metrics_port, keyring=args.keyring, audit_dir=args.audit_dir,
                           config_name=args.config_name or None, audit_signing_key=args.audit_signing_key,

@@ -26,6 +26,8 @@ import pytriton
 from rtinfer import access
 
 ROOT = Path(__file__).resolve().parent.parent
+# Models a model calls through BLS: explicit model control loads an ensemble's steps, not these.
+BLS_TARGETS = {"cascade": ("classifier_onnx", "classifier_big")}
 WHEEL = Path(pytriton.__file__).resolve().parent / "tritonserver"
 LIBS = WHEEL.parent.parent / "nvidia_pytriton.libs"
 
@@ -101,6 +103,16 @@ class Endpoints:
     @property
     def metrics_url(self) -> str:
         return f"http://{self.host}:{self.metrics_port}/metrics"
+
+
+def with_targets(models) -> list[str]:
+    """The models and those they call through BLS (``BLS_TARGETS``), each once, in order."""
+    out = []
+    for m in models:
+        for name in (m, *BLS_TARGETS.get(m, ())):
+            if name not in out:
+                out.append(name)
+    return out
 
 
 class TritonServer(Endpoints):

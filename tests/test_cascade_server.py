@@ -200,3 +200,24 @@ def test_cascade_audit_chain_verifies(cascade_server):
     for f in audit.audit_files(cascade_server.audit_dir):
         rep = audit.verify_file(f)
         assert rep.ok, (f, rep)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_gateway_exposes_the_cascade_and_refuses_its_classifiers(cascade_server, keys, protocol, tmp_path):
+    """`make serve` exposes pipeline and cascade; the big classifier (raw tensors, no envelope, no audit)
+    stays behind the gateway like the other composing models."""
+    from conftest import require_haproxy
+    from rtinfer.gateway import Gateway
+    require_haproxy()
+    with Gateway.in_front_of(cascade_server, model="pipeline,cascade", workdir=tmp_path) as gw:
+        target = gw.grpc_url if protocol == "grpc" else gw.http_url
+        for name in ("cascade", "pipeline"):
+            c = PipelineClient(target, protocol=protocol, key=keys.key("k1"), key_id="k1", client_id="gw", pipeline=name)
+            assert c.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
+            c.close()
+        for name in ("classifier_big", "classifier_onnx", "preprocess", "cascadeX", "pipeline,cascade"):
+            c = PipelineClient(target, protocol=protocol, key=keys.key("k1"), key_id="k1", client_id="gw", pipeline=name)
+            with pytest.raises(InferenceServerException) as info:
+                c.classify(samples.photo("coffee"), top_k=1)
+            c.close()
+            assert str(info.value.status()) in ("403", "StatusCode.PERMISSION_DENIED"), (name, info.value)

@@ -1,13 +1,15 @@
--- rtinfer gateway policy for HAProxy 2.6 (Lua 5.3): only the exposed pipeline is reachable.
+-- rtinfer gateway policy for HAProxy 2.6 (Lua 5.3): only the exposed pipelines are reachable.
 --
 -- Triton has no per-model authorization: any client allowed to infer can call every
 -- loaded model, the composing steps included. This file decides, per request, whether
 -- it may reach Triton at all; haproxy.cfg only wires these actions in.
 --
---   lua.rtinfer_http <model>         HTTP/REST: normalize the path, allow only the routes a
---                                    client of <model> needs, forward the canonical path.
+--   lua.rtinfer_http <models>        HTTP/REST: normalize the path, allow only the routes a
+--                                    client of <models> needs, forward the canonical path.
+--                                    <models>: the exposed models, comma-separated
+--                                    ("pipeline" or "pipeline,cascade").
 --   lua.rtinfer_grpc_route           gRPC: allow only the unary methods a client needs.
---   lua.rtinfer_grpc_body <model> <max>  gRPC: read the model name from the whole protobuf
+--   lua.rtinfer_grpc_body <models> <max>  gRPC: read the model name from the whole protobuf
 --                                    message (exactly one field 1), refuse compressed or
 --                                    incomplete messages and messages over <max> bytes.
 --   lua.rtinfer_refuse <reason>      refuse the request for <reason>.
@@ -100,14 +102,24 @@ local function normalize(path)
   return "/" .. table.concat(segments, "/")
 end
 
--- The routes a client of the exposed model needs, on the canonical path (case-sensitive,
+-- Whether name is one of the comma-separated exposed models (exact, case-sensitive match).
+local function exposed(models, name)
+  for m in string.gmatch(models, "[^,]+") do
+    if m == name then
+      return true
+    end
+  end
+  return false
+end
+
+-- The routes a client of the exposed models needs, on the canonical path (case-sensitive,
 -- as Triton's own routing is). Versions: a positive integer.
 local function http_route(canon, model)
   if canon == "/v2" or canon == "/v2/health/live" or canon == "/v2/health/ready" then
     return "GET"
   end
   local name, rest = canon:match("^/v2/models/([^/]+)(.*)$")
-  if name ~= model then
+  if name == nil or not exposed(model, name) then
     return nil
   end
   local tail = rest:match("^/versions/[1-9]%d*(.*)$") or rest
@@ -242,7 +254,7 @@ core.register_action("rtinfer_grpc_body", {"http-req"}, function(txn, model, max
     shown[k] = name:sub(1, 64):gsub("[^%w%-%._]", "?")
   end
   txn:set_var("txn.model", table.concat(shown, ","))
-  if #names ~= 1 or names[1] ~= model then
+  if #names ~= 1 or not exposed(model, names[1]) then
     return refuse(txn, "model_not_allowed")
   end
 end, 2)
