@@ -195,3 +195,41 @@ def test_cpu_host_loads_no_gpu_model():
         cfg = config(model, "cpu")
         assert cfg.platform != "tensorrt_plan", model
         assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in cfg.instance_group), model
+
+
+# --- the cascade (issue 12) ------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cascade_checks_envelopes_as_preprocess_does(variant):
+    """The settings the cascade shares with preprocess (limits, replay, audit) have the same values,
+    so a request is refused for the same reasons whichever it is sent to; its own audience only."""
+    casc, pre = config("cascade", variant).parameters, config("preprocess", variant).parameters
+    shared = set(casc) & set(pre) - {"pipelines"}
+    assert {"max_envelope_bytes", "max_pixels", "replay_window_s", "replay_future_skew_s", "crop",
+            "jpeg_draft", "audit_fsync", "audit_max_bytes"} <= shared
+    for key in shared:
+        assert casc[key].string_value == pre[key].string_value, key
+    assert casc["pipelines"].string_value == "cascade" and "cascade" not in pre["pipelines"].string_value.split(",")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_cascade_tensors_match_the_pipeline_and_its_classifiers(variant):
+    casc, pipe = config("cascade", variant), config("pipeline", variant)
+    assert tensors(casc, "input") == tensors(pipe, "input") and tensors(casc, "output") == tensors(pipe, "output")
+    assert not casc.HasField("response_cache") or not casc.response_cache.enable
+    p = casc.parameters
+    edge, big = config(p["edge_model"].string_value, variant), config(p["cloud_model"].string_value, variant)
+    assert tensors(edge, "input")["input"] == ("TYPE_UINT8", [224, 224, 3])
+    assert tensors(big, "input")["input"] == ("TYPE_UINT8", [int(p["cloud_size"].string_value)] * 2 + [3])
+    assert tensors(big, "output") == tensors(edge, "output")
+    assert casc.max_batch_size <= min(edge.max_batch_size, big.max_batch_size)
+    for cfg in (edge, big):
+        assert cfg.HasField("dynamic_batching"), cfg.name
+    loads = edge.default_model_filename or "model.onnx"
+    assert p["edge_model_file"].string_value == loads  # the audit names the file this host loads
+    assert 0 <= float(p["threshold"].string_value) and p["confidence_metric"].string_value in ("top1", "margin")
+
+
+def test_big_classifier_on_the_gpu_on_gpu_hosts_on_the_cpu_on_cpu_hosts():
+    assert {g.kind for g in config("classifier_big", "default").instance_group} == {mc.ModelInstanceGroup.KIND_GPU}
+    assert {g.kind for g in config("classifier_big", "cpu").instance_group} == {mc.ModelInstanceGroup.KIND_CPU}
