@@ -6,7 +6,7 @@ import sys
 from build_engines import paths
 from build_engines.stages import run_stage
 
-STAGES = ("source", "images", "prune", "cpu", "fp16", "int8_trt", "report", "install")
+STAGES = ("source", "images", "prune", "cpu", "fp16", "int8_trt", "report", "install", "big")
 DISTILL = ("distill_pool", "distill")   # only when the build was asked to distill (off by default)
 
 
