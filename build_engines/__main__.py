@@ -449,7 +449,8 @@ def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:
     except ImportError as e:
         print(f"[tensorrt] stage not available ({e}); TensorRT engines skipped", flush=True)
         return
-    build_all(fp16, int8_trt, paths.REPO)
+    big = paths.BUILD / "big" / "fp16.onnx"  # the cascade's cloud classifier (stage big)
+    build_all(fp16, int8_trt, paths.REPO, extra={"classifier_big_trt_fp16": ("fp16", big)} if big.exists() else None)
 
 
 def resolve_budget(args) -> float:

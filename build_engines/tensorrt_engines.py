@@ -1,7 +1,8 @@
 """TensorRT engines for the GPU classifiers: the last stage of `make engines`.
 
 Builds ``model_repository/classifier_trt_fp16/1/model.plan`` from the FP16 ONNX and
-``classifier_trt_int8/1/model.plan`` from the Q/DQ ONNX as *strongly typed* networks:
+``classifier_trt_int8/1/model.plan`` from the Q/DQ ONNX as *strongly typed* networks (and, given
+``extra``, more engines: the cascade's ``classifier_big_trt_fp16`` from Lite2's FP16 ONNX):
 the precisions come from the ONNX files themselves, which TensorRT 10 (Triton
 containers) and 11 (no FP16/INT8 builder flags, no calibrators) both build.
 Each engine's optimization profile is derived from its Triton config, so the
@@ -94,10 +95,14 @@ def _sparse_choice(onnx_path: Path, override: bool | None) -> bool:
 
 
 def plan_jobs(onnx_fp16: Path, onnx_int8: Path, repo: Path, *, gpu: tensorrt_gpu.Gpu | None = None,
-              per_cc: bool = False, sparse_weights: bool | None = None) -> list[Job]:
-    """Read each model's Triton config, derive its profile and check its ONNX against it."""
+              per_cc: bool = False, sparse_weights: bool | None = None,
+              extra: dict[str, tuple[str, Path]] | None = None) -> list[Job]:
+    """Read each model's Triton config, derive its profile and check its ONNX against it.
+    ``extra``: more engines, model -> (precision, ONNX), built the same way."""
     jobs = []
-    for (model, precision), onnx_path in zip(MODELS.items(), (onnx_fp16, onnx_int8)):
+    todo = [(m, prec, o) for (m, prec), o in zip(MODELS.items(), (onnx_fp16, onnx_int8))]
+    todo += [(m, prec, o) for m, (prec, o) in (extra or {}).items()]
+    for model, precision, onnx_path in todo:
         onnx_path = Path(onnx_path)
         if not onnx_path.exists():
             raise FileNotFoundError(f"{model}: {onnx_path} is missing (the {precision} ONNX stage makes it)")
@@ -250,8 +255,9 @@ def update_cc_index(version_dir: Path) -> None:
 
 
 def build_all(onnx_fp16: Path, onnx_int8: Path, repo: Path, *, work: Path | None = None,
-              per_cc: bool | None = None, sparse_weights: bool | None = None) -> list:
-    """Build (or keep, when up to date) both engines; returns their manifests, [] where skipped."""
+              per_cc: bool | None = None, sparse_weights: bool | None = None,
+              extra: dict[str, tuple[str, Path]] | None = None) -> list:
+    """Build (or keep, when up to date) both engines (and ``extra``'s); returns their manifests, [] where skipped."""
     trt, gpu, reason = availability()
     if reason:
         print(skip_line(reason), flush=True)
@@ -260,7 +266,8 @@ def build_all(onnx_fp16: Path, onnx_int8: Path, repo: Path, *, work: Path | None
     work = Path(work) if work is not None else paths.BUILD / "tensorrt"
     timing_cache = work / f"timing_{gpu.sm}_trt{trt.__version__}.cache"
     manifests = []
-    for job in plan_jobs(onnx_fp16, onnx_int8, repo, gpu=gpu, per_cc=per_cc, sparse_weights=sparse_weights):
+    for job in plan_jobs(onnx_fp16, onnx_int8, repo, gpu=gpu, per_cc=per_cc, sparse_weights=sparse_weights,
+                         extra=extra):
         stamp_dir = work / job.model / (gpu.sm if per_cc else "")
         run_stage(f"tensorrt {job.model}", stamp_dir, stage_inputs(job, trt.__version__, gpu),
                   [job.plan, job.manifest], lambda job=job: build_engine(trt, job, gpu, timing_cache))

@@ -324,3 +324,21 @@ def test_builds_real_engines(capsys, onnx_pair, repo, tmp_path):
     te.build_all(*onnx_pair, repo, work=tmp_path / "work")
     assert capsys.readouterr().out.count("up to date") == 2
     assert [te.sha256_file(p) for p in plans(repo)] == before
+
+
+def test_the_cascade_big_model_engine_is_planned_from_its_own_config(onnx_pair, repo, tmp_path):
+    """The cascade's Lite2 FP16 engine is one more job of the same stage, its profile from its config
+    (260 px input), and its ONNX is checked against that config like the others."""
+    cfg = load_config(REPO / "classifier_big_trt_fp16" / "config.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and list(cfg.input[0].dims) == [260, 260, 3]
+    big = REPO.parent / "build" / "engines" / "big" / "fp16.onnx"
+    if not big.exists():
+        pytest.fail("stage big has not run: `make engines`")
+    shutil.copytree(REPO / "classifier_big_trt_fp16", repo / "classifier_big_trt_fp16", dirs_exist_ok=True)
+    jobs = te.plan_jobs(*onnx_pair, repo, extra={"classifier_big_trt_fp16": ("fp16", big)})
+    job = jobs[-1]
+    assert (job.model, job.precision, job.onnx) == ("classifier_big_trt_fp16", "fp16", big)
+    assert job.io()[0] == {"name": "input", "mode": "INPUT", "data_type": "TYPE_UINT8", "dims": [260, 260, 3]}
+    assert [(p.min[0], p.opt[0], p.max[0]) for p in job.profile] == [(1, 8, 16)]
+    with pytest.raises(ValueError, match="classifier_trt_fp16"):  # a 260 px graph does not fit the 224 px model
+        te.plan_jobs(*onnx_pair, repo, extra={"classifier_trt_fp16": ("fp16", big)})
