@@ -130,7 +130,7 @@ def _ci(ci) -> str:
 
 def markdown(doc: dict) -> str:
     c = doc["chosen"]
-    out = [f"# Cascade trade-off (Lite0 edge, Lite2 cloud)\n",
+    out = ["# Cascade trade-off (Lite0 edge, Lite2 cloud)\n",
            f"Goal: {doc['goal']}. Chosen on the choose split ({doc['n']['choose']} photos): "
            f"**{c['metric']} >= {c['threshold']}** (choose split: top-1 {_pct(c['top1'])}, escalated "
            f"{_pct(c['escalated'])}; big-only {_pct(doc['choose_big_only'])}).\n",

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from rtinfer import access
-from rtinfer.server import ROOT, Endpoints, TritonServer, _die_with_parent, free_port, with_targets
+from rtinfer.server import ROOT, Endpoints, TritonServer, _die_with_parent, free_port
 
 CONFIG_DIR = ROOT / "deploy" / "gateway"
 HAPROXY_ENV = "RTINFER_HAPROXY"
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
     p.add_argument("--rate-limit", type=int, default=0, help="requests per 10 s per client address (0: off)")
     args = p.parse_args(argv)
     api_key = access.read_secret(file=args.api_key_file, env=access.API_KEY_ENV)
-    server = TritonServer(args.model_repository, models=with_targets(args.model.split(",")), host="127.0.0.1",
+    server = TritonServer(args.model_repository, models=args.model.split(","), host="127.0.0.1",
                           http_port=args.triton_http_port, grpc_port=args.triton_grpc_port,
                           metrics_port=args.triton_metrics_port, keyring=args.keyring, audit_dir=args.audit_dir,
                           config_name=args.config_name or None, audit_signing_key=args.audit_signing_key,

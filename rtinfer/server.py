@@ -26,8 +26,9 @@ import pytriton
 from rtinfer import access
 
 ROOT = Path(__file__).resolve().parent.parent
-# Models a model calls through BLS: explicit model control loads an ensemble's steps, not these.
-BLS_TARGETS = {"cascade": ("classifier_onnx", "classifier_big")}
+# Parameters naming the models a BLS model calls: explicit model control loads an ensemble's steps,
+# not these, so the launcher loads them too (the cascade's cloud_model only without a remote cloud).
+BLS_PARAMS = ("edge_model", "cloud_model")
 WHEEL = Path(pytriton.__file__).resolve().parent / "tritonserver"
 LIBS = WHEEL.parent.parent / "nvidia_pytriton.libs"
 
@@ -105,11 +106,22 @@ class Endpoints:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
 
-def with_targets(models) -> list[str]:
-    """The models and those they call through BLS (``BLS_TARGETS``), each once, in order."""
+def model_params(repo: Path, model: str, config_name: str | None) -> dict[str, str]:
+    """The string parameters of the config this host loads for ``model`` ({} if it has none)."""
+    chosen = repo / model / "configs" / f"{config_name}.pbtxt" if config_name else None
+    path = chosen if chosen is not None and chosen.exists() else repo / model / "config.pbtxt"
+    if not path.exists():
+        return {}
+    return dict(re.findall(r'\{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}', path.read_text()))
+
+
+def with_targets(models, repo: Path = ROOT / "model_repository", config_name: str | None = None) -> list[str]:
+    """The models and those they call through BLS (their ``BLS_PARAMS``), each once, in order."""
     out = []
     for m in models:
-        for name in (m, *BLS_TARGETS.get(m, ())):
+        params = model_params(Path(repo), m, config_name)
+        called = [params[k] for k in BLS_PARAMS if params.get(k) and not (k == "cloud_model" and params.get("cloud_url"))]
+        for name in (m, *called):
             if name not in out:
                 out.append(name)
     return out
@@ -126,12 +138,12 @@ class TritonServer(Endpoints):
                  host: str = "127.0.0.1", extra_args=(), env: dict | None = None,
                  workdir: str | os.PathLike = ROOT / "build" / "triton", log_file: str | None = None):
         self.model_repository = Path(model_repository).resolve()
-        self.models = list(models)
+        self.config_name = ("cpu" if not has_gpu() else None) if config_name == "auto" else config_name
+        self.models = with_targets(models, self.model_repository, self.config_name)
         self.host = host
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
-        self.config_name = ("cpu" if not has_gpu() else None) if config_name == "auto" else config_name
         self.api_key, self.admin_key = api_key, admin_key
         self.tls = bool(tls_cert or tls_key)
         # Secrets end up in tritonserver's argv (its only way to take them): readable in /proc by

@@ -11,14 +11,16 @@ import re
 import uuid
 
 import numpy as np
+import onnxruntime as ort
 import pytest
+import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from clients.classify import PipelineClient
 from clients.evaluate import reference
-from rtinfer import audit, envelope, routing
+from rtinfer import audit, envelope, imaging, routing
 from rtinfer.postprocess import softmax
 from rtinfer.server import TritonServer
 
@@ -223,3 +225,20 @@ def test_gateway_exposes_the_cascade_and_refuses_its_classifiers(cascade_server,
             # a ',' in an HTTP path is a reserved character: refused as a malformed path before any model check
             refused = ("400",) if protocol == "http" and "," in name else ("403", "StatusCode.PERMISSION_DENIED")
             assert str(info.value.status()) in refused, (name, info.value)
+
+
+def test_the_gpu_hosts_edge_model_serves_the_installed_files(tmp_path):
+    """classifier_edge (GPU hosts' cascade: Lite0 on CPU instances) is classifier_onnx's version directory:
+    loaded here with its default config, it answers as the installed portable file does offline."""
+    x = imaging.preprocess(samples.photo("coffee"))[np.newaxis]
+    sess = ort.InferenceSession(str(REPO / "classifier_onnx" / "1" / "model.portable.onnx"),
+                                providers=["CPUExecutionProvider"])
+    want = sess.run(None, {"input": x})[0]
+    with TritonServer(models=("classifier_edge",), workdir=tmp_path) as srv:
+        c = grpcclient.InferenceServerClient(srv.grpc_url)
+        inp = grpcclient.InferInput("input", list(x.shape), "UINT8")
+        inp.set_data_from_numpy(x)
+        got = c.infer("classifier_edge", [inp]).as_numpy("logits")
+        c.close()
+    assert got.argmax() == want.argmax() == 967
+    assert np.allclose(got, want, atol=1e-3)

@@ -233,3 +233,20 @@ def test_cascade_tensors_match_the_pipeline_and_its_classifiers(variant):
 def test_big_classifier_on_the_gpu_on_gpu_hosts_on_the_cpu_on_cpu_hosts():
     assert {g.kind for g in config("classifier_big", "default").instance_group} == {mc.ModelInstanceGroup.KIND_GPU}
     assert {g.kind for g in config("classifier_big", "cpu").instance_group} == {mc.ModelInstanceGroup.KIND_CPU}
+
+
+def test_on_gpu_hosts_the_big_model_uses_the_gpu_and_the_edge_model_the_cpu():
+    """Issue 12: the cascade's big model on the GPU instance group, the small one on CPU instances."""
+    p = config("cascade", "default").parameters
+    edge, big = config(p["edge_model"].string_value, "default"), config(p["cloud_model"].string_value, "default")
+    assert {g.kind for g in edge.instance_group} == {mc.ModelInstanceGroup.KIND_CPU}
+    assert {g.kind for g in big.instance_group} == {mc.ModelInstanceGroup.KIND_GPU}
+    assert (REPO / "classifier_edge" / "1").resolve() == (REPO / "classifier_onnx" / "1").resolve()
+
+
+def test_cpu_host_cascade_loads_no_gpu_model():
+    from rtinfer.server import with_targets
+    loaded = with_targets(["cascade"], REPO, "cpu")
+    assert loaded == ["cascade", "classifier_onnx", "classifier_big"]
+    for model in loaded:
+        assert all(g.kind == mc.ModelInstanceGroup.KIND_CPU for g in config(model, "cpu").instance_group), model
