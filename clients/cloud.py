@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import deque
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -25,15 +27,17 @@ NUM_CLASSES = 1000
 class CloudLeg:
     def __init__(self, url: str, *, key: bytes, key_id: str, client_id: str, pipeline: str = "pipeline",
                  api_key: str = "", tls_ca: str | None = None, deadline_s: float = 1.0, attempts: int = 2,
-                 min_attempt_s: float = 0.05, breaker: routing.Breaker | None = None, clock=time.monotonic):
+                 min_attempt_s: float = 0.05, breaker: routing.Breaker | None = None, clock=time.monotonic,
+                 max_concurrent: int = 8):
         self.url, self.pipeline = url, pipeline
         self.client = PipelineClient(url, protocol="grpc", key=key, key_id=key_id, client_id=client_id,
                                      pipeline=pipeline, api_key=api_key, tls_ca=tls_ca, seal_response=True)
         self.deadline_s, self.attempts, self.min_attempt_s = deadline_s, attempts, min_attempt_s
         self.breaker = breaker or routing.Breaker(clock=clock)
         self.clock = clock
-        self.lock = threading.Lock()  # the breaker is shared by the instance's calls
-        self.last_errors: list[str] = []
+        self.lock = threading.Lock()  # the breaker is shared by the batch's concurrent calls
+        self.pool = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="cloud")
+        self.last_errors: deque[str] = deque(maxlen=50)  # why the latest escalations fell back (logs, tests)
 
     @property
     def model_id(self) -> str:
@@ -68,8 +72,13 @@ class CloudLeg:
         return None
 
     def __call__(self, rows) -> list[CloudAnswer | None]:
-        """The cascade's ``cloud`` callable: accepted rows (their image bytes and audit context) in order."""
-        return [self.ask(row.plaintext, str(json.loads(row.context).get("request_id", ""))) for row in rows]
+        """The cascade's ``cloud`` callable: accepted rows (their image bytes and audit context) in order,
+        asked concurrently, so a batch waits for its slowest escalation, not for their sum."""
+        asks = [(row.plaintext, str(json.loads(row.context).get("request_id", ""))) for row in rows]
+        if len(asks) <= 1:
+            return [self.ask(*a) for a in asks]
+        return list(self.pool.map(lambda a: self.ask(*a), asks))
 
     def close(self):
+        self.pool.shutdown(wait=False)
         self.client.close()

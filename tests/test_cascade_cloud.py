@@ -22,7 +22,7 @@ from rtinfer import audit, keyring, routing
 from rtinfer.server import TritonServer, free_port, repository_with
 
 from conftest import REPO, require_model
-from test_pipeline_server import records_for
+from test_pipeline_server import batch_stats, records_for
 from rtinfer.access import loopback_certs as make_ca_and_server_cert
 
 CLOUD_API_KEY = "cloud-infer-7d1f"
@@ -88,35 +88,46 @@ def test_cloud_answers_killed_cloud_falls_back_breaker_recovers(setup, keys, tmp
             assert cloud_recs[-1]["route"] == routing.CLOUD  # the cloud's own cascade, big-only
             assert photo.read_bytes().hex()[:64] not in "".join(f.read_text() for f in audit.audit_files(cloud_audit))
 
-            # 2. a bounded load; the cloud is killed in the middle of it: every request is answered
-            results, errors, n = [], [], 24
+            # 2. a bounded load (3 clients at once, so escalations share batches); the cloud is killed in
+            #    the middle of it: every request is answered
+            results, errors, per_client, clients_n = [], [], 8, 3
             killed_after = 6
 
             def load():
                 lc = edge_client(edge, keys)
-                for i in range(n):
+                for _ in range(per_client):
                     try:
-                        results.append((time.monotonic(), lc.classify(samples.photo("coffee"), top_k=1)))
+                        res = lc.classify(samples.photo("coffee"), top_k=1)
+                        results.append((time.monotonic(), res))
                     except Exception as exc:  # noqa: BLE001 - counted: there must be none
                         errors.append(exc)
                 lc.close()
-            t = threading.Thread(target=load)
-            t.start()
-            while len(results) < killed_after and t.is_alive():
-                time.sleep(0.05)
+            before = batch_stats(edge, "cascade")
+            threads = [threading.Thread(target=load) for _ in range(clients_n)]
+            for t in threads:
+                t.start()
+            while len(results) < killed_after and any(t.is_alive() for t in threads):
+                time.sleep(0.02)
             cloud.kill()
             t_kill = time.monotonic()
-            t.join(timeout=300)
-            assert not t.is_alive() and not errors, errors
+            for t in threads:
+                t.join(timeout=300)
+            assert not any(t.is_alive() for t in threads) and not errors, errors
+            n = per_client * clients_n
             assert len(results) == n and all(r.predictions[0].index == 967 for _, r in results)
-            routes = [route_of(edge_audit, r)["route"] for _, r in results]
-            assert routes[:killed_after - 1] == [routing.CLOUD] * (killed_after - 1), routes
-            assert routes[-5:] == [routing.EDGE_FALLBACK] * 5, routes
-            assert set(routes) <= {routing.CLOUD, routing.EDGE_FALLBACK}
-            fallbacks = [route_of(edge_audit, r) for _, r in results if route_of(edge_audit, r)["route"] == "edge_fallback"]
+            after = batch_stats(edge, "cascade")
+            grouped = sum(after.get(b, 0) - before.get(b, 0) for b in after if b > 1)
+            assert grouped > 0, (before, after)  # escalations of one batch went to the cloud together
+            results.sort(key=lambda tr: tr[0])
+            recs = [route_of(edge_audit, r) for _, r in results]
+            routes = [rec["route"] for rec in recs]
+            assert set(routes) <= {routing.CLOUD, routing.EDGE_FALLBACK}, routes
+            assert routes[:killed_after - clients_n] == [routing.CLOUD] * (killed_after - clients_n), routes
+            assert routes[-6:] == [routing.EDGE_FALLBACK] * 6, routes
+            fallbacks = [rec for rec in recs if rec["route"] == routing.EDGE_FALLBACK]
             assert all(f["models"]["classifier"] == f["models"]["edge"] for f in fallbacks)
             # the breaker is open: the last fallbacks did not wait for a deadline each
-            late = [route_of(edge_audit, r)["timing_ms"]["total"] for ts, r in results[-3:]]
+            late = [rec["timing_ms"]["total"] for rec in recs[-3:]]
             assert max(late) < 2000, late
             assert results[-1][0] - t_kill < 60
 
