@@ -76,11 +76,11 @@ class Cascade:
                                     [params[i] for i in rows], routes)
         for k, i in enumerate(rows):
             results[i] = refs[k] if isinstance(refs[k], Refusal) else (probs[k], refs[k])
-        self.routes = routes
         return results
 
     def _fail(self, results: list, rows: list[int], requests: list[Request], why: Refusal) -> list:
-        """The edge model failed: those requests are refused as retryable, audited (or UNAVAILABLE anyway)."""
+        """The edge model failed: those requests are refused as retryable, audited (UNAVAILABLE either way).
+        Their nonces stay recorded: a client retries with a newly sealed envelope (README, "Calling it")."""
         records = [{"event": "rejected", "stage": "cascade", "time": _now_iso(),
                     "request_id": str(requests[i].request_id), "client_id": str(requests[i].client_id),
                     "reason": why.reason, "message": why.detail, "retryable": True} for i in rows]

