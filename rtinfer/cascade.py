@@ -40,9 +40,11 @@ class Cascade:
                  cloud_model: str):
         self.pre, self.post, self.policy = pre, post, policy
         self.edge_model, self.cloud_model = edge_model, cloud_model  # ids for the audit record
+        self.last_routes: list[str] = []  # the routes the last run() answered by, for the adapter's metrics
 
     def run(self, requests: list[Request], params: list[dict], edge: EdgeFn, cloud: CloudFn) -> list:
         """Per request: (probs [1000], audit ref or sealed result) or the Refusal that failed it alone."""
+        self.last_routes = []
         results: list = self.pre.run(requests)
         rows = [i for i, r in enumerate(results) if isinstance(r, Accepted)]
         if not rows:
@@ -76,6 +78,7 @@ class Cascade:
                                     [params[i] for i in rows], routes)
         for k, i in enumerate(rows):
             results[i] = refs[k] if isinstance(refs[k], Refusal) else (probs[k], refs[k])
+        self.last_routes = [routes[k]["route"] for k, i in enumerate(rows) if not isinstance(refs[k], Refusal)]
         return results
 
     def _fail(self, results: list, rows: list[int], requests: list[Request], why: Refusal) -> list:

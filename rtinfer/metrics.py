@@ -68,7 +68,10 @@ SPECS = {
     "keyring_reloads_total": Spec("counter", "Keyring file reloads by result (ok, error: previous keys kept)"),
     "keyring_keys": Spec("gauge", "Keys in the keyring by state (active, retired = in grace, expired)"),
     "replay_store_entries": Spec("gauge", "Entries in a replay store (nonces, contexts) within its window"),
+    "cascade_routes_total": Spec("counter", "Cascade answers by route: edge (confident), cloud (escalated and "
+                                 "answered by the big model), edge_fallback (escalated, the cloud could not answer)"),
 }
+ROUTES = ("edge", "cloud", "edge_fallback")  # rtinfer.routing's routes: every series exists from the start
 
 
 def name(short: str) -> str:
@@ -214,6 +217,11 @@ class Exporter:
         if self.due("keyring", every_s):
             for state, n in source.current().state_counts().items():
                 self.set("keyring_keys", n, state=state)
+
+    def routes(self, routes: list[str]) -> None:
+        """The cascade's answers of one batch, by route (series created at zero: rate() sees the first fallback)."""
+        for route in ROUTES:
+            self.inc("cascade_routes_total", routes.count(route), route=route)
 
     def store(self, store, which: str, every_s: float = 5.0) -> None:
         if store is not None and self.due(which, every_s):

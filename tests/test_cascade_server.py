@@ -242,3 +242,22 @@ def test_the_gpu_hosts_edge_model_serves_the_installed_files(tmp_path):
         c.close()
     assert got.argmax() == want.argmax() == 967
     assert np.allclose(got, want, atol=1e-3)
+
+
+def test_routes_are_counted_on_the_metrics_port(cascade_server, keys):
+    """rtinfer_cascade_routes_total{route} (every route's series exists at zero) grows with the answers."""
+    import urllib.request
+
+    def counts():
+        text = urllib.request.urlopen(cascade_server.metrics_url, timeout=10).read().decode()
+        return {m.group(1): float(m.group(2)) for m in re.finditer(
+            r'rtinfer_cascade_routes_total\{[^}]*route="(\w+)"[^}]*\} ([0-9.e+]+)', text)}
+    before = counts()
+    assert set(before) == {routing.EDGE, routing.CLOUD, routing.EDGE_FALLBACK}, before
+    c = client(cascade_server, keys)
+    for name in ("coffee", "astronaut"):  # measured: confident, and unsure (test above)
+        c.classify(samples.photo(name), top_k=1)
+    c.close()
+    after = counts()
+    assert after[routing.EDGE] - before[routing.EDGE] == 1 and after[routing.CLOUD] - before[routing.CLOUD] == 1
+    assert after[routing.EDGE_FALLBACK] == before[routing.EDGE_FALLBACK]

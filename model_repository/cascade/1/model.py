@@ -8,7 +8,7 @@ import time
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rtinfer import guard, imaging, labels, routing, stage_config
+from rtinfer import guard, imaging, labels, metrics, routing, stage_config
 from rtinfer.cascade import Cascade, CloudAnswer
 from rtinfer.postprocess import Postprocessor, softmax
 from rtinfer.preprocess import Preprocessor, read_request
@@ -50,6 +50,7 @@ class TritonPythonModel:
         self.cascade = Cascade(pre, post, routing.Policy(p("confidence_metric", "top1"), float(p("threshold", "0.5"))),
                                edge_model=edge_id, cloud_model=cloud_id)
         self.cloud_id = cloud_id
+        self.metrics = metrics.for_stage_or_none(pb_utils, "cascade", cfg)
 
     def execute(self, requests):
         return guard.respond(pb_utils, requests, self._handle)
@@ -57,6 +58,7 @@ class TritonPythonModel:
     def _handle(self, requests):
         reqs = [read_request(pb_utils, request) for request in requests]
         results = self.cascade.run(reqs, [r.params for r in reqs], self._edge, self.cloud or self._big)
+        guard.attempt(self._export, len(requests))
         out = []
         for result in results:
             if not isinstance(result, guard.Refusal):
@@ -65,6 +67,19 @@ class TritonPythonModel:
                           pb_utils.Tensor("AUDIT_REF", np.array([[ref]], dtype=np.object_))]
             out.append(result)
         return out
+
+    def _export(self, batch: int):
+        """Stage metrics (rtinfer.metrics: outcomes and refusals as preprocess counts them, routes, the
+        served requests' durations) on Triton's metrics port; a failure here fails no request."""
+        if self.metrics is not None:
+            c = self.cascade
+            self.metrics.report(c.pre.last, batch)
+            for v in c.post.last.timings.get("request_duration_seconds", []):
+                self.metrics.observe("request_duration_seconds", v)
+            self.metrics.routes(c.last_routes)
+            self.metrics.audit(c.pre.audit)
+            self.metrics.keyring(c.pre.keys)
+            self.metrics.store(c.pre.replay, "nonces")
 
     def _infer(self, model: str, images: np.ndarray) -> np.ndarray:
         response = pb_utils.InferenceRequest(model_name=model, inputs=[pb_utils.Tensor("input", images)],
