@@ -186,7 +186,7 @@ def distill_options(args):
     from .train.distill import Options
     return Options(keep=args.distill_keep, steps=args.distill_steps, size=args.distill_size,
                    views=args.distill_views, alpha=args.distill_alpha, lr=args.distill_lr,
-                   time_cap_s=args.distill_minutes * 60)
+                   time_cap_s=args.distill_minutes * 60, teacher=args.distill_teacher)
 
 
 def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
@@ -195,15 +195,22 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
         print("[distill] off (--distill-steps 0)", flush=True)
         return None
     d = paths.BUILD / "distill"
-    out, man, log_p, pool_p = d / "model.onnx", d / "manifest.json", d / "distill_log.json", d / "pool" / "pool.npz"
     opts = distill_options(args)
+    teacher, teacher_size, pool_dir = src, paths.IMAGE_SIZE, "pool"
+    if opts.teacher == "lite2":   # the cascade's big model, exported (FP32 NCHW, 260 px) by stage big
+        from . import big_model
+        stage_big(args)
+        teacher, teacher_size, pool_dir = paths.BUILD / "big" / "source.onnx", big_model.SIZE, "pool-lite2"
+    out, man, log_p, pool_p = d / "model.onnx", d / "manifest.json", d / "distill_log.json", d / pool_dir / "pool.npz"
     files, labels = training_photos(args)
-    pool_inputs = {"source": sha256_file(src), "photos": images.source_fingerprint(files), "labels": labels,
+    pool_inputs = {"source": sha256_file(teacher), "photos": images.source_fingerprint(files), "labels": labels,
                    "views": opts.views, "size": opts.size, "seed": opts.seed, "imaging": _imaging_hash(),
                    "code": code_hash("evaluate", "runtime", "train/teacher", "train/augment")}
+    if teacher_size != paths.IMAGE_SIZE:
+        pool_inputs["teacher_size"] = teacher_size
     from .train import distill
     run_stage("distill_pool", pool_p.parent, pool_inputs, [pool_p],
-              lambda: distill.make_pool(files, labels, src, opts, pool_p))
+              lambda: distill.make_pool(files, labels, teacher, opts, pool_p, teacher_size))
     inputs = {"stage_code": own_code(stage_distill), "pool": sha256_file(pool_p), "images": data.sha,
               "options": opts.key(), "code": code_hash(
                   "graph_clean", "source_model", "manifest", "train/student", "train/loss", "train/loop", "train/export",
@@ -505,6 +512,8 @@ def main(argv=None) -> None:
     ap.add_argument("--distill-alpha", type=float, default=0.0,
                     help="weight of the hard-label CE term (labeled photos only); the rest is the teacher's KL")
     ap.add_argument("--distill-lr", type=float, default=1e-4, help="AdamW learning rate (cosine, 5 %% warm-up)")
+    ap.add_argument("--distill-teacher", choices=("lite0", "lite2"), default="lite0",
+                    help="teacher: the FP32 original (lite0) or EfficientNet-Lite2 at 260 px (the cascade's big model)")
     ap.add_argument("--distill-minutes", type=float, default=9.0,
                     help="time cap for the training loop (stops early on a slow machine; logged)")
     ap.add_argument("--quick", action="store_true",

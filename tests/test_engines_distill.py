@@ -65,6 +65,19 @@ def test_pool_caches_the_teachers_answers_on_the_centre_crop_first(pool, teacher
     np.testing.assert_allclose(first_views, evaluate.run(teacher_onnx, centre_crops), rtol=1e-4, atol=1e-3)
 
 
+def test_a_lite2_teacher_answers_on_its_own_260_px_crops(photos, tmp_path):
+    """`--distill-teacher lite2`: the teacher sees its model-card crop (260), the student keeps its size."""
+    lite2 = tmp_path / "lite2.onnx"
+    source_model.export(lite2, name="lite2")
+    few = photos[:3]
+    p = teacher.build_pool(few, [-1] * len(few), lite2, views=2, size=SIZE, seed=0, out=tmp_path / "pool.npz",
+                           teacher_size=260)
+    assert p["x"].shape == (6, SIZE, SIZE, 3)
+    crops_260 = images.to_batch(np.stack([imaging.preprocess(f.read_bytes(), size=260) for f in few]))
+    np.testing.assert_allclose(p["teacher"][::2], evaluate.run(lite2, crops_260), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(p["x"][::2], np.stack([imaging.preprocess(f.read_bytes()) for f in few]))
+
+
 def test_pruned_channels_are_multiples_of_8_and_refit_keeps_the_model_working(centre_crops, teacher_onnx):
     ref = evaluate.run(teacher_onnx, centre_crops)
     got = {}

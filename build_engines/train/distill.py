@@ -24,6 +24,7 @@ class Options:
     lr: float = 1e-4           # 3e-4 with alpha 0.5 raised the trained classes but lowered the held-out ones
     alpha: float = 0.0         # teacher term only by default: measured to generalise to held-out classes (README)
     tau: float = 2.0
+    teacher: str = "lite0"     # or "lite2" (EfficientNet-Lite2 at 260 px, the cascade's big model; stage big)
     seed: int = 0
     time_cap_s: float = 540.0
     threads: int = 0           # 0: all cores (the build runs alone); tests use 1
@@ -33,8 +34,10 @@ class Options:
         return {k: v for k, v in asdict(self).items() if k not in ("time_cap_s", "threads")}
 
 
-def make_pool(files: list, labels: list, teacher_onnx: Path, opts: Options, out: Path) -> dict:
-    return teacher.build_pool(files, labels, teacher_onnx, opts.views, opts.size, opts.seed, out)
+def make_pool(files: list, labels: list, teacher_onnx: Path, opts: Options, out: Path,
+              teacher_size: int = 224) -> dict:
+    return teacher.build_pool(files, labels, teacher_onnx, opts.views, opts.size, opts.seed, out,
+                              teacher_size=teacher_size)
 
 
 def run(pool: dict, prune_x: np.ndarray, out: Path, opts: Options, ckpt: Path | None = None) -> dict:

@@ -1,8 +1,8 @@
 """A pool of augmented views with the teacher's answers cached: the teacher runs once per view, not per step.
 
 Each view is a seeded random box of a photo (+ flip); the student's copy is stored at the training
-resolution, the teacher scores the same box at 224 through ONNX Runtime (its exported graph: faster
-than PyTorch here, and the very model the build measures against). The first views of every photo
+resolution, the teacher scores the same box at its own size (224 for Lite0, 260 for Lite2) through
+ONNX Runtime (its exported graph: faster than PyTorch here, and the very model the build measures against). The first views of every photo
 are the served centre crop itself, so the student also learns the test-time view. Labels ride
 along (-1 for unlabeled photos). Saved as one .npz, rebuilt only when its inputs change.
 """
@@ -20,8 +20,9 @@ from . import augment
 
 
 def build_pool(files: list, labels: list, teacher_onnx: Path, views: int, size: int, seed: int,
-               out: Path, chunk: int = 32) -> dict:
-    """``views`` per photo: the served centre crop, then random resized crops/flips. Returns the pool arrays."""
+               out: Path, chunk: int = 32, teacher_size: int = IMAGE_SIZE) -> dict:
+    """``views`` per photo: the served centre crop, then random resized crops/flips. Returns the pool arrays.
+    ``teacher_onnx``: FP32 NCHW graph taking ``teacher_size`` px (each teacher sees its model-card crop)."""
     rng = np.random.default_rng(seed)
     xs, ys, ts, t0 = [], [], [], time.perf_counter()
     pending_s, pending_t = [], []
@@ -36,12 +37,13 @@ def build_pool(files: list, labels: list, teacher_onnx: Path, views: int, size: 
         img = augment.photo(f)
         for v in range(views):
             if v == 0:   # exactly what the server feeds the classifier
-                centre = imaging.preprocess(Path(f).read_bytes())
-                pending_t.append(centre)
+                data = Path(f).read_bytes()
+                centre = imaging.preprocess(data)
+                pending_t.append(centre if teacher_size == IMAGE_SIZE else imaging.preprocess(data, size=teacher_size))
                 pending_s.append(np.asarray(Image.fromarray(centre).resize((size, size), Image.BICUBIC), dtype=np.uint8))
             else:
                 box, flip = augment.random_box(*img.size, rng), bool(rng.random() < 0.5)
-                pending_t.append(augment.view(img, box, flip, IMAGE_SIZE))
+                pending_t.append(augment.view(img, box, flip, teacher_size))
                 pending_s.append(augment.view(img, box, flip, size))
             ys.append(int(y))
         if len(pending_t) >= chunk:
