@@ -17,6 +17,9 @@ EVAL_DIR     ?=
 LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
 # Distillation steps for the pruned student (README "Distillation"); empty = off, e.g. DISTILL_STEPS=40.
 DISTILL_STEPS ?=
+# Quantization-aware training steps per flavour (README "Quantization-aware training"); empty = the
+# build's default, 0 = off.
+QAT_STEPS ?=
 
 .PHONY: venv engines engines-quick bench-engines keys haproxy prometheus serve serve-direct demo test loadtest bench \
         bench-gateway clean evaluate observe
@@ -32,7 +35,7 @@ $(STAMP): requirements.txt pyproject.toml
 # Source model -> pruned -> CPU variant (+ TensorRT engines where TensorRT and a GPU exist).
 engines: $(STAMP)
 	$(PY) -m build_engines $(if $(LABELED_DIR),--labeled-dir $(LABELED_DIR)) \
-	  $(if $(DISTILL_STEPS),--distill-steps $(DISTILL_STEPS)) \
+	  $(if $(DISTILL_STEPS),--distill-steps $(DISTILL_STEPS)) $(if $(QAT_STEPS),--qat-steps $(QAT_STEPS)) \
 	  $(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) $(if $(EVAL_DIR),--eval-dir $(EVAL_DIR))
 
 # The plain export, installed only if no full build's variant is: what `make demo` waits for.
