@@ -22,7 +22,7 @@ from .sanity import check_sanity
 from .stages import run_stage
 from .uint8_front import wrap_file
 
-QAT_STEPS = 60
+QAT_STEPS = 40
 MEASURE_CODE = ("evaluate", "runtime", "fidelity", "cost", "uint8_front")
 SCORE_KEYS = ("quality", "quality_basis", "top1_accuracy", "top1_ci95", "top5_accuracy", "top5_ci95",
               "original_top1_accuracy", "n_labeled", "top1_agreement", "top5_overlap", "mean_kl", "n_images")
@@ -454,6 +454,26 @@ def report_candidates(src, pruned, cpu, fp16, int8_trt, qat_trt: Path | None = N
     return cands, notes, graphs
 
 
+def qat_section(log: dict) -> str:
+    """Markdown: post-training INT8 of the original -> QAT, same flavour and placement, on the trained
+    classes (choose) and the never-seen ones (confirm)."""
+    def cell(s):
+        return f"{s['top1_accuracy']:.1%}" if "top1_accuracy" in s else f"{s['top1_agreement']:.1%} agree"
+
+    out = ["\n## Quantization-aware training (top-1, PTQ of the original -> QAT, same flavour)\n",
+           "| flavour | INT8 layers | ORT run | choose (trained classes) | confirm (held-out classes) | steps | s |",
+           "|---|---|---|---|---|---|---|"]
+    for name, f in log["flavours"].items():
+        for kind, k in f["kinds"].items():
+            runs = [("integer kernels", "ptq", "qat")]
+            if "qat_reference_math" in k:
+                runs.append(("reference math", "ptq_reference_math", "qat_reference_math"))
+            for run, b, a in runs:
+                out.append(f"| {name} | {kind} | {run} | {cell(k[b]['choose'])} -> {cell(k[a]['choose'])} | "
+                           f"{cell(k[b]['confirm'])} -> {cell(k[a]['confirm'])} | {f['steps_done']} | {f['seconds']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
 def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Path | None = None) -> None:
     outs = [paths.REPORT_DIR / f"report.{e}" for e in ("json", "md", "png")]
 
@@ -475,6 +495,8 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Pa
             for p in sorted(prune_log["curve"], key=lambda p: p["flops_reduction"]):
                 f.write(f"| {p['threshold']:.3g} | {p['flops_reduction']:.1%} | {p['search']['top1_agreement']:.2%} "
                         f"| {p['eval']['top1_agreement']:.2%} |\n")
+            if qat_trt is not None:
+                f.write(qat_section(json.loads((qat_trt.parent / "qat_log.json").read_text())))
             f.write("\n![variants](report.png)\n![pruning](prune_curve.png)\n![int8](quant_curve.png)\n")
         print("[report] side by side on the evaluation split:", flush=True)
         report.console(rows)
