@@ -257,7 +257,8 @@ def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
     7-bit weights, which ORT's u8s8 kernels need without VNNI) and TensorRT (symmetric int8). Each is
     exported FP32 and quantized by ORT's quantizer (nearest rounding, MinMax on the choose split), next
     to the same flavour's post-training INT8 of the original, on both splits: the trained classes
-    (choose) and the never-seen ones (confirm)."""
+    (choose) and the never-seen ones (confirm). The CPU flavour's PTQ files (ptq7-*) are CPU
+    candidates too, so QAT is installed only if it beats plain 7-bit-weight PTQ."""
     if args.qat_steps <= 0:
         print("[qat] off (--qat-steps 0)", flush=True)
         return None
@@ -274,7 +275,8 @@ def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
     from .train import export, qat, teacher
     run_stage("qat_pool", pool_p.parent, pool_inputs, [pool_p],
               lambda: teacher.build_pool(files, labels, src, base.views, base.size, base.seed, pool_p))
-    files_out = {"cpu-full": d / "cpu_full.onnx", "cpu-ends": d / "cpu_ends.onnx", "tensorrt": d / "tensorrt_qdq.onnx"}
+    files_out = {"cpu-full": d / "cpu_full.onnx", "cpu-ends": d / "cpu_ends.onnx", "tensorrt": d / "tensorrt_qdq.onnx",
+                 "ptq7-full": d / "ptq7_cpu_full.onnx", "ptq7-ends": d / "ptq7_cpu_ends.onnx"}
     log_p, man = d / "qat_log.json", d / "manifest.json"
     inputs = {"stage_code": own_code(stage_qat), "pool": sha256_file(pool_p), "images": data.sha,
               "options": {k: o.key() for k, o in opts.items()}, "code": code_hash(
@@ -303,7 +305,7 @@ def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
                     "loss_first": tlog["loss_first"], "loss_last": tlog["loss_last"], "kinds": {}}
             for kind, exclude in kinds.items():
                 qat_file = files_out["tensorrt"] if name == "tensorrt" else files_out[f"cpu-{kind}"]
-                ptq_file = work / f"ptq_{name}_{kind}.onnx"
+                ptq_file = files_out[f"ptq7-{kind}"] if name == "cpu" else work / f"ptq_{name}_{kind}.onnx"
                 for base_model, out, cache in ((fp32, qat_file, work / f"cal_{name}_qat"),
                                                (src, ptq_file, work / f"cal_{name}_ptq")):
                     cache.mkdir(exist_ok=True)
@@ -349,8 +351,9 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, disti
                                 data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods),
                                 data.scan_n, ("pruned", "unpruned") if args.int8_from_unpruned else ("pruned",),
                                 extra_fp32={"distilled-fp32": distilled} if distilled else None,
-                                extra_int8={"qat-int8-full": qat_files["cpu-full"],
-                                            "qat-int8-ends": qat_files["cpu-ends"]} if qat_files else None)
+                                extra_int8={"qat-int8-full": qat_files["cpu-full"], "qat-int8-ends": qat_files["cpu-ends"],
+                                            "ptq7-int8-full": qat_files["ptq7-full"],
+                                            "ptq7-int8-ends": qat_files["ptq7-ends"]} if qat_files else None)
         wrap_file(out, out)
         c = log["candidates"][log["chosen"]]
         q = log["quantization"]

@@ -34,6 +34,9 @@ class Options:
     tau: float = 1.0
     symmetric: bool = False    # True: int8 symmetric activations (the TensorRT flavour)
     reduce_range: bool = True  # 7-bit weights ([-64, 64]): what ORT's u8s8 kernels need on CPUs without VNNI
+    dropout: bool = False      # the model's dropout and drop-connect (0.2 each) during QAT
+    mix: bool = False          # mixup/cutmix: their mixed teacher targets are only an approximation of the
+                               # teacher on the mixed image; QAT's target is the FP32 model's exact answer
     seed: int = 0
     time_cap_s: float = 420.0
     threads: int = 0
@@ -157,6 +160,13 @@ def logits(model: nn.Module, x: np.ndarray, batch: int = 32) -> np.ndarray:
         return np.concatenate([model(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
 
 
+def without_dropout(model: nn.Module) -> nn.Module:
+    """QAT nudges a trained model by small steps; dropout/drop-connect noise is larger than what it learns."""
+    model._dropout.p = 0.0
+    model._global_params = model._global_params._replace(drop_connect_rate=0.0)
+    return model
+
+
 def run(pool: dict, calib_x: np.ndarray, opts: Options, ckpt=None, check_x: np.ndarray | None = None) -> tuple:
     """QAT of the pinned Lite0 on ``pool`` (teacher.build_pool) with ranges from ``calib_x`` (float NCHW).
     Returns (the trained FP32 module, log); with ``check_x`` the log holds the fake-quant logits on it
@@ -164,10 +174,13 @@ def run(pool: dict, calib_x: np.ndarray, opts: Options, ckpt=None, check_x: np.n
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model = student.load()
+    if not opts.dropout:
+        without_dropout(model)
     acts = prepare(model, opts.symmetric, 64 if opts.reduce_range else 127)
     calibrate(model, acts, calib_x)
     log = train(model, pool, steps=opts.steps, batch=opts.batch, lr=opts.lr, alpha=opts.alpha, tau=opts.tau,
-                seed=opts.seed, ckpt=ckpt, time_limit_s=opts.time_cap_s, tag="qat")
+                seed=opts.seed, ckpt=ckpt, time_limit_s=opts.time_cap_s, tag="qat",
+                mix_p=(0.25, 0.25) if opts.mix else (0.0, 0.0))
     if check_x is not None:
         log["fakequant_logits"] = logits(model, check_x)
     log["ranges"] = [(float(a.lo), float(a.hi)) for a in acts]
