@@ -341,6 +341,15 @@ def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
     return files_out
 
 
+def qat_candidates(qat_files: dict) -> dict:
+    """The qat stage's CPU files as CPU-variant candidates: name -> (file, precision)."""
+    ends = ", first and last layers fp32"
+    return {"qat-int8-full": (qat_files["cpu-full"], "int8, quantization-aware trained, 7-bit weights"),
+            "qat-int8-ends": (qat_files["cpu-ends"], "int8, quantization-aware trained, 7-bit weights" + ends),
+            "ptq7-int8-full": (qat_files["ptq7-full"], "int8, 7-bit weights (post-training, nearest)"),
+            "ptq7-int8-ends": (qat_files["ptq7-ends"], "int8, 7-bit weights (post-training, nearest)" + ends)}
+
+
 def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, distilled: Path | None = None,
               qat_files: dict | None = None) -> Path:
     out, man, log_p = paths.CPU_DIR / "model.onnx", paths.CPU_DIR / "manifest.json", paths.CPU_DIR / "cpu_log.json"
@@ -351,9 +360,7 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, disti
                                 data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods),
                                 data.scan_n, ("pruned", "unpruned") if args.int8_from_unpruned else ("pruned",),
                                 extra_fp32={"distilled-fp32": distilled} if distilled else None,
-                                extra_int8={"qat-int8-full": qat_files["cpu-full"], "qat-int8-ends": qat_files["cpu-ends"],
-                                            "ptq7-int8-full": qat_files["ptq7-full"],
-                                            "ptq7-int8-ends": qat_files["ptq7-ends"]} if qat_files else None)
+                                extra_int8=qat_candidates(qat_files) if qat_files else None)
         wrap_file(out, out)
         c = log["candidates"][log["chosen"]]
         q = log["quantization"]
@@ -361,7 +368,11 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, disti
         extra = {"built_from_pruned_sha256": sha256_file(pruned), "log": log_p.name,
                  "optimized_offline_with": f"onnxruntime {onnxruntime.__version__} (extended level; "
                                            "load with this ORT version)"}
-        if "int8" in c["precision"]:
+        if log["chosen"].startswith(("qat-", "ptq7-")):   # from the qat stage: the original, 7-bit weights
+            extra.update({"built_from": "unpruned source", "calibration_method": "minmax",
+                          "weight_rounding": "nearest, 7-bit weights (ORT reduce_range)" + (
+                              ", quantization-aware trained (qat/qat_log.json)" if log["chosen"].startswith("qat-") else "")})
+        elif "int8" in c["precision"]:
             extra.update({"built_from": "unpruned source" if log["chosen"].startswith("unpruned") else "pruned",
                           "calibration_method": q["method"], "weight_rounding": q["rounding"],
                           "int8_layers": q["n_quantized"], "layers": q["n_layers"]})

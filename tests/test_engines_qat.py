@@ -78,11 +78,13 @@ def test_a_few_qat_steps_learn_around_the_rounding_and_export_plain_fp32(photos,
     assert sum(n.op_type == "Conv" for n in g.graph.node) == len(quantize.quantizable_nodes(source)) - 1
 
 
-# Floors on the labeled confirm split (quality = 1 + top-1 points vs the original), a point or so under
+# Floors on the labeled confirm split (quality = 1 + top-1 points vs the original), a point or two under
 # what the build measured (README, "Quantization-aware training"); agreement floors for the bundled crops.
+# The TensorRT flavour is held to its floor in TensorRT's arithmetic (ORT without its CPU integer
+# kernels, whose s8s8 path saturates on AVX2 without VNNI: README).
 FLOORS = {
-    "accuracy": {"qat-int8-full": 0.975, "qat-int8-ends": 0.975, "int8-trt-qdq-qat": 0.975},
-    "agreement": {"qat-int8-full": 0.60, "qat-int8-ends": 0.65, "int8-trt-qdq-qat": 0.50},
+    "accuracy": {"qat-int8-full": 0.98, "qat-int8-ends": 0.98, "int8-trt-qdq-qat": 0.98},
+    "agreement": {"qat-int8-full": 0.60, "qat-int8-ends": 0.65, "int8-trt-qdq-qat": 0.60},
 }
 
 
@@ -105,10 +107,16 @@ def split():
 def test_the_builds_qat_files_are_int8_and_hold_their_floor(split, kind):
     path = qat_files()[kind]
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert sum(op in ("QLinearConv", "QuantizeLinear", "DequantizeLinear") for op in ops) > 0, f"{kind}: not INT8"
-    if kind != "int8-trt-qdq-qat":   # ORT's saved optimization: the convs run as integer kernels
-        assert ops.count("QLinearConv") >= 45 and "Conv" not in ops or kind == "qat-int8-ends", ops
-    score = evaluate.score(path, *split)
+    if kind == "int8-trt-qdq-qat":   # Q/DQ on every Conv/Gemm weight
+        assert ops.count("DequantizeLinear") >= 50 and ops.count("QuantizeLinear") >= 50, ops
+        x, ref = split
+        logits = runtime.logits(runtime.session(path, level="basic"), x)
+        score = fidelity.compare(ref.logits, logits, ref.labels)
+    else:                            # ORT's saved optimization: the convs run as integer kernels
+        assert ops.count("QLinearConv") >= 47, ops
+        if kind == "qat-int8-full":
+            assert not {"Conv", "FusedConv"} & set(ops), ops
+        score = evaluate.score(path, *split)
     floor = FLOORS[score["quality_basis"]][kind]
     assert score["quality"] >= floor, f"{kind}: quality {score['quality']:.3f} below the floor {floor}"
 
