@@ -1,6 +1,7 @@
 """`python -m build_engines`: run every stage of `make engines`, skipping those already up to date.
 
-source -> images -> prune -> distill (pruned student taught by the original) -> cpu (INT8 / FP32, fastest within budget) -> fp16, int8_trt
+source -> images -> prune -> distill (pruned student taught by the original) -> qat (INT8-aware training of the
+original, CPU and TensorRT flavours) -> cpu (INT8 / FP32, fastest within budget) -> fp16, int8_trt
 (precision-explicit ONNX for TensorRT) -> report -> install -> TensorRT engines (GPU hosts).
 """
 import argparse
