@@ -19,6 +19,9 @@ LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
 DISTILL_STEPS ?=
 # Its teacher: lite0 (the FP32 original, default) or lite2 (EfficientNet-Lite2, the cascade's big model).
 DISTILL_TEACHER ?=
+# Quantization-aware training steps per flavour (README "Quantization-aware training"); empty = the
+# build's default, 0 = off.
+QAT_STEPS ?=
 
 .PHONY: venv engines engines-quick bench-engines keys haproxy prometheus serve serve-direct demo test loadtest bench \
         bench-gateway clean evaluate observe serve-edge-cloud cascade-curve
@@ -35,6 +38,7 @@ $(STAMP): requirements.txt pyproject.toml
 engines: $(STAMP)
 	$(PY) -m build_engines $(if $(LABELED_DIR),--labeled-dir $(LABELED_DIR)) \
 	  $(if $(DISTILL_STEPS),--distill-steps $(DISTILL_STEPS)) $(if $(DISTILL_TEACHER),--distill-teacher $(DISTILL_TEACHER)) \
+	  $(if $(QAT_STEPS),--qat-steps $(QAT_STEPS)) \
 	  $(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) $(if $(EVAL_DIR),--eval-dir $(EVAL_DIR))
 
 # The plain export, installed only if no full build's variant is: what `make demo` waits for.

@@ -1,6 +1,7 @@
 """`python -m build_engines`: run every stage of `make engines`, skipping those already up to date.
 
-source -> images -> prune -> distill (pruned student taught by the original) -> cpu (INT8 / FP32, fastest within budget) -> fp16, int8_trt
+source -> images -> prune -> distill (pruned student taught by the original) -> qat (INT8-aware training of the
+original, CPU and TensorRT flavours) -> cpu (INT8 / FP32, fastest within budget) -> fp16, int8_trt
 (precision-explicit ONNX for TensorRT) -> report -> install -> big (EfficientNet-Lite2, the cascade's
 cloud classifier) -> TensorRT engines (GPU hosts).
 """
@@ -23,6 +24,7 @@ from .sanity import check_sanity
 from .stages import run_stage
 from .uint8_front import wrap_file
 
+QAT_STEPS = 40
 MEASURE_CODE = ("evaluate", "runtime", "fidelity", "cost", "uint8_front")
 SCORE_KEYS = ("quality", "quality_basis", "top1_accuracy", "top1_ci95", "top5_accuracy", "top5_ci95",
               "original_top1_accuracy", "n_labeled", "top1_agreement", "top5_overlap", "mean_kl", "n_images")
@@ -250,7 +252,115 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
     return out
 
 
-def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, distilled: Path | None = None) -> Path:
+def qat_options(args, symmetric: bool):
+    from .train.qat import Options
+    return Options(steps=args.qat_steps, size=args.qat_size, lr=args.qat_lr, symmetric=symmetric,
+                   reduce_range=not symmetric, time_cap_s=args.qat_minutes * 60)
+
+
+QAT_FLAVOURS = ("cpu", "tensorrt")
+
+
+def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
+    """Quantization-aware training of the original model, one run per flavour: CPU (uint8 activations,
+    7-bit weights, which ORT's u8s8 kernels need without VNNI) and TensorRT (symmetric int8). Each is
+    exported FP32 and quantized by ORT's quantizer (nearest rounding, MinMax on the choose split), next
+    to the same flavour's post-training INT8 of the original, on both splits: the trained classes
+    (choose) and the never-seen ones (confirm). The CPU flavour's PTQ files (ptq7-*) are CPU
+    candidates too, so QAT is installed only if it beats plain 7-bit-weight PTQ."""
+    if args.qat_steps <= 0:
+        print("[qat] off (--qat-steps 0)", flush=True)
+        return None
+    from . import quantize
+    d = paths.BUILD / "qat"
+    pool_p = d / "pool" / "pool.npz"
+    files, labels = training_photos(args)
+    opts = {"cpu": qat_options(args, False), "tensorrt": qat_options(args, True)}
+    flavors = {"cpu": quantize.CPU_7BIT, "tensorrt": quantize.TENSORRT}
+    base = opts["cpu"]
+    pool_inputs = {"source": sha256_file(src), "photos": images.source_fingerprint(files), "labels": labels,
+                   "views": base.views, "size": base.size, "seed": base.seed, "imaging": _imaging_hash(),
+                   "code": code_hash("evaluate", "runtime", "train/teacher", "train/augment")}
+    from .train import export, qat, teacher
+    run_stage("qat_pool", pool_p.parent, pool_inputs, [pool_p],
+              lambda: teacher.build_pool(files, labels, src, base.views, base.size, base.seed, pool_p))
+    files_out = {"cpu-full": d / "cpu_full.onnx", "cpu-ends": d / "cpu_ends.onnx", "tensorrt": d / "tensorrt_qdq.onnx",
+                 "ptq7-full": d / "ptq7_cpu_full.onnx", "ptq7-ends": d / "ptq7_cpu_ends.onnx"}
+    log_p, man = d / "qat_log.json", d / "manifest.json"
+    inputs = {"stage_code": own_code(stage_qat), "pool": sha256_file(pool_p), "images": data.sha,
+              "options": {k: o.key() for k, o in opts.items()}, "code": code_hash(
+                  "graph_clean", "source_model", "manifest", "quantize", "train/student", "train/loss",
+                  "train/loop", "train/export", "train/qat", "train/augment", *MEASURE_CODE)}
+
+    def build():
+        from . import fidelity, runtime
+        key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]  # resume only the same run
+        work = d / "work"
+        work.mkdir(parents=True, exist_ok=True)
+        log = {"flavours": {}}
+        splits = {"confirm": (data.eval, data.eval_ref), "choose": (data.calib, data.search_ref)}
+
+        def scores(path, level="all"):
+            sess = runtime.session(path, level=level)
+            return {k: fidelity.compare(ref.logits, runtime.logits(sess, x), ref.labels) for k, (x, ref) in splits.items()}
+
+        for name in QAT_FLAVOURS:
+            o, flavor = opts[name], flavors[name]
+            pool = teacher.load_pool(pool_p)
+            model, tlog = qat.run(pool, data.calib, o, ckpt=d / f"ckpt-{name}-{key}.pt", check_x=data.eval)
+            fp32 = export.to_onnx(model, work / f"{name}_trained_fp32.onnx")
+            kinds = {"full": ()} if name == "tensorrt" else {"full": (), "ends": tuple(quantize.ends_nodes(fp32))}
+            flog = {"options": tlog["options"], "steps_done": tlog["steps_done"], "seconds": tlog["seconds"],
+                    "loss_first": tlog["loss_first"], "loss_last": tlog["loss_last"], "kinds": {}}
+            for kind, exclude in kinds.items():
+                qat_file = files_out["tensorrt"] if name == "tensorrt" else files_out[f"cpu-{kind}"]
+                ptq_file = files_out[f"ptq7-{kind}"] if name == "cpu" else work / f"ptq_{name}_{kind}.onnx"
+                for base_model, out, cache in ((fp32, qat_file, work / f"cal_{name}_qat"),
+                                               (src, ptq_file, work / f"cal_{name}_ptq")):
+                    cache.mkdir(exist_ok=True)
+                    for stale in cache.glob("calib_*.json"):
+                        stale.unlink()
+                    quantize.quantize(base_model, out, data.calib, "minmax", flavor, exclude, cache)
+                k = {"qat": scores(qat_file), "ptq": scores(ptq_file),
+                     "fakequant_vs_file": fidelity.compare(tlog["fakequant_logits"],
+                                                           evaluate.run(qat_file, data.eval)) if kind == "full" else None}
+                if name == "tensorrt":   # TensorRT accumulates in int32: ORT without its CPU integer kernels
+                    k["qat_reference_math"], k["ptq_reference_math"] = scores(qat_file, "basic"), scores(ptq_file, "basic")
+                flog["kinds"][kind] = k
+                for split in ("choose", "confirm"):
+                    b, a = k["ptq"][split], k["qat"][split]
+                    acc = (f"top-1 {b['top1_accuracy']:.1%} -> {a['top1_accuracy']:.1%}" if "top1_accuracy" in a
+                           else f"agreement {b['top1_agreement']:.1%} -> {a['top1_agreement']:.1%}")
+                    print(f"[qat] {name} {kind} INT8, {split}: PTQ -> QAT {acc}", flush=True)
+            log["flavours"][name] = flog
+        wrap_file(files_out["tensorrt"], files_out["tensorrt"])
+        onnx.checker.check_model(onnx.load(str(files_out["tensorrt"])), full_check=True)
+        for stale in d.glob("ckpt-*.pt"):   # done: checkpoints only serve an interrupted run
+            stale.unlink()
+        log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
+        trt = log["flavours"]["tensorrt"]["kinds"]["full"]
+        write_manifest(files_out["tensorrt"], man, source_weights_sha256=weights_sha,
+                       precision="int8 Q/DQ symmetric, all layers, quantization-aware trained",
+                       variant="int8-qdq-qat-for-tensorrt",
+                       figures=score_figures(evaluate.score(files_out["tensorrt"], data.eval, data.eval_ref)),
+                       extra={"reference_math_confirm": trt["qat_reference_math"]["confirm"], "log": log_p.name,
+                              "target": "TensorRT strongly typed network; fidelity measured with ONNX Runtime CPU"})
+
+    run_stage("qat", d, inputs, [*files_out.values(), log_p, man], build)
+    return files_out
+
+
+def qat_candidates(qat_files: dict) -> dict:
+    """The qat stage's CPU files as CPU-variant candidates: name -> (file, precision)."""
+    ends = ", first and last layers fp32"
+    return {"qat-int8-full": (qat_files["cpu-full"], "int8, quantization-aware trained, 7-bit weights"),
+            "qat-int8-ends": (qat_files["cpu-ends"], "int8, quantization-aware trained, 7-bit weights" + ends),
+            "ptq7-int8-full": (qat_files["ptq7-full"], "int8, 7-bit weights (post-training, nearest)"),
+            "ptq7-int8-ends": (qat_files["ptq7-ends"], "int8, 7-bit weights (post-training, nearest)" + ends)}
+
+
+def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, distilled: Path | None = None,
+              qat_files: dict | None = None) -> Path:
     out, man, log_p = paths.CPU_DIR / "model.onnx", paths.CPU_DIR / "manifest.json", paths.CPU_DIR / "cpu_log.json"
 
     def build():
@@ -258,7 +368,8 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, disti
         log = cpu_variant.build(src, pruned, paths.CPU_DIR, data.calib, data.search, data.search_ref,
                                 data.eval, data.eval_ref, args.budget, args.margin, tuple(args.calib_methods),
                                 data.scan_n, ("pruned", "unpruned") if args.int8_from_unpruned else ("pruned",),
-                                extra_fp32={"distilled-fp32": distilled} if distilled else None)
+                                extra_fp32={"distilled-fp32": distilled} if distilled else None,
+                                extra_int8=qat_candidates(qat_files) if qat_files else None)
         wrap_file(out, out)
         c = log["candidates"][log["chosen"]]
         q = log["quantization"]
@@ -266,7 +377,11 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, disti
         extra = {"built_from_pruned_sha256": sha256_file(pruned), "log": log_p.name,
                  "optimized_offline_with": f"onnxruntime {onnxruntime.__version__} (extended level; "
                                            "load with this ORT version)"}
-        if "int8" in c["precision"]:
+        if log["chosen"].startswith(("qat-", "ptq7-")):   # from the qat stage: the original, 7-bit weights
+            extra.update({"built_from": "unpruned source", "calibration_method": "minmax",
+                          "weight_rounding": "nearest, 7-bit weights (ORT reduce_range)" + (
+                              ", quantization-aware trained (qat/qat_log.json)" if log["chosen"].startswith("qat-") else "")})
+        elif "int8" in c["precision"]:
             extra.update({"built_from": "unpruned source" if log["chosen"].startswith("unpruned") else "pruned",
                           "calibration_method": q["method"], "weight_rounding": q["rounding"],
                           "int8_layers": q["n_quantized"], "layers": q["n_layers"]})
@@ -279,6 +394,7 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, disti
         "source": sha256_file(src), "pruned": sha256_file(pruned), "images": data.sha, "budget": args.budget,
         "margin": args.margin, "methods": args.calib_methods, "int8_from_unpruned": args.int8_from_unpruned,
         "distilled": sha256_file(distilled) if distilled else None,
+        "qat": {k: sha256_file(v) for k, v in qat_files.items()} if qat_files else None,
         "code": code_hash("cpu_variant", "quantize", "gptq", "ort_offline", "throughput", "sanity", "preprocess",
                           "manifest", *MEASURE_CODE)}, [out, man, log_p], build)
     return out
@@ -341,7 +457,7 @@ def stage_int8_trt(pruned: Path, data: Data, args, weights_sha: str) -> Path:
     return out
 
 
-def report_candidates(src, pruned, cpu, fp16, int8_trt) -> tuple:
+def report_candidates(src, pruned, cpu, fp16, int8_trt, qat_trt: Path | None = None) -> tuple:
     cpu_log = json.loads((paths.CPU_DIR / "cpu_log.json").read_text())
     chosen = cpu_log["chosen"]
     cands = {"original-fp32": src, "pruned-fp32": pruned, "cpu-variant": cpu}
@@ -355,15 +471,38 @@ def report_candidates(src, pruned, cpu, fp16, int8_trt) -> tuple:
             notes[name] = "candidate, " + ("within budget" if c["meets_budget"] else "rejected: budget")
     cands["fp16-trt-onnx"], notes["fp16-trt-onnx"] = fp16, "GPU-targeted; CPU run = fidelity proxy"
     cands["int8-trt-qdq"], notes["int8-trt-qdq"] = int8_trt, "GPU-targeted; CPU run = fidelity proxy"
+    if qat_trt is not None:
+        cands["int8-trt-qdq-qat"] = qat_trt
+        notes["int8-trt-qdq-qat"] = "GPU-targeted, all INT8, QAT; CPU integer kernels (qat_log: TensorRT's math)"
     return cands, notes, graphs
 
 
-def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args) -> None:
+def qat_section(log: dict) -> str:
+    """Markdown: post-training INT8 of the original -> QAT, same flavour and placement, on the trained
+    classes (choose) and the never-seen ones (confirm)."""
+    def cell(s):
+        return f"{s['top1_accuracy']:.1%}" if "top1_accuracy" in s else f"{s['top1_agreement']:.1%} agree"
+
+    out = ["\n## Quantization-aware training (top-1, PTQ of the original -> QAT, same flavour)\n",
+           "| flavour | INT8 layers | ORT run | choose (trained classes) | confirm (held-out classes) | steps | s |",
+           "|---|---|---|---|---|---|---|"]
+    for name, f in log["flavours"].items():
+        for kind, k in f["kinds"].items():
+            runs = [("integer kernels", "ptq", "qat")]
+            if "qat_reference_math" in k:
+                runs.append(("reference math", "ptq_reference_math", "qat_reference_math"))
+            for run, b, a in runs:
+                out.append(f"| {name} | {kind} | {run} | {cell(k[b]['choose'])} -> {cell(k[a]['choose'])} | "
+                           f"{cell(k[b]['confirm'])} -> {cell(k[a]['confirm'])} | {f['steps_done']} | {f['seconds']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Path | None = None) -> None:
     outs = [paths.REPORT_DIR / f"report.{e}" for e in ("json", "md", "png")]
 
     def build():
         from . import report
-        cands, notes, graphs = report_candidates(src, pruned, cpu, fp16, int8_trt)
+        cands, notes, graphs = report_candidates(src, pruned, cpu, fp16, int8_trt, qat_trt)
         rows = report.measure(cands, data.eval, data.eval_ref, notes, graphs=graphs)
         prune_log = json.loads((paths.PRUNED_DIR / "prune_log.json").read_text())
         qlogs = {f"cpu from {k} (uint8 asym.)": v
@@ -379,6 +518,8 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args) -> None:
             for p in sorted(prune_log["curve"], key=lambda p: p["flops_reduction"]):
                 f.write(f"| {p['threshold']:.3g} | {p['flops_reduction']:.1%} | {p['search']['top1_agreement']:.2%} "
                         f"| {p['eval']['top1_agreement']:.2%} |\n")
+            if qat_trt is not None:
+                f.write(qat_section(json.loads((qat_trt.parent / "qat_log.json").read_text())))
             f.write("\n![variants](report.png)\n![pruning](prune_curve.png)\n![int8](quant_curve.png)\n")
         print("[report] side by side on the evaluation split:", flush=True)
         report.console(rows)
@@ -386,7 +527,8 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args) -> None:
               flush=True)
 
     run_stage("report", paths.REPORT_DIR, {"stage_code": own_code(stage_report),
-        "artifacts": [sha256_file(p) for p in (src, pruned, cpu, fp16, int8_trt)], "images": data.sha,
+        "artifacts": [sha256_file(p) for p in (src, pruned, cpu, fp16, int8_trt) + ((qat_trt,) if qat_trt else ())],
+        "images": data.sha,
         "budget": args.budget, "code": code_hash("report", "throughput", "__main__", *MEASURE_CODE)}, outs, build)
 
 
@@ -516,6 +658,13 @@ def main(argv=None) -> None:
                     help="teacher: the FP32 original (lite0) or EfficientNet-Lite2 at 260 px (the cascade's big model)")
     ap.add_argument("--distill-minutes", type=float, default=9.0,
                     help="time cap for the training loop (stops early on a slow machine; logged)")
+    ap.add_argument("--qat-steps", type=int, default=QAT_STEPS,
+                    help="quantization-aware training steps per flavour (batch 16; 0 = no qat stage); README "
+                         "\"Quantization-aware training\" gives the measured run")
+    ap.add_argument("--qat-size", type=int, default=224, help="QAT training resolution (the teacher sees 224)")
+    ap.add_argument("--qat-lr", type=float, default=1e-5, help="QAT AdamW learning rate (cosine, 5 %% warm-up)")
+    ap.add_argument("--qat-minutes", type=float, default=5.0,
+                    help="time cap per flavour's training loop (stops early on a slow machine; logged)")
     ap.add_argument("--quick", action="store_true",
                     help="export only, and install it unless a full build's variant is installed (make demo)")
     args = ap.parse_args(argv)
@@ -531,10 +680,11 @@ def main(argv=None) -> None:
     data = Data(src, stage_images(args), args.scan_n)
     pruned = stage_prune(src, data, args, weights_sha)
     distilled = stage_distill(src, data, args, weights_sha)
-    cpu = stage_cpu(src, pruned, data, args, weights_sha, distilled)
+    qat_files = stage_qat(src, data, args, weights_sha)
+    cpu = stage_cpu(src, pruned, data, args, weights_sha, distilled, qat_files)
     fp16 = stage_fp16(src, pruned, data, args, weights_sha)
     int8_trt = stage_int8_trt(pruned, data, args, weights_sha)
-    stage_report(src, pruned, cpu, fp16, int8_trt, data, args)
+    stage_report(src, pruned, cpu, fp16, int8_trt, data, args, qat_files["tensorrt"] if qat_files else None)
     stage_install(cpu, paths.CPU_DIR / "manifest.json", weights_sha)
     stage_big(args)
     stage_tensorrt(fp16, int8_trt)

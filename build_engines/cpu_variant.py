@@ -28,8 +28,9 @@ MIN_INT8_SHARE = 0.9   # all-INT8 and first/last-FP32 graphs: 0.97-1.0; they mea
 
 def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_ref, eval_x, eval_ref,
           budget: float, margin: float, method_choices=("minmax", "percentile"), scan_n: int = 64,
-          int8_bases=("pruned",), extra_fp32: dict | None = None) -> dict:
-    """``extra_fp32``: more FP32 candidates by name (e.g. the distilled pruned student), judged by the same rule."""
+          int8_bases=("pruned",), extra_fp32: dict | None = None, extra_int8: dict | None = None) -> dict:
+    """``extra_fp32``: more FP32 candidates by name (e.g. the distilled pruned student); ``extra_int8``:
+    name -> (Q/DQ file, precision) (the qat stage's); all judged by the same rule."""
     work = out_dir / "work"
     qlogs, cands, graphs = {}, {}, {"pruned-fp32-ortopt": Path(pruned)}
     int8_share = {"pruned-fp32-ortopt": 0.0}
@@ -67,6 +68,15 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
             graphs[name] = path
             cands[name] = (optimize(path, out_dir / f"{base_name}_int8_{kind}_ortopt.onnx"), precision)
             int8_share[name] = share[kind]
+
+    for name, (path, precision) in (extra_int8 or {}).items():
+        g = onnx.load(str(path))
+        dequantized = {o for n in g.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        fp32_layers = [n.name for n in g.graph.node if n.op_type in quantize.QUANTIZABLE and n.input[1] not in dequantized]
+        macs = cost.node_macs(g)
+        graphs[f"{name}-ortopt"] = Path(path)
+        int8_share[f"{name}-ortopt"] = 1 - sum(macs.get(n, 0) for n in fp32_layers) / sum(macs.values())
+        cands[f"{name}-ortopt"] = (optimize(path, out_dir / f"{name.replace('-', '_')}_ortopt.onnx"), precision)
 
     print("  [cpu] measuring candidates side by side with the original ...", flush=True)
     ips = throughput.measure({"original": source, **{k: v[0] for k, v in cands.items()}})

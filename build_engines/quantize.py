@@ -37,9 +37,11 @@ class Flavor:
     activation_type: QuantType
     symmetric: bool
     quantize_bias: bool
+    reduce_range: bool = False   # 7-bit weights: ORT's u8s8 kernels saturate on CPUs without VNNI (QAT's flavour)
 
 
 CPU = Flavor("cpu", QuantType.QUInt8, symmetric=False, quantize_bias=True)
+CPU_7BIT = Flavor("cpu7", QuantType.QUInt8, symmetric=False, quantize_bias=True, reduce_range=True)
 TENSORRT = Flavor("tensorrt", QuantType.QInt8, symmetric=True, quantize_bias=False)
 
 
@@ -91,7 +93,7 @@ def quantize(fp32: Path, out: Path, calib_x: np.ndarray, method: str, flavor: Fl
     stride = max(d for d in range(1, 5) if len(reader) % d == 0)   # <= 4 batches of 16 images per chunk
     quantize_static(
         str(src), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
-        activation_type=flavor.activation_type, weight_type=QuantType.QInt8,
+        activation_type=flavor.activation_type, weight_type=QuantType.QInt8, reduce_range=flavor.reduce_range,
         calibrate_method=METHODS[method], nodes_to_exclude=list(exclude),
         op_types_to_quantize=None, calibration_cache_path=str(cache) if cache else None,
         extra_options={"ActivationSymmetric": flavor.symmetric, "WeightSymmetric": True,

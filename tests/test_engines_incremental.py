@@ -8,6 +8,7 @@ from build_engines.stages import run_stage
 
 STAGES = ("source", "images", "prune", "cpu", "fp16", "int8_trt", "report", "install", "big")
 DISTILL = ("distill_pool", "distill")   # only when the build was asked to distill (off by default)
+QAT = ("qat_pool", "qat")               # unless the build was asked not to (--qat-steps 0)
 
 
 def test_second_build_rebuilds_nothing():
@@ -22,6 +23,9 @@ def test_second_build_rebuilds_nothing():
         assert f"[{stage}] up to date" in r.stdout, r.stdout
     if "[distill] off" not in r.stdout:
         for stage in DISTILL:
+            assert f"[{stage}] up to date" in r.stdout, r.stdout
+    if "[qat] off" not in r.stdout:
+        for stage in QAT:
             assert f"[{stage}] up to date" in r.stdout, r.stdout
     assert "building" not in r.stdout, r.stdout
     after = {p: p.stat().st_mtime_ns for p in before}

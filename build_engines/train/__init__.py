@@ -7,5 +7,5 @@ loss      alpha * CE + (1 - alpha) * tau^2 * KL, the CE term only where a label 
 loop      the step/time-budgeted loop: progress with an ETA, checkpoints so a build resumes
 export    the trained module to the build's FP32 NCHW ONNX graph
 distill   the build stage's glue: prune, train on the pool, export
-(quantization-aware training is not here yet: README, "Distillation, far pruning and QAT")
+qat       quantization-aware training: fake quantization where ORT's quantizer puts it, trained on the pool
 """
