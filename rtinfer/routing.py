@@ -13,6 +13,7 @@ The clock is injected everywhere, so the breaker and deadlines are tested withou
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -71,7 +72,8 @@ class Breaker:
     _consecutive: int = 0
     _opened_at: float = 0.0
     _trial: bool = False
-    transitions: list = field(default_factory=list)  # (time, new state), for logs and tests
+    # (time, new state) of the last 64 changes, for logs and tests: bounded, a flapping cloud runs for months
+    transitions: deque = field(default_factory=lambda: deque(maxlen=64))
 
     def _set(self, state: str) -> None:
         if state != self.state:
