@@ -18,7 +18,7 @@ import numpy as np
 from rtinfer import routing
 from rtinfer.guard import Refusal, attempt, unavailable
 from rtinfer.postprocess import Postprocessor, softmax
-from rtinfer.preprocess import Accepted, Preprocessor, Request, _now_iso
+from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Cascade:
     def run(self, requests: list[Request], params: list[dict], edge: EdgeFn, cloud: CloudFn) -> list:
         """Per request: (probs [1000], audit ref or sealed result) or the Refusal that failed it alone."""
         self.last_routes = []
+        started_ns = time.time_ns()
         results: list = self.pre.run(requests)
         rows = [i for i, r in enumerate(results) if isinstance(r, Accepted)]
         if not rows:
@@ -52,7 +53,7 @@ class Cascade:
         t0 = time.perf_counter()
         logits = attempt(lambda: np.asarray(edge(np.stack([results[i].image for i in rows])), np.float32))
         if isinstance(logits, Refusal):
-            return self._fail(results, rows, requests, unavailable("edge_unavailable", logits.detail))
+            return self._fail(results, rows, requests, unavailable("edge_unavailable", logits.detail), started_ns)
         edge_ms = (time.perf_counter() - t0) * 1e3
         escalate, conf = self.policy.decide(softmax(logits))
         up = [k for k in range(len(rows)) if escalate[k]]
@@ -81,13 +82,10 @@ class Cascade:
         self.last_routes = [routes[k]["route"] for k, i in enumerate(rows) if not isinstance(refs[k], Refusal)]
         return results
 
-    def _fail(self, results: list, rows: list[int], requests: list[Request], why: Refusal) -> list:
+    def _fail(self, results: list, rows: list[int], requests: list[Request], why: Refusal, started_ns: int) -> list:
         """The edge model failed: those requests are refused as retryable, audited (UNAVAILABLE either way).
         Their nonces stay recorded: a client retries with a newly sealed envelope (README, "Calling it")."""
-        records = [{"event": "rejected", "stage": "cascade", "time": _now_iso(),
-                    "request_id": str(requests[i].request_id), "client_id": str(requests[i].client_id),
-                    "reason": why.reason, "message": why.detail, "retryable": True} for i in rows]
-        attempt(self.pre.audit.append, records)
+        attempt(self.pre.audit.append, [self.pre.rejection_record(requests[i], why, started_ns) for i in rows])
         for i in rows:
             results[i] = why
         return results

@@ -152,7 +152,7 @@ class Preprocessor:
         for i in admitted:
             results[i] = attempt(self._accept, requests[i], opened[i], started[i], blame=CLIENT)
         refused = [i for i, r in enumerate(results) if isinstance(r, Refusal)]
-        records = attempt(lambda: [self._rejection_record(requests[i], results[i], started[i]) for i in refused])
+        records = attempt(lambda: [self.rejection_record(requests[i], results[i], started[i]) for i in refused])
         written = records
         if records and not isinstance(records, Refusal):
             with self.last.timed("audit_write_seconds"):
@@ -197,7 +197,8 @@ class Preprocessor:
                 results[i] = refusal(why)
         return admitted
 
-    def _rejection_record(self, req: Request, why: Refusal, started_ns: int) -> dict:
+    def rejection_record(self, req: Request, why: Refusal, started_ns: int) -> dict:
+        """The audit record of a refused request (also the cascade's, when its edge model fails)."""
         rec = {
             "event": "rejected", "stage": self.stage, "time": _now_iso(),
             "request_id": str(req.request_id), "client_id": str(req.client_id), "key_id": None,
