@@ -5,7 +5,6 @@ One server per module loads ``pipeline`` and ``cascade`` side by side (the same 
 bad envelope can be sent to both and the answers compared."""
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 import uuid
@@ -25,7 +24,7 @@ from rtinfer.postprocess import softmax
 from rtinfer.server import TritonServer
 
 from conftest import REPO, require_model
-from test_pipeline_server import batch_stats, records_for, tampered
+from test_pipeline_server import batch_stats, records_for, send_mixed, tampered
 
 EDGE, BIG = REPO / "classifier_onnx" / "1" / "model.onnx", REPO / "classifier_big" / "1" / "model.onnx"
 MODELS = ("pipeline", "cascade", "classifier_big")
@@ -166,29 +165,7 @@ def test_bad_input_gets_the_same_clear_errors_as_pipeline_and_is_audited(cascade
 def test_one_bad_request_in_a_cascade_batch_fails_alone(cascade_server, keys):
     """Concurrent requests, every third tampered: batches form in the cascade, only the bad ones fail."""
     before = batch_stats(cascade_server, "cascade")
-    images = [samples.photo("chelsea"), samples.photo("coffee")]
-
-    async def run():
-        c = client(cascade_server, keys, aio=True)
-
-        async def one(i):
-            sealed = c.seal(images[i % 2])
-            kwargs = c.request(tampered(sealed) if i % 3 == 0 else sealed, 1, f"cmix-{i}")
-            try:
-                return c.result(kwargs, await c.client.infer(**kwargs))
-            except InferenceServerException as exc:
-                return exc
-        try:
-            return await asyncio.gather(*(one(i) for i in range(24)))
-        finally:
-            await c.close()
-
-    results = asyncio.run(run())
-    for i, res in enumerate(results):
-        if i % 3 == 0:
-            assert isinstance(res, InferenceServerException) and "authentication failed" in res.message()
-        else:
-            assert not isinstance(res, Exception), res
+    send_mixed(lambda: client(cascade_server, keys, aio=True), "cmix")
     after = batch_stats(cascade_server, "cascade")
     assert sum(after.get(b, 0) - before.get(b, 0) for b in after if b > 1) > 0, (before, after)
     for i in range(24):

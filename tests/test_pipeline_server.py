@@ -137,26 +137,23 @@ def batch_stats(server, model):
     return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
 
 
-@pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_mixed_batch_good_requests_succeed(server, keys, audit_dir, protocol):
-    """Concurrent requests, every third one tampered: dynamic batching groups them, only bad ones fail."""
-    before = batch_stats(server, "preprocess")
+def send_mixed(make_client, id_prefix: str, n: int = 24) -> list:
+    """``n`` concurrent requests, chelsea and coffee alternating, every third tampered (its refusal checked);
+    per request the result. ``make_client()`` makes an aio PipelineClient (they bind to the running loop)."""
     images = [samples.photo("chelsea"), samples.photo("coffee")]
 
     async def run():
-        client = PipelineClient(url(server, protocol), protocol=protocol, aio=True, key=keys.key("k1"),
-                                key_id="k1", client_id="batcher")  # aio clients bind to the running loop
+        client = make_client()
+
         async def one(i):
             sealed = client.seal(images[i % 2])
-            if i % 3 == 0:
-                sealed = tampered(sealed)
-            kwargs = client.request(sealed, 1, f"mix-{protocol}-{i}")
+            kwargs = client.request(tampered(sealed) if i % 3 == 0 else sealed, 1, f"{id_prefix}-{i}")
             try:
                 return client.result(kwargs, await client.client.infer(**kwargs))
             except InferenceServerException as exc:
                 return exc
         try:
-            return await asyncio.gather(*(one(i) for i in range(24)))
+            return await asyncio.gather(*(one(i) for i in range(n)))
         finally:
             await client.close()
 
@@ -166,6 +163,18 @@ def test_mixed_batch_good_requests_succeed(server, keys, audit_dir, protocol):
             assert isinstance(res, InferenceServerException) and "authentication failed" in res.message()
         else:
             assert not isinstance(res, Exception), res
+    return results
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_mixed_batch_good_requests_succeed(server, keys, audit_dir, protocol):
+    """Concurrent requests, every third one tampered: dynamic batching groups them, only bad ones fail."""
+    before = batch_stats(server, "preprocess")
+    results = send_mixed(lambda: PipelineClient(url(server, protocol), protocol=protocol, aio=True,
+                                                key=keys.key("k1"), key_id="k1", client_id="batcher"),
+                         f"mix-{protocol}")
+    for i, res in enumerate(results):
+        if i % 3:
             assert res.predictions[0].index == (967 if i % 2 else 285) or res.predictions[0].index in CATS
     after = batch_stats(server, "preprocess")
     grouped = sum(after.get(b, 0) - before.get(b, 0) for b in after if b > 1)
