@@ -109,28 +109,41 @@ def _pem_key(key):
                              serialization.NoEncryption())
 
 
-def loopback_certs(directory) -> dict:
-    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files ``ca``,
-    ``server``, ``server-key``): for servers on loopback (tests, `make serve-edge-cloud`), never production."""
+def throwaway_ca(name: str) -> tuple:
+    """(certificate, key) of a one-day CA for loopback trials and tests, never production."""
     now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("rtinfer test CA")).issuer_name(_name("rtinfer test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+    key = ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(_name(name)).issuer_name(_name(name))
+          .public_key(key.public_key()).serial_number(x509.random_serial_number())
           .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
           .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
           .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                        content_commitment=False, key_encipherment=False, data_encipherment=False,
                                        key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+          .sign(key, hashes.SHA256()))
+    return ca, key
+
+
+def issue(ca, ca_key, subject: str, *extensions) -> tuple:
+    """(certificate, key) for ``subject``, signed by ``ca`` for one day; ``extensions``: (extension, critical)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder().subject_name(_name("localhost")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(ca.subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+    for ext, critical in extensions:
+        builder = builder.add_extension(ext, critical=critical)
+    return builder.sign(ca_key, hashes.SHA256()), key
+
+
+def loopback_certs(directory) -> dict:
+    """A throwaway CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files ``ca``,
+    ``server``, ``server-key``): for servers on loopback (tests, `make serve-edge-cloud`), never production."""
+    ca, ca_key = throwaway_ca("rtinfer test CA")
+    cert, key = issue(ca, ca_key, "localhost",
+                      (x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False),
+                      (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False))
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}

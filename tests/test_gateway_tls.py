@@ -5,14 +5,12 @@ session's locked-down Triton on loopback.
 """
 from __future__ import annotations
 
-import datetime
 
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from tritonclient.utils import InferenceServerException
 
@@ -24,26 +22,16 @@ from rtinfer.gateway import Gateway
 from conftest import GATED_API_KEY, require_haproxy
 from test_gateway import log_after
 from test_pipeline_server import CATS, records_for
-from test_security_access import _name, _pem_key, make_ca_and_server_cert
+from test_security_access import _pem_key, make_ca_and_server_cert
 
 PROTOCOLS = ["grpc", "http"]
 
 
 def make_client_ca_and_cert(directory):
-    """A CA for client certificates and one client certificate signed by it (PEM files)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    window = dict(not_valid_before=now - datetime.timedelta(minutes=5), not_valid_after=now + datetime.timedelta(days=1))
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(_name("rtinfer client CA")).issuer_name(_name("rtinfer client CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(window["not_valid_before"]).not_valid_after(window["not_valid_after"])
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    cert = (x509.CertificateBuilder().subject_name(_name("gateway test client")).issuer_name(ca.subject)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(window["not_valid_before"]).not_valid_after(window["not_valid_after"])
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))
+    """A client CA (for the gateway's TLS_CLIENT_CA) and a client certificate it signed."""
+    ca, ca_key = access.throwaway_ca("rtinfer client CA")
+    cert, key = access.issue(ca, ca_key, "gateway test client",
+                             (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False))
     paths = {name: directory / f"{name}.pem" for name in ("client-ca", "client", "client-key")}
     paths["client-ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["client"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
