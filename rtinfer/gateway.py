@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from rtinfer import access
-from rtinfer.server import ROOT, Endpoints, TritonServer, _die_with_parent, free_port
+from rtinfer.server import ROOT, stop_process, Endpoints, TritonServer, _die_with_parent, free_port
 
 CONFIG_DIR = ROOT / "deploy" / "gateway"
 HAPROXY_ENV = "RTINFER_HAPROXY"
@@ -143,14 +143,7 @@ class Gateway(Endpoints):
             return ""
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, timeout)
 
     def __enter__(self) -> "Gateway":
         return self.start()

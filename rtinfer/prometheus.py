@@ -20,7 +20,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from rtinfer.server import ROOT, _die_with_parent, free_port
+from rtinfer.server import ROOT, stop_process, _die_with_parent, free_port
 
 CONFIG_DIR = ROOT / "deploy" / "prometheus"
 RULE_FILES = ("recording.yml", "alerts.yml", "anomaly.yml")
@@ -177,14 +177,7 @@ class Prometheus:
         return self.api("alerts")["alerts"]
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGTERM, timeout)
 
     def __enter__(self) -> "Prometheus":
         return self.start()

@@ -63,6 +63,18 @@ def assemble_backends(target: Path) -> Path:
     return target
 
 
+def stop_process(proc, sig: int, timeout: float) -> None:
+    """Ask a child started in its own process group to stop; after ``timeout`` kill the whole group."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM it when the launching process dies (a killed test run
     must not leave servers behind)."""
@@ -212,14 +224,7 @@ class TritonServer(Endpoints):
             return ""
 
     def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        stop_process(self.proc, signal.SIGINT, timeout)
 
     def kill(self, timeout: float = 15.0) -> None:
         """SIGKILL the server and its backend stubs (its process group): a crash, for fault tests."""
