@@ -25,6 +25,7 @@ from .stages import run_stage
 from .uint8_front import wrap_file
 
 QAT_STEPS = 40
+DISTILL_KEEPS = [0.9375, 0.875, 0.75, 0.625]   # the pruning curve's points (issue 9: far pruning)
 MEASURE_CODE = ("evaluate", "runtime", "fidelity", "cost", "uint8_front")
 SCORE_KEYS = ("quality", "quality_basis", "top1_accuracy", "top1_ci95", "top5_accuracy", "top5_ci95",
               "original_top1_accuracy", "n_labeled", "top1_agreement", "top5_overlap", "mean_kl", "n_images")
@@ -140,6 +141,16 @@ class Data:
     def search_ref(self):
         return evaluate.Reference(evaluate.run(self.source, self.search), self.calib_y)
 
+    @functools.cached_property
+    def pick(self) -> tuple:
+        """(images, Reference, basis): the choose split's "pick" classes, which distillation never
+        trains on (labeled builds); without labels the whole search split (in-sample, said so)."""
+        if self.calib_y is None:
+            return self.search, self.search_ref, "search split (unlabeled: the training photos' own crops)"
+        from rtinfer import labeled
+        m = np.array([labeled.choose_part(int(y)) == "pick" for y in self.calib_y])
+        return self.calib[m], self.search_ref[m], "pick classes (half of the choose split, never trained on)"
+
 
 def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
     out, man, log_p = paths.PRUNED_DIR / "model.onnx", paths.PRUNED_DIR / "manifest.json", paths.PRUNED_DIR / "prune_log.json"
@@ -169,13 +180,14 @@ def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
     return out
 
 
-def training_photos(args) -> tuple:
-    """What distillation may learn from: the labeled choose split (never the confirm classes) or the
-    calibration folder, plus the bundled photos, unlabeled (-1)."""
+def training_photos(args, split: str = "choose") -> tuple:
+    """What training may learn from: a labeled split (``choose``, or its ``fit`` half for a stage
+    that picks among its results on the other half; never the confirm classes) or the calibration
+    folder, plus the bundled photos, unlabeled (-1)."""
     from rtinfer import labeled
     if args.labeled_dir:
         files, labels = labeled.find(args.labeled_dir)
-        files, labels = labeled.select(files, labels, "choose")
+        files, labels = labeled.select(files, labels, split)
         labels = [int(y) for y in labels]
     else:
         files = images.folder_images(args.calib_dir) if args.calib_dir else []
@@ -184,71 +196,133 @@ def training_photos(args) -> tuple:
     return list(files) + bundled, labels + [-1] * len(bundled)
 
 
-def distill_options(args):
+def distill_options(args, keep: float):
     from .train.distill import Options
-    return Options(keep=args.distill_keep, steps=args.distill_steps, size=args.distill_size,
+    return Options(keep=keep, steps=args.distill_steps, size=args.distill_size,
                    views=args.distill_views, alpha=args.distill_alpha, lr=args.distill_lr,
                    time_cap_s=args.distill_minutes * 60, teacher=args.distill_teacher)
 
 
 def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
-    """Far pruning + distillation: a pruned student trained on the teacher's cached answers."""
+    """Far pruning + distillation: the pruning curve after distillation, and the point within budget.
+
+    One sub-stage per keep fraction (pruned, refitted, distilled on the teacher's cached answers,
+    scored), then stage `distill` measures them side by side and picks the point with the most
+    FLOPs removed within budget on the pick classes. Returns the file the CPU stage judges: the
+    picked point, or (none within budget) the most accurate one, which its rule will reject."""
     if args.distill_steps <= 0:
         print("[distill] off (--distill-steps 0)", flush=True)
         return None
     d = paths.BUILD / "distill"
-    opts = distill_options(args)
+    opts0 = distill_options(args, 1.0)
     teacher, teacher_size, pool_dir = src, paths.IMAGE_SIZE, "pool"
-    if opts.teacher == "lite2":   # the cascade's big model, exported (FP32 NCHW, 260 px) by stage big
+    if opts0.teacher == "lite2":   # the cascade's big model, exported (FP32 NCHW, 260 px) by stage big
         from . import big_model
         stage_big(args)
         teacher, teacher_size, pool_dir = paths.BUILD / "big" / "source.onnx", big_model.SIZE, "pool-lite2"
-    out, man, log_p, pool_p = d / "model.onnx", d / "manifest.json", d / "distill_log.json", d / pool_dir / "pool.npz"
-    files, labels = training_photos(args)
+    pool_p = d / pool_dir / "pool.npz"
+    files, labels = training_photos(args, "fit")
     pool_inputs = {"source": sha256_file(teacher), "photos": images.source_fingerprint(files), "labels": labels,
-                   "views": opts.views, "size": opts.size, "seed": opts.seed, "imaging": _imaging_hash(),
+                   "views": opts0.views, "size": opts0.size, "seed": opts0.seed, "imaging": _imaging_hash(),
                    "code": code_hash("evaluate", "runtime", "train/teacher", "train/augment")}
     if teacher_size != paths.IMAGE_SIZE:
         pool_inputs["teacher_size"] = teacher_size
     from .train import distill
     run_stage("distill_pool", pool_p.parent, pool_inputs, [pool_p],
-              lambda: distill.make_pool(files, labels, teacher, opts, pool_p, teacher_size))
-    inputs = {"stage_code": own_code(stage_distill), "pool": sha256_file(pool_p), "images": data.sha,
+              lambda: distill.make_pool(files, labels, teacher, opts0, pool_p, teacher_size))
+    keeps = sorted(set(args.distill_keep), reverse=True)
+    points = {}
+    for i, keep in enumerate(keeps):
+        print(f"[distill] curve point {i + 1}/{len(keeps)}: keep {keep:g} of each block's expanded channels", flush=True)
+        points[keep] = stage_distill_point(src, data, args, keep, pool_p, d / f"keep-{keep:.4f}")
+
+    out, man, log_p, png = d / "model.onnx", d / "manifest.json", d / "distill_log.json", d / "curve.png"
+    inputs = {"stage_code": own_code(stage_distill), "images": data.sha, "budget": args.budget,
+              "points": {str(k): sha256_file(p) for k, p in points.items()},
+              "code": code_hash("train/distill", "throughput", "report", *MEASURE_CODE)}
+
+    def build():
+        import shutil
+        from . import report, throughput
+        rows = [json.loads(p.with_name("point_log.json").read_text()) for p in points.values()]
+        print(f"[distill] measuring {len(rows)} points and the original side by side (batch 1 and 8)", flush=True)
+        speed = throughput.measure({"original": src, **{f"keep {k:g}": p for k, p in points.items()}})
+        for row, k in zip(rows, points):
+            row["speed"] = speed[f"keep {k:g}"]
+            row["speedup_b1"] = speed[f"keep {k:g}"]["b1"] / speed["original"]["b1"]
+            row["speedup_b8"] = speed[f"keep {k:g}"]["b8"] / speed["original"]["b8"]
+        picked = distill.pick_point(rows, args.budget)
+        handed = picked if picked is not None else max(range(len(rows)), key=lambda i: rows[i]["pick"]["quality"])
+        keep = rows[handed]["options"]["keep"]
+        shutil.copyfile(points[keep], out)
+        log = {"points": rows, "original_speed": speed["original"], "budget": args.budget,
+               "pick_basis": data.pick[2], "picked_keep": rows[picked]["options"]["keep"] if picked is not None else None,
+               "handed_to_cpu_keep": keep,
+               "rule": "most FLOPs removed with quality >= budget on the pick split; none: the most accurate "
+                       "point there goes to the CPU stage, whose rule rejects it"}
+        log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
+        report.distill_curve_chart(log, png)
+        r = rows[handed]
+        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32", variant="pruned-distilled",
+                       figures=score_figures(r["confirm"]) | {"gflops": r["gflops"], "params": r["params"],
+                                                             "flops_reduction": r["flops_reduction"],
+                                                             "speedup_b1": r["speedup_b1"], "speedup_b8": r["speedup_b8"]},
+                       extra={"options": r["options"], "steps_done": r["steps_done"], "log": log_p.name,
+                              "within_budget": picked is not None})
+        for r in rows:
+            print(f"[distill] keep {r['options']['keep']:g}: FLOPs -{r['flops_reduction']:.1%}, pick quality "
+                  f"{r['pick']['quality']:.3f}, confirm {_acc(r['confirm'])}, batch 8 x{r['speedup_b8']:.2f}", flush=True)
+        print(f"[distill] picked: {'keep %g' % log['picked_keep'] if picked is not None else 'none within budget'}; "
+              f"curve in {png}", flush=True)
+
+    run_stage("distill", d, inputs, [out, man, log_p, png], build)
+    return out
+
+
+def _acc(score: dict) -> str:
+    return (f"top-1 {score['top1_accuracy']:.1%}" if "top1_accuracy" in score
+            else f"agreement {score['top1_agreement']:.1%}")
+
+
+def stage_distill_point(src: Path, data: Data, args, keep: float, pool_p: Path, d: Path) -> Path:
+    """One point of the curve: prune to ``keep``, refit, distil, export, score before and after training."""
+    opts = distill_options(args, keep)
+    out, log_p = d / "model.onnx", d / "point_log.json"
+    inputs = {"stage_code": own_code(stage_distill_point), "pool": sha256_file(pool_p), "images": data.sha,
               "options": opts.key(), "code": code_hash(
                   "graph_clean", "source_model", "manifest", "train/student", "train/loss", "train/loop", "train/export",
                   "train/distill", "train/augment", *MEASURE_CODE)}
 
     def build():
         from .cost import summary
+        from .train import distill
         from .train.teacher import load_pool
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]  # resume only the same run
-        log = distill.run(load_pool(pool_p), data.calib[:64], out, opts, ckpt=d / f"ckpt-{key}.pt")
-        log["confirm"] = evaluate.score(out, data.eval, data.eval_ref)
-        log["choose"] = evaluate.score(out, data.calib, data.search_ref)
+        log = distill.run(load_pool(pool_p), out, opts, ckpt=d / f"ckpt-{key}.pt")
         start = out.with_name("start.onnx")
-        log["before_training"] = {"confirm": evaluate.score(start, data.eval, data.eval_ref),
-                                  "choose": evaluate.score(start, data.calib, data.search_ref)}
+        pick_x, pick_ref, _ = data.pick
+        for name, path in (("after", out), ("before", start)):
+            scores = {"pick": evaluate.score(path, pick_x, pick_ref), "confirm": evaluate.score(path, data.eval, data.eval_ref),
+                      "choose": evaluate.score(path, data.calib, data.search_ref)}
+            if name == "after":
+                log.update(scores)
+            else:
+                log["before_training"] = scores
         base, now = summary(src), summary(out)
-        log["flops_reduction"] = 1 - now["macs"] / base["macs"]
+        log.update(flops_reduction=1 - now["macs"] / base["macs"], gflops=now["gflops"], params=now["params"])
         for stale in d.glob("ckpt-*.pt"):   # done: checkpoints only serve an interrupted run
             stale.unlink()
         hist = log.pop("history")
         log["loss_every_10"] = [float(np.mean(hist[i:i + 10])) for i in range(0, len(hist), 10)]
         log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
         check_sanity(out)
-        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32", variant="pruned-distilled",
-                       figures=score_figures(log["confirm"]) | {"gflops": now["gflops"], "params": now["params"],
-                                                                 "flops_reduction": log["flops_reduction"]},
-                       extra={"options": log["options"], "steps_done": log["steps_done"], "log": log_p.name})
-        for split in ("choose", "confirm"):
-            s, b = log[split], log["before_training"][split]
-            acc = (f"top-1 {b['top1_accuracy']:.1%} -> {s['top1_accuracy']:.1%} (original {s['original_top1_accuracy']:.1%})"
-                   if "top1_accuracy" in s else f"agreement {b['top1_agreement']:.1%} -> {s['top1_agreement']:.1%}")
-            print(f"[distill] {split}, pruned -> distilled: {acc}", flush=True)
-        print(f"[distill] FLOPs -{log['flops_reduction']:.1%}, {log['steps_done']}/{opts.steps} steps in "
-              f"{log['seconds']:.0f} s", flush=True)
+        for split in ("pick", "confirm"):
+            print(f"[distill] keep {keep:g}, {split}: pruned {_acc(log['before_training'][split])} -> distilled "
+                  f"{_acc(log[split])}", flush=True)
+        print(f"[distill] keep {keep:g}: FLOPs -{log['flops_reduction']:.1%}, {log['steps_done']}/{opts.steps} steps "
+              f"in {log['seconds']:.0f} s", flush=True)
 
-    run_stage("distill", d, inputs, [out, man, log_p], build)
+    run_stage(f"distill keep {keep:g}", d, inputs, [out, log_p], build)
     return out
 
 
@@ -647,8 +721,9 @@ def main(argv=None) -> None:
                     help="distillation steps for the pruned student (batch 32; 0 = no distill stage, the default: "
                          "it adds 6-11 min and its student is not within budget yet; README measured 40); "
                          "the longer run: --distill-steps 600 --distill-minutes 120")
-    ap.add_argument("--distill-keep", type=float, default=0.625,
-                    help="fraction of each block's expanded channels the student keeps (multiples of 8)")
+    ap.add_argument("--distill-keep", type=lambda v: [float(k) for k in v.split(",")], default=DISTILL_KEEPS,
+                    help="the pruning curve: comma-separated fractions of each block's expanded channels a "
+                         "student keeps (multiples of 8); one student per fraction, the build picks one")
     ap.add_argument("--distill-size", type=int, default=160, help="training resolution (the teacher sees 224)")
     ap.add_argument("--distill-views", type=int, default=4, help="augmented views per photo in the teacher cache")
     ap.add_argument("--distill-alpha", type=float, default=0.0,

@@ -137,6 +137,41 @@ def prune_curve_chart(prune_log: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def distill_curve_chart(log: dict, path: Path) -> None:
+    """The pruning curve after distillation: accuracy (pick and confirm splits, before and after
+    training) against FLOPs removed and against the batch-8 speed-up measured side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(log["points"], key=lambda p: p["flops_reduction"])
+    labeled = "top1_accuracy" in pts[0]["confirm"]
+    key = "top1_accuracy" if labeled else "top1_agreement"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, xs, xlabel in ((axes[0], [0] + [100 * p["flops_reduction"] for p in pts], "FLOPs removed (%)"),
+                           (axes[1], [1.0] + [p["speedup_b8"] for p in pts], "batch-8 speed-up vs the original (measured)")):
+        for split, mark in (("confirm", "o"), ("pick", "s")):
+            orig = 100 * pts[0][split].get("original_top1_accuracy", 1.0)
+            ax.plot(xs, [orig] + [100 * p[split][key] for p in pts], mark + "-", label=f"{split}, distilled")
+            ax.plot(xs, [orig] + [100 * p["before_training"][split][key] for p in pts], mark + ":", alpha=0.5,
+                    label=f"{split}, pruned + refit only")
+        if labeled:
+            orig = 100 * pts[0]["pick"]["original_top1_accuracy"]
+            ax.axhline(orig - 100 * (1 - log["budget"]), color="red", ls="--", lw=1, label="budget (pick split)")
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    for p in pts:
+        axes[0].annotate(f"keep {p['options']['keep']:g}", (100 * p["flops_reduction"], 100 * p["confirm"][key]),
+                         fontsize=7, xytext=(3, 3), textcoords="offset points")
+    axes[0].set_ylabel("top-1 accuracy (%)" if labeled else "top-1 agreement with the original (%)")
+    axes[1].legend(fontsize=7)
+    picked = log.get("picked_keep")
+    fig.suptitle(f"Pruning curve after distillation (picked: {'keep %g' % picked if picked is not None else 'none within budget'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def quant_curve_chart(logs: dict, path: Path, budget: float) -> None:
     """Top-1 agreement (search split) vs number of layers in INT8, per quantization flavour."""
     import matplotlib

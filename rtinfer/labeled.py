@@ -17,7 +17,7 @@ import numpy as np
 from rtinfer.labels import wnids
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png"}
-SPLITS = ("choose", "confirm", "all")
+SPLITS = ("choose", "confirm", "all", "fit", "pick")
 _WNID = re.compile(r"^(n\d{8})(?:_|$)")
 
 
@@ -53,10 +53,26 @@ def split_of(label: int) -> str:
     return "choose" if (label // 2) % 2 == 0 else "confirm"
 
 
+def choose_part(label: int) -> str:
+    """The choose classes halved again for a stage that trains and then picks among its results:
+    it trains on "fit" (0,1 | 8,9 ...) and picks on "pick" (4,5 | 12,13 ...), classes its training
+    never saw, so a pick is not flattered by what training memorised. Confirm stays untouched."""
+    return "fit" if (label // 4) % 2 == 0 else "pick"
+
+
+def in_split(label: int, split: str) -> bool:
+    if split == "all":
+        return True
+    part = split_of(label)
+    if split in ("fit", "pick"):
+        return part == "choose" and choose_part(label) == split
+    return part == split
+
+
 def select(files: list[Path], labels: np.ndarray, split: str) -> tuple[list[Path], np.ndarray]:
     if split == "all":
         return files, labels
-    keep = [i for i, y in enumerate(labels) if split_of(int(y)) == split]
+    keep = [i for i, y in enumerate(labels) if in_split(int(y), split)]
     return [files[i] for i in keep], labels[keep]
 
 

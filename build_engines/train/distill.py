@@ -1,14 +1,18 @@
-"""Prune the student, distil it from the teacher on a cached pool, export it: the build's `distill` stage.
+"""Prune the student, distil it from the teacher on a cached pool, export it; pick a point of the curve.
 
-Thin glue over student / teacher / loop / export. Train only on what the build chooses on (the
-labeled "choose" classes + the bundled photos, unlabeled); the "confirm" classes are never seen,
-so their accuracy shows whether distillation generalises or merely fits the trained classes.
+Thin glue over student / teacher / loop / export, for the build's `distill` stage. Each point of
+the pruning curve (a keep fraction) is pruned, refitted on the pool and distilled alike. Training
+sees only the "fit" half of the choose classes (+ the bundled photos, unlabeled); the build picks
+a point on the other half ("pick"), classes training never saw, and reports on "confirm", so
+neither the pick nor the report is flattered by what training memorised.
 """
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from rtinfer import imaging
 
 from . import export, student, teacher
 from .loop import train
@@ -40,16 +44,22 @@ def make_pool(files: list, labels: list, teacher_onnx: Path, opts: Options, out:
                               teacher_size=teacher_size)
 
 
-def run(pool: dict, prune_x: np.ndarray, out: Path, opts: Options, ckpt: Path | None = None) -> dict:
-    """Prune (ranking + least-squares refit on ``prune_x``, float NCHW 224), distil on ``pool``, export
+def run(pool: dict, out: Path, opts: Options, ckpt: Path | None = None) -> dict:
+    """Prune (ranking + least-squares refit on every view of the pool), distil on the pool, export
     ``out`` (FP32 NCHW ONNX) and the untrained student beside it (``start.onnx``). Returns the training log."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model = student.load()
-    kept = student.prune(model, opts.keep, torch.from_numpy(prune_x)) if opts.keep < 1.0 else []
+    kept = student.prune(model, opts.keep, torch.from_numpy(imaging.normalize(pool["x"]))) if opts.keep < 1.0 else []
     export.to_onnx(model, out.with_name("start.onnx"))   # the student before training, to show what training did
     log = train(model, pool, steps=opts.steps, batch=opts.batch, lr=opts.lr, alpha=opts.alpha, tau=opts.tau,
                 seed=opts.seed, ckpt=ckpt, time_limit_s=opts.time_cap_s)
     export.to_onnx(model, out)
     return {"options": asdict(opts), "kept_channels": kept, **log}
 
+
+def pick_point(points: list, budget: float) -> int | None:
+    """Index of the point with the most FLOPs removed whose quality on the pick split is within
+    ``budget`` (fidelity.compare's ``quality``: 1 + its top-1 - the original's); None if none is."""
+    ok = [i for i, p in enumerate(points) if p["pick"]["quality"] >= budget]
+    return max(ok, key=lambda i: (points[i]["flops_reduction"], points[i]["pick"]["quality"])) if ok else None

@@ -7,7 +7,9 @@ block's input/output widths (residual adds) stay untouched. Counts are rounded t
 ||W_project[:, j]|| * std(a_j) on real images (what the project conv would lose without them),
 and the project conv is refitted by least squares on the kept channels' second moments (the
 same idea as the ONNX pruning stage): without it a 37.5 % cut starts at 0 % agreement, with it
-training starts from a model that still mostly works. Distillation then teaches the rest.
+training starts from a model that still mostly works. The refit needs many images: the last blocks
+regress 1152 channels on 7x7 maps, and 64 photos gave 42 % held-out top-1 at keep 0.625 where the
+distillation pool's 540 views gave 58 % (measured, README). Distillation then teaches the rest.
 """
 import torch
 from torch import nn
@@ -42,19 +44,22 @@ def _conv_set(conv: nn.Conv2d, weight: torch.Tensor, out_ch: int, in_ch: int, gr
     conv.out_channels, conv.in_channels, conv.groups = out_ch, in_ch, groups
 
 
-def project_moments(model: nn.Module, x: torch.Tensor) -> list:
-    """Per prunable block: E[a a^T] of the project conv's input channels over ``x``'s pixels."""
-    stats, hooks = {}, []
+def project_moments(model: nn.Module, x: torch.Tensor, chunk: int = 32) -> list:
+    """Per prunable block: E[a a^T] of the project conv's input channels over ``x``'s pixels,
+    accumulated in chunks so a pool of a thousand views fits in memory."""
+    sums, count, hooks = {}, {}, []
     for i, b in enumerate(prunable_blocks(model)):
         def hook(mod, inp, i=i):
             a = inp[0].detach().transpose(0, 1).flatten(1).double()
-            stats[i] = a @ a.T / a.shape[1]
+            sums[i] = sums.get(i, 0) + a @ a.T
+            count[i] = count.get(i, 0) + a.shape[1]
         hooks.append(b._project_conv.register_forward_pre_hook(hook))
     with torch.no_grad():
-        model.eval()(x)
+        for j in range(0, len(x), chunk):
+            model.eval()(x[j:j + chunk])
     for h in hooks:
         h.remove()
-    return [stats[i] for i in range(len(stats))]
+    return [sums[i] / count[i] for i in range(len(sums))]
 
 
 def channel_importance(model: nn.Module, moments: list) -> list:
