@@ -199,7 +199,7 @@ def training_photos(args, split: str = "choose") -> tuple:
 def distill_options(args, keep: float):
     from .train.distill import Options
     return Options(keep=keep, steps=args.distill_steps, size=args.distill_size,
-                   views=args.distill_views, alpha=args.distill_alpha, lr=args.distill_lr,
+                   views=args.distill_views, alpha=args.distill_alpha, lr=args.distill_lr, mix=args.distill_mix,
                    time_cap_s=args.distill_minutes * 60, teacher=args.distill_teacher)
 
 
@@ -207,9 +207,10 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
     """Far pruning + distillation: the pruning curve after distillation, and the point within budget.
 
     One sub-stage per keep fraction (pruned, refitted, distilled on the teacher's cached answers,
-    scored), then stage `distill` measures them side by side and picks the point with the most
+    scored), then stage `distill` measures them side by side and picks, among the distilled and the
+    only-refitted students (training can also make a student worse: measured), the one with the most
     FLOPs removed within budget on the pick classes. Returns the file the CPU stage judges: the
-    picked point, or (none within budget) the most accurate one, which its rule will reject."""
+    pick, or (none within budget) the most accurate on the pick classes, which its rule rejects."""
     if args.distill_steps <= 0:
         print("[distill] off (--distill-steps 0)", flush=True)
         return None
@@ -238,7 +239,7 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
 
     out, man, log_p, png = d / "model.onnx", d / "manifest.json", d / "distill_log.json", d / "curve.png"
     inputs = {"stage_code": own_code(stage_distill), "images": data.sha, "budget": args.budget,
-              "points": {str(k): sha256_file(p) for k, p in points.items()},
+              "points": {str(k): [sha256_file(p), sha256_file(p.with_name("start.onnx"))] for k, p in points.items()},
               "code": code_hash("train/distill", "throughput", "report", *MEASURE_CODE)}
 
     def build():
@@ -247,33 +248,40 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
         rows = [json.loads(p.with_name("point_log.json").read_text()) for p in points.values()]
         print(f"[distill] measuring {len(rows)} points and the original side by side (batch 1 and 8)", flush=True)
         speed = throughput.measure({"original": src, **{f"keep {k:g}": p for k, p in points.items()}})
-        for row, k in zip(rows, points):
+        cands = []
+        for row, (k, p) in zip(rows, points.items()):
             row["speed"] = speed[f"keep {k:g}"]
             row["speedup_b1"] = speed[f"keep {k:g}"]["b1"] / speed["original"]["b1"]
             row["speedup_b8"] = speed[f"keep {k:g}"]["b8"] / speed["original"]["b8"]
-        picked = distill.pick_point(rows, args.budget)
-        handed = picked if picked is not None else max(range(len(rows)), key=lambda i: rows[i]["pick"]["quality"])
-        keep = rows[handed]["options"]["keep"]
-        shutil.copyfile(points[keep], out)
-        log = {"points": rows, "original_speed": speed["original"], "budget": args.budget,
-               "pick_basis": data.pick[2], "picked_keep": rows[picked]["options"]["keep"] if picked is not None else None,
-               "handed_to_cpu_keep": keep,
-               "rule": "most FLOPs removed with quality >= budget on the pick split; none: the most accurate "
-                       "point there goes to the CPU stage, whose rule rejects it"}
+            for trained, path, sc in ((True, p, row), (False, p.with_name("start.onnx"), row["before_training"])):
+                cands.append({"keep": k, "trained": trained, "file": str(path.relative_to(d)),
+                              "flops_reduction": row["flops_reduction"], "pick": sc["pick"], "confirm": sc["confirm"],
+                              "speedup_b1": row["speedup_b1"], "speedup_b8": row["speedup_b8"]})
+        picked = distill.pick_point(cands, args.budget)
+        handed = cands[picked if picked is not None else max(range(len(cands)), key=lambda i: cands[i]["pick"]["quality"])]
+        shutil.copyfile(d / handed["file"], out)
+        log = {"points": rows, "candidates": cands, "original_speed": speed["original"], "budget": args.budget,
+               "pick_basis": data.pick[2], "picked": cands[picked] if picked is not None else None, "handed_to_cpu": handed,
+               "rule": "among every point, distilled or only pruned + refitted, the most FLOPs removed with quality "
+                       ">= budget on the pick split; none: the most accurate there goes to the CPU stage, whose rule "
+                       "rejects it"}
         log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
         report.distill_curve_chart(log, png)
-        r = rows[handed]
-        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32", variant="pruned-distilled",
-                       figures=score_figures(r["confirm"]) | {"gflops": r["gflops"], "params": r["params"],
-                                                             "flops_reduction": r["flops_reduction"],
-                                                             "speedup_b1": r["speedup_b1"], "speedup_b8": r["speedup_b8"]},
-                       extra={"options": r["options"], "steps_done": r["steps_done"], "log": log_p.name,
-                              "within_budget": picked is not None})
-        for r in rows:
-            print(f"[distill] keep {r['options']['keep']:g}: FLOPs -{r['flops_reduction']:.1%}, pick quality "
-                  f"{r['pick']['quality']:.3f}, confirm {_acc(r['confirm'])}, batch 8 x{r['speedup_b8']:.2f}", flush=True)
-        print(f"[distill] picked: {'keep %g' % log['picked_keep'] if picked is not None else 'none within budget'}; "
-              f"curve in {png}", flush=True)
+        row = rows[list(points).index(handed["keep"])]
+        write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32",
+                       variant="pruned-distilled" if handed["trained"] else "pruned-refit",
+                       figures=score_figures(handed["confirm"]) | {
+                           "gflops": row["gflops"], "params": row["params"], "flops_reduction": handed["flops_reduction"],
+                           "speedup_b1": handed["speedup_b1"], "speedup_b8": handed["speedup_b8"]},
+                       extra={"options": row["options"], "trained": handed["trained"], "steps_done": row["steps_done"],
+                              "log": log_p.name, "within_budget": picked is not None})
+        for c in cands:
+            print(f"[distill] keep {c['keep']:g} {'distilled' if c['trained'] else 'refit only'}: FLOPs "
+                  f"-{c['flops_reduction']:.1%}, pick quality {c['pick']['quality']:.3f}, confirm {_acc(c['confirm'])}, "
+                  f"batch 8 x{c['speedup_b8']:.2f}", flush=True)
+        what = (f"keep {handed['keep']:g} {'distilled' if handed['trained'] else 'refit only'}" if picked is not None
+                else "none within budget")
+        print(f"[distill] picked: {what}; curve in {png}", flush=True)
 
     run_stage("distill", d, inputs, [out, man, log_p, png], build)
     return out
@@ -322,7 +330,7 @@ def stage_distill_point(src: Path, data: Data, args, keep: float, pool_p: Path, 
         print(f"[distill] keep {keep:g}: FLOPs -{log['flops_reduction']:.1%}, {log['steps_done']}/{opts.steps} steps "
               f"in {log['seconds']:.0f} s", flush=True)
 
-    run_stage(f"distill keep {keep:g}", d, inputs, [out, log_p], build)
+    run_stage(f"distill keep {keep:g}", d, inputs, [out, out.with_name("start.onnx"), log_p], build)
     return out
 
 
@@ -718,13 +726,13 @@ def main(argv=None) -> None:
     ap.add_argument("--int8-from-unpruned", action="store_true",
                     help="also try INT8 of the unpruned model as a CPU candidate (about +4 min)")
     ap.add_argument("--distill-steps", type=int, default=0,
-                    help="distillation steps for the pruned student (batch 32; 0 = no distill stage, the default: "
-                         "it adds 6-11 min and its student is not within budget yet; README measured 40); "
-                         "the longer run: --distill-steps 600 --distill-minutes 120")
+                    help="distillation steps per point of the pruning curve (batch 32; 0 = no distill stage, the "
+                         "default: it adds about 12-15 min; README measured 40)")
     ap.add_argument("--distill-keep", type=lambda v: [float(k) for k in v.split(",")], default=DISTILL_KEEPS,
                     help="the pruning curve: comma-separated fractions of each block's expanded channels a "
                          "student keeps (multiples of 8); one student per fraction, the build picks one")
-    ap.add_argument("--distill-size", type=int, default=160, help="training resolution (the teacher sees 224)")
+    ap.add_argument("--distill-size", type=int, default=224, help="training resolution (the teacher sees 224)")
+    ap.add_argument("--distill-mix", type=float, default=0.0, help="mixup and cutmix probability each (0.25 measured worse)")
     ap.add_argument("--distill-views", type=int, default=4, help="augmented views per photo in the teacher cache")
     ap.add_argument("--distill-alpha", type=float, default=0.0,
                     help="weight of the hard-label CE term (labeled photos only); the rest is the teacher's KL")

@@ -165,8 +165,9 @@ def distill_curve_chart(log: dict, path: Path) -> None:
                          fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].set_ylabel("top-1 accuracy (%)" if labeled else "top-1 agreement with the original (%)")
     axes[1].legend(fontsize=7)
-    picked = log.get("picked_keep")
-    fig.suptitle(f"Pruning curve after distillation (picked: {'keep %g' % picked if picked is not None else 'none within budget'})")
+    p = log.get("picked")
+    what = f"keep {p['keep']:g}, {'distilled' if p['trained'] else 'refit only'}" if p else "none within budget"
+    fig.suptitle(f"Pruning curve after distillation (picked on the pick split: {what})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
