@@ -19,7 +19,9 @@ LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
 DISTILL_STEPS ?=
 # Its teacher: lite0 (the FP32 original, default) or lite2 (EfficientNet-Lite2, the cascade's big model).
 DISTILL_TEACHER ?=
-# The pruning curve's points (fractions of expanded channels kept); empty = the build's default.
+# The pruning curve's points: FLOPs reductions (sensitivity plans), e.g. 0.05,0.1,0.2,0.3 (the build's
+# default when empty), and uniform fractions of each block's expanded channels kept (none by default).
+DISTILL_FLOPS ?=
 DISTILL_KEEP ?=
 # Quantization-aware training steps per flavour (README "Quantization-aware training"); empty = the
 # build's default, 0 = off.
@@ -40,7 +42,7 @@ $(STAMP): requirements.txt pyproject.toml
 engines: $(STAMP)
 	$(PY) -m build_engines $(if $(LABELED_DIR),--labeled-dir $(LABELED_DIR)) \
 	  $(if $(DISTILL_STEPS),--distill-steps $(DISTILL_STEPS)) $(if $(DISTILL_TEACHER),--distill-teacher $(DISTILL_TEACHER)) \
-	  $(if $(DISTILL_KEEP),--distill-keep $(DISTILL_KEEP)) $(if $(QAT_STEPS),--qat-steps $(QAT_STEPS)) \
+	  $(if $(DISTILL_FLOPS),--distill-flops $(DISTILL_FLOPS)) $(if $(DISTILL_KEEP),--distill-keep $(DISTILL_KEEP)) $(if $(QAT_STEPS),--qat-steps $(QAT_STEPS)) \
 	  $(if $(CALIB_DIR),--calib-dir $(CALIB_DIR)) $(if $(EVAL_DIR),--eval-dir $(EVAL_DIR))
 
 # The plain export, installed only if no full build's variant is: what `make demo` waits for.

@@ -25,7 +25,7 @@ from .stages import run_stage
 from .uint8_front import wrap_file
 
 QAT_STEPS = 40
-DISTILL_KEEPS = [0.9375, 0.875, 0.75, 0.625]   # the pruning curve's points (issue 9: far pruning)
+DISTILL_FLOPS = [0.05, 0.1, 0.2, 0.3]   # the pruning curve's points (issue 9: far pruning)
 MEASURE_CODE = ("evaluate", "runtime", "fidelity", "cost", "uint8_front")
 SCORE_KEYS = ("quality", "quality_basis", "top1_accuracy", "top1_ci95", "top5_accuracy", "top5_ci95",
               "original_top1_accuracy", "n_labeled", "top1_agreement", "top5_overlap", "mean_kl", "n_images")
@@ -196,9 +196,9 @@ def training_photos(args, split: str = "choose") -> tuple:
     return list(files) + bundled, labels + [-1] * len(bundled)
 
 
-def distill_options(args, keep: float):
+def distill_options(args, keep: float = 1.0, plan: dict | None = None):
     from .train.distill import Options
-    return Options(keep=keep, steps=args.distill_steps, size=args.distill_size,
+    return Options(keep=keep, plan=plan, steps=args.distill_steps, size=args.distill_size,
                    views=args.distill_views, alpha=args.distill_alpha, lr=args.distill_lr, mix=args.distill_mix,
                    time_cap_s=args.distill_minutes * 60, teacher=args.distill_teacher)
 
@@ -206,8 +206,8 @@ def distill_options(args, keep: float):
 def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
     """Far pruning + distillation: the pruning curve after distillation, and the point within budget.
 
-    One sub-stage per keep fraction (pruned, refitted, distilled on the teacher's cached answers,
-    scored), then stage `distill` measures them side by side and picks, among the distilled and the
+    One sub-stage per point (pruned, refitted, distilled on the teacher's cached answers, scored),
+    then stage `distill` measures them side by side and picks, among the distilled and the
     only-refitted students (training can also make a student worse: measured), the one with the most
     FLOPs removed within budget on the pick classes. Returns the file the CPU stage judges: the
     pick, or (none within budget) the most accurate on the pick classes, which its rule rejects."""
@@ -231,15 +231,16 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
     from .train import distill
     run_stage("distill_pool", pool_p.parent, pool_inputs, [pool_p],
               lambda: distill.make_pool(files, labels, teacher, opts0, pool_p, teacher_size))
-    keeps = sorted(set(args.distill_keep), reverse=True)
+    specs = distill_points(args)
     points = {}
-    for i, keep in enumerate(keeps):
-        print(f"[distill] curve point {i + 1}/{len(keeps)}: keep {keep:g} of each block's expanded channels", flush=True)
-        points[keep] = stage_distill_point(src, data, args, keep, pool_p, d / f"keep-{keep:.4f}")
+    for i, (name, spec) in enumerate(specs.items()):
+        print(f"[distill] curve point {i + 1}/{len(specs)}: {name}", flush=True)
+        points[name] = stage_distill_point(src, data, args, name, spec, pool_p,
+                                           d / name.replace(" ", "-").replace("%", "pct"))
 
     out, man, log_p, png = d / "model.onnx", d / "manifest.json", d / "distill_log.json", d / "curve.png"
     inputs = {"stage_code": own_code(stage_distill), "images": data.sha, "budget": args.budget,
-              "points": {str(k): [sha256_file(p), sha256_file(p.with_name("start.onnx"))] for k, p in points.items()},
+              "points": {k: [sha256_file(p), sha256_file(p.with_name("start.onnx"))] for k, p in points.items()},
               "code": code_hash("train/distill", "throughput", "report", *MEASURE_CODE)}
 
     def build():
@@ -247,14 +248,14 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
         from . import report, throughput
         rows = [json.loads(p.with_name("point_log.json").read_text()) for p in points.values()]
         print(f"[distill] measuring {len(rows)} points and the original side by side (batch 1 and 8)", flush=True)
-        speed = throughput.measure({"original": src, **{f"keep {k:g}": p for k, p in points.items()}})
+        speed = throughput.measure({"original": src, **points})
         cands = []
         for row, (k, p) in zip(rows, points.items()):
-            row["speed"] = speed[f"keep {k:g}"]
-            row["speedup_b1"] = speed[f"keep {k:g}"]["b1"] / speed["original"]["b1"]
-            row["speedup_b8"] = speed[f"keep {k:g}"]["b8"] / speed["original"]["b8"]
+            row["speed"] = speed[k]
+            row["speedup_b1"] = speed[k]["b1"] / speed["original"]["b1"]
+            row["speedup_b8"] = speed[k]["b8"] / speed["original"]["b8"]
             for trained, path, sc in ((True, p, row), (False, p.with_name("start.onnx"), row["before_training"])):
-                cands.append({"keep": k, "trained": trained, "file": str(path.relative_to(d)),
+                cands.append({"point": k, "trained": trained, "file": str(path.relative_to(d)),
                               "flops_reduction": row["flops_reduction"], "pick": sc["pick"], "confirm": sc["confirm"],
                               "speedup_b1": row["speedup_b1"], "speedup_b8": row["speedup_b8"]})
         picked = distill.pick_point(cands, args.budget)
@@ -267,7 +268,7 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
                        "rejects it"}
         log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
         report.distill_curve_chart(log, png)
-        row = rows[list(points).index(handed["keep"])]
+        row = rows[list(points).index(handed["point"])]
         write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32",
                        variant="pruned-distilled" if handed["trained"] else "pruned-refit",
                        figures=score_figures(handed["confirm"]) | {
@@ -276,10 +277,10 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
                        extra={"options": row["options"], "trained": handed["trained"], "steps_done": row["steps_done"],
                               "log": log_p.name, "within_budget": picked is not None})
         for c in cands:
-            print(f"[distill] keep {c['keep']:g} {'distilled' if c['trained'] else 'refit only'}: FLOPs "
+            print(f"[distill] {c['point']} {'distilled' if c['trained'] else 'refit only'}: FLOPs "
                   f"-{c['flops_reduction']:.1%}, pick quality {c['pick']['quality']:.3f}, confirm {_acc(c['confirm'])}, "
                   f"batch 8 x{c['speedup_b8']:.2f}", flush=True)
-        what = (f"keep {handed['keep']:g} {'distilled' if handed['trained'] else 'refit only'}" if picked is not None
+        what = (f"{handed['point']} {'distilled' if handed['trained'] else 'refit only'}" if picked is not None
                 else "none within budget")
         print(f"[distill] picked: {what}; curve in {png}", flush=True)
 
@@ -292,9 +293,23 @@ def _acc(score: dict) -> str:
             else f"agreement {score['top1_agreement']:.1%}")
 
 
-def stage_distill_point(src: Path, data: Data, args, keep: float, pool_p: Path, d: Path) -> Path:
-    """One point of the curve: prune to ``keep``, refit, distil, export, score before and after training."""
-    opts = distill_options(args, keep)
+def distill_points(args) -> dict:
+    """The curve's points, by name: for each FLOPs target the plan of the prune stage's sensitivity
+    sweep nearest to it (cuts where the model minds least, whole residual blocks included), and a
+    uniform fraction per block for each --distill-keep (for comparison)."""
+    sweep = json.loads((paths.PRUNED_DIR / "prune_log.json").read_text())["curve"]
+    specs = {}
+    for target in sorted(set(args.distill_flops)):
+        c = min(sweep, key=lambda c: (abs(c["flops_reduction"] - target), c["flops_reduction"]))
+        specs.setdefault(f"plan {c['flops_reduction']:.1%}", {"plan": c["plan"]})
+    for keep in sorted(set(args.distill_keep or []), reverse=True):
+        specs[f"keep {keep:g}"] = {"keep": keep}
+    return specs
+
+
+def stage_distill_point(src: Path, data: Data, args, name: str, spec: dict, pool_p: Path, d: Path) -> Path:
+    """One point of the curve: prune, refit, distil, export, score before and after training."""
+    opts = distill_options(args, **spec)
     out, log_p = d / "model.onnx", d / "point_log.json"
     inputs = {"stage_code": own_code(stage_distill_point), "pool": sha256_file(pool_p), "images": data.sha,
               "options": opts.key(), "code": code_hash(
@@ -307,12 +322,13 @@ def stage_distill_point(src: Path, data: Data, args, keep: float, pool_p: Path, 
         from .train.teacher import load_pool
         key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]  # resume only the same run
         log = distill.run(load_pool(pool_p), out, opts, ckpt=d / f"ckpt-{key}.pt")
+        log["point"] = name
         start = out.with_name("start.onnx")
         pick_x, pick_ref, _ = data.pick
-        for name, path in (("after", out), ("before", start)):
+        for when, path in (("after", out), ("before", start)):
             scores = {"pick": evaluate.score(path, pick_x, pick_ref), "confirm": evaluate.score(path, data.eval, data.eval_ref),
                       "choose": evaluate.score(path, data.calib, data.search_ref)}
-            if name == "after":
+            if when == "after":
                 log.update(scores)
             else:
                 log["before_training"] = scores
@@ -325,12 +341,12 @@ def stage_distill_point(src: Path, data: Data, args, keep: float, pool_p: Path, 
         log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
         check_sanity(out)
         for split in ("pick", "confirm"):
-            print(f"[distill] keep {keep:g}, {split}: pruned {_acc(log['before_training'][split])} -> distilled "
+            print(f"[distill] {name}, {split}: pruned {_acc(log['before_training'][split])} -> distilled "
                   f"{_acc(log[split])}", flush=True)
-        print(f"[distill] keep {keep:g}: FLOPs -{log['flops_reduction']:.1%}, {log['steps_done']}/{opts.steps} steps "
+        print(f"[distill] {name}: FLOPs -{log['flops_reduction']:.1%}, {log['steps_done']}/{opts.steps} steps "
               f"in {log['seconds']:.0f} s", flush=True)
 
-    run_stage(f"distill keep {keep:g}", d, inputs, [out, out.with_name("start.onnx"), log_p], build)
+    run_stage(f"distill {name}", d, inputs, [out, out.with_name("start.onnx"), log_p], build)
     return out
 
 
@@ -684,6 +700,10 @@ def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:
     build_all(fp16, int8_trt, paths.REPO, extra={"classifier_big_trt_fp16": ("fp16", big)} if big.exists() else None)
 
 
+def _floats(v: str) -> list:
+    return [float(k) for k in v.split(",") if k]
+
+
 def resolve_budget(args) -> float:
     """One number every stage checks `quality` against (fidelity.compare says what quality is)."""
     if args.budget is not None:
@@ -728,9 +748,11 @@ def main(argv=None) -> None:
     ap.add_argument("--distill-steps", type=int, default=0,
                     help="distillation steps per point of the pruning curve (batch 32; 0 = no distill stage, the "
                          "default: it adds about 12-15 min; README measured 40)")
-    ap.add_argument("--distill-keep", type=lambda v: [float(k) for k in v.split(",")], default=DISTILL_KEEPS,
-                    help="the pruning curve: comma-separated fractions of each block's expanded channels a "
-                         "student keeps (multiples of 8); one student per fraction, the build picks one")
+    ap.add_argument("--distill-flops", type=_floats, default=DISTILL_FLOPS,
+                    help="the pruning curve: comma-separated FLOPs reductions; each point takes the prune stage's "
+                         "sensitivity plan nearest to it (channel counts rounded to multiples of 8)")
+    ap.add_argument("--distill-keep", type=_floats, default=[],
+                    help="more points, each block keeping this fraction of its expanded channels (uniform cut)")
     ap.add_argument("--distill-size", type=int, default=224, help="training resolution (the teacher sees 224)")
     ap.add_argument("--distill-mix", type=float, default=0.0, help="mixup and cutmix probability each (0.25 measured worse)")
     ap.add_argument("--distill-views", type=int, default=4, help="augmented views per photo in the teacher cache")

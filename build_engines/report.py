@@ -161,12 +161,12 @@ def distill_curve_chart(log: dict, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
     for p in pts:
-        axes[0].annotate(f"keep {p['options']['keep']:g}", (100 * p["flops_reduction"], 100 * p["confirm"][key]),
+        axes[0].annotate(p["point"], (100 * p["flops_reduction"], 100 * p["confirm"][key]),
                          fontsize=7, xytext=(3, 3), textcoords="offset points")
     axes[0].set_ylabel("top-1 accuracy (%)" if labeled else "top-1 agreement with the original (%)")
     axes[1].legend(fontsize=7)
     p = log.get("picked")
-    what = f"keep {p['keep']:g}, {'distilled' if p['trained'] else 'refit only'}" if p else "none within budget"
+    what = f"{p['point']}, {'distilled' if p['trained'] else 'refit only'}" if p else "none within budget"
     fig.suptitle(f"Pruning curve after distillation (picked on the pick split: {what})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

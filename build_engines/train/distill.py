@@ -20,7 +20,8 @@ from .loop import train
 
 @dataclass(frozen=True)
 class Options:
-    keep: float = 0.625        # fraction of each block's expanded channels kept (multiples of 8); 1.0 = no pruning
+    keep: float = 1.0          # fraction of each block's expanded channels kept (multiples of 8); 1.0 = no pruning
+    plan: dict | None = None   # or the ONNX pruning stage's plan (block -> channels removed / "remove"), if given
     steps: int = 40            # optimizer steps (the budget); time_cap_s stops earlier on a slow machine
     batch: int = 32
     size: int = 224            # training resolution: 160 (3x faster) taught the 224 px model worse than nothing (README)
@@ -51,7 +52,8 @@ def run(pool: dict, out: Path, opts: Options, ckpt: Path | None = None) -> dict:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     model = student.load()
-    kept = student.prune(model, opts.keep, torch.from_numpy(imaging.normalize(pool["x"]))) if opts.keep < 1.0 else []
+    counts = student.plan_counts(model, opts.plan) if opts.plan else student.uniform_counts(model, opts.keep)
+    kept = student.prune(model, counts, torch.from_numpy(imaging.normalize(pool["x"])))
     export.to_onnx(model, out.with_name("start.onnx"))   # the student before training, to show what training did
     log = train(model, pool, steps=opts.steps, batch=opts.batch, lr=opts.lr, alpha=opts.alpha, tau=opts.tau,
                 seed=opts.seed, ckpt=ckpt, time_limit_s=opts.time_cap_s, mix_p=(opts.mix, opts.mix))

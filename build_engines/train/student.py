@@ -82,24 +82,55 @@ def keep_count(channels: int, fraction: float) -> int:
     return max(MULTIPLE, int(round(channels * fraction / MULTIPLE)) * MULTIPLE)
 
 
-def prune(model: nn.Module, keep_fraction: float, x: torch.Tensor, refit_project: bool = True) -> list:
-    """Keep ``keep_fraction`` of each block's expanded channels (multiples of 8), in place.
-    Returns the kept counts per block. ``refit_project=False``: plain cut (for comparison)."""
+def uniform_counts(model: nn.Module, fraction: float) -> list:
+    """Every block keeps the same fraction of its expanded channels."""
+    return [keep_count(b._expand_conv.out_channels, fraction) for b in prunable_blocks(model)]
+
+
+def plan_counts(model: nn.Module, plan: dict) -> list:
+    """Channels kept per block from a plan of the ONNX pruning stage (block index -> channels removed
+    or "remove"): its sensitivity scan spends the cut where the model minds least. Counts are
+    rounded to multiples of 8; 0 removes the block (only planned for blocks with an identity skip)."""
+    counts = []
+    for i, b in enumerate(prunable_blocks(model)):
+        width, action = b._expand_conv.out_channels, plan.get(str(i), plan.get(i))
+        counts.append(0 if action == "remove" else width if action is None else keep_count(width, 1 - action / width))
+    return counts
+
+
+class Skip(nn.Module):
+    """A removed residual block: its skip connection alone."""
+
+    def forward(self, x, drop_connect_rate=None):
+        return x
+
+
+def prune(model: nn.Module, keep, x: torch.Tensor, refit_project: bool = True) -> list:
+    """Cut each block's expanded channels, in place: ``keep`` is a fraction for every block or a
+    count per block (0 removes a residual block). Returns the kept counts per block.
+    ``refit_project=False``: plain cut (for comparison)."""
+    counts = uniform_counts(model, keep) if isinstance(keep, float) else list(keep)
     moments = project_moments(model, x)
     scores = channel_importance(model, moments)
-    kept = []
-    for b, s, g in zip(prunable_blocks(model), scores, moments):
-        n = keep_count(len(s), keep_fraction)
-        keep = torch.sort(torch.argsort(s, descending=True)[:n]).values
+    blocks = prunable_blocks(model)
+    for b, s, g, n in zip(blocks, scores, moments, counts):
+        if n == 0:
+            if not (b.id_skip and b._block_args.stride == 1   # the block's own test for its skip add
+                    and b._block_args.input_filters == b._block_args.output_filters):
+                raise ValueError("only a block with an identity skip can be removed")
+            model._blocks[list(model._blocks).index(b)] = Skip()
+            continue
+        if n >= len(s):
+            continue
+        keep_idx = torch.sort(torch.argsort(s, descending=True)[:n]).values
         e, d, p = b._expand_conv, b._depthwise_conv, b._project_conv
-        _conv_set(e, e.weight.data[keep], n, e.in_channels, 1)
-        b._bn0 = _bn_subset(b._bn0, keep)
-        _conv_set(d, d.weight.data[keep], n, n, n)
-        b._bn1 = _bn_subset(b._bn1, keep)
-        w = refit(p.weight.data, g, keep) if refit_project else p.weight.data[:, keep]
+        _conv_set(e, e.weight.data[keep_idx], n, e.in_channels, 1)
+        b._bn0 = _bn_subset(b._bn0, keep_idx)
+        _conv_set(d, d.weight.data[keep_idx], n, n, n)
+        b._bn1 = _bn_subset(b._bn1, keep_idx)
+        w = refit(p.weight.data, g, keep_idx) if refit_project else p.weight.data[:, keep_idx]
         _conv_set(p, w, p.out_channels, n, 1)
-        kept.append(n)
-    return kept
+    return counts
 
 
 def freeze_bn(model: nn.Module) -> nn.Module:
