@@ -138,8 +138,9 @@ def prune_curve_chart(prune_log: dict, path: Path) -> None:
 
 
 def distill_curve_chart(log: dict, path: Path) -> None:
-    """The pruning curve after distillation: accuracy (pick and confirm splits, before and after
-    training) against FLOPs removed and against the batch-8 speed-up measured side by side."""
+    """The pruning curve after distillation: accuracy (pick and confirm splits, distilled and only
+    refitted) against FLOPs removed and against the batch-8 speed-up measured side by side.
+    Sensitivity-plan points make the curve; uniform cuts, if any, are shown apart."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,24 +148,37 @@ def distill_curve_chart(log: dict, path: Path) -> None:
     pts = sorted(log["points"], key=lambda p: p["flops_reduction"])
     labeled = "top1_accuracy" in pts[0]["confirm"]
     key = "top1_accuracy" if labeled else "top1_agreement"
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, xs, xlabel in ((axes[0], [0] + [100 * p["flops_reduction"] for p in pts], "FLOPs removed (%)"),
-                           (axes[1], [1.0] + [p["speedup_b8"] for p in pts], "batch-8 speed-up vs the original (measured)")):
-        for split, mark in (("confirm", "o"), ("pick", "s")):
-            orig = 100 * pts[0][split].get("original_top1_accuracy", 1.0)
-            ax.plot(xs, [orig] + [100 * p[split][key] for p in pts], mark + "-", label=f"{split}, distilled")
-            ax.plot(xs, [orig] + [100 * p["before_training"][split][key] for p in pts], mark + ":", alpha=0.5,
-                    label=f"{split}, pruned + refit only")
-        if labeled:
-            orig = 100 * pts[0]["pick"]["original_top1_accuracy"]
+    groups = {"sensitivity plan": [p for p in pts if p["options"].get("plan")],
+              "uniform cut": [p for p in pts if not p["options"].get("plan")]}
+    colors = {"confirm": "tab:blue", "pick": "tab:green"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
+    for split in ("confirm", "pick"):
+        orig = 100 * pts[0][split].get("original_top1_accuracy", 1.0)
+        for ax, x_of, x0 in ((axes[0], lambda p: 100 * p["flops_reduction"], 0.0), (axes[1], lambda p: p["speedup_b8"], 1.0)):
+            ax.plot([x0], [orig], "*", ms=11, color=colors[split])
+            for g, (name, members) in enumerate(groups.items()):
+                if not members:
+                    continue
+                style = "-" if g == 0 and ax is axes[0] else ""
+                xs, dist = [x_of(p) for p in members], [100 * p[split][key] for p in members]
+                refit = [100 * p["before_training"][split][key] for p in members]
+                mark = "o" if g == 0 else "D"
+                ax.plot(xs, dist, mark + style, color=colors[split], label=f"{split}, distilled ({name})")
+                ax.plot(xs, refit, mark + (":" if style else ""), color=colors[split], alpha=0.45, mfc="none",
+                        label=f"{split}, refit only ({name})")
+    if labeled:
+        orig = 100 * pts[0]["pick"]["original_top1_accuracy"]
+        for ax in axes:
             ax.axhline(orig - 100 * (1 - log["budget"]), color="red", ls="--", lw=1, label="budget (pick split)")
-        ax.set_xlabel(xlabel)
-        ax.grid(alpha=0.3)
     for p in pts:
         axes[0].annotate(p["point"], (100 * p["flops_reduction"], 100 * p["confirm"][key]),
-                         fontsize=7, xytext=(3, 3), textcoords="offset points")
-    axes[0].set_ylabel("top-1 accuracy (%)" if labeled else "top-1 agreement with the original (%)")
-    axes[1].legend(fontsize=7)
+                         fontsize=7, xytext=(3, -10), textcoords="offset points")
+    axes[0].set_xlabel("FLOPs removed (%)")
+    axes[1].set_xlabel("batch-8 speed-up vs the original (measured side by side)")
+    axes[0].set_ylabel(("top-1 accuracy (%)" if labeled else "top-1 agreement with the original (%)") + "; star: original")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6.5)
     p = log.get("picked")
     what = f"{p['point']}, {'distilled' if p['trained'] else 'refit only'}" if p else "none within budget"
     fig.suptitle(f"Pruning curve after distillation (picked on the pick split: {what})")

@@ -1,7 +1,8 @@
 """Prune the student, distil it from the teacher on a cached pool, export it; pick a point of the curve.
 
 Thin glue over student / teacher / loop / export, for the build's `distill` stage. Each point of
-the pruning curve (a keep fraction) is pruned, refitted on the pool and distilled alike. Training
+the pruning curve (a sensitivity plan of the prune stage, or a uniform keep fraction) is pruned,
+refitted on the pool and distilled alike. Training
 sees only the "fit" half of the choose classes (+ the bundled photos, unlabeled); the build picks
 a point on the other half ("pick"), classes training never saw, and reports on "confirm", so
 neither the pick nor the report is flattered by what training memorised.
