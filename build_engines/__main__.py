@@ -595,10 +595,27 @@ def qat_section(log: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Path | None = None) -> None:
+def distill_section(log: dict) -> str:
+    """Markdown: the pruning curve after distillation, each point refit only -> distilled."""
+    out = ["\n## Pruning curve after distillation (top-1; pick: choose classes never trained on)\n",
+           f"Picked: {log['picked']['point'] + (' distilled' if log['picked']['trained'] else ' refit only') if log['picked'] else 'none within budget'}"
+           f" (budget {log['budget']:.3f} on the pick split; {log['pick_basis']}).\n",
+           "| point | FLOPs removed | speed-up b1 / b8 | pick: refit -> distilled | confirm: refit -> distilled | steps |",
+           "|---|---|---|---|---|---|"]
+    for p in sorted(log["points"], key=lambda p: p["flops_reduction"]):
+        b = p["before_training"]
+        out.append(f"| {p['point']} | {p['flops_reduction']:.1%} | {p['speedup_b1']:.2f}x / {p['speedup_b8']:.2f}x | "
+                   f"{_acc(b['pick'])} -> {_acc(p['pick'])} | {_acc(b['confirm'])} -> {_acc(p['confirm'])} | "
+                   f"{p['steps_done']} |")
+    return "\n".join(out) + "\n\n![distillation](distill_curve.png)\n"
+
+
+def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Path | None = None,
+                 distilled: Path | None = None) -> None:
     outs = [paths.REPORT_DIR / f"report.{e}" for e in ("json", "md", "png")]
 
     def build():
+        import shutil
         from . import report
         cands, notes, graphs = report_candidates(src, pruned, cpu, fp16, int8_trt, qat_trt)
         rows = report.measure(cands, data.eval, data.eval_ref, notes, graphs=graphs)
@@ -618,6 +635,9 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Pa
                         f"| {p['eval']['top1_agreement']:.2%} |\n")
             if qat_trt is not None:
                 f.write(qat_section(json.loads((qat_trt.parent / "qat_log.json").read_text())))
+            if distilled is not None:
+                shutil.copyfile(distilled.with_name("curve.png"), paths.REPORT_DIR / "distill_curve.png")
+                f.write(distill_section(json.loads(distilled.with_name("distill_log.json").read_text())))
             f.write("\n![variants](report.png)\n![pruning](prune_curve.png)\n![int8](quant_curve.png)\n")
         print("[report] side by side on the evaluation split:", flush=True)
         report.console(rows)
@@ -626,6 +646,7 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Pa
 
     run_stage("report", paths.REPORT_DIR, {"stage_code": own_code(stage_report),
         "artifacts": [sha256_file(p) for p in (src, pruned, cpu, fp16, int8_trt) + ((qat_trt,) if qat_trt else ())],
+        "distill_log": sha256_file(distilled.with_name("distill_log.json")) if distilled else None,
         "images": data.sha,
         "budget": args.budget, "code": code_hash("report", "throughput", "__main__", *MEASURE_CODE)}, outs, build)
 
@@ -789,7 +810,7 @@ def main(argv=None) -> None:
     cpu = stage_cpu(src, pruned, data, args, weights_sha, distilled, qat_files)
     fp16 = stage_fp16(src, pruned, data, args, weights_sha)
     int8_trt = stage_int8_trt(pruned, data, args, weights_sha)
-    stage_report(src, pruned, cpu, fp16, int8_trt, data, args, qat_files["tensorrt"] if qat_files else None)
+    stage_report(src, pruned, cpu, fp16, int8_trt, data, args, qat_files["tensorrt"] if qat_files else None, distilled)
     stage_install(cpu, paths.CPU_DIR / "manifest.json", weights_sha)
     stage_big(args)
     stage_tensorrt(fp16, int8_trt)
