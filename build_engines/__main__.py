@@ -20,6 +20,7 @@ from . import evaluate, images, paths, source_model
 from .hashing import code_hash, sha256_file
 from .install import MANIFEST as INSTALLED_MANIFEST, MODEL as INSTALLED_MODEL, PORTABLE as INSTALLED_PORTABLE, install
 from .manifest import write_manifest
+from .report import top1_cell
 from .sanity import check_sanity
 from .stages import run_stage
 from .uint8_front import wrap_file
@@ -277,20 +278,12 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
                        extra={"options": row["options"], "trained": handed["trained"], "steps_done": row["steps_done"],
                               "log": log_p.name, "within_budget": picked is not None})
         for c in cands:
-            print(f"[distill] {c['point']} {'distilled' if c['trained'] else 'refit only'}: FLOPs "
-                  f"-{c['flops_reduction']:.1%}, pick quality {c['pick']['quality']:.3f}, confirm {_acc(c['confirm'])}, "
-                  f"batch 8 x{c['speedup_b8']:.2f}", flush=True)
-        what = (f"{handed['point']} {'distilled' if handed['trained'] else 'refit only'}" if picked is not None
-                else "none within budget")
-        print(f"[distill] picked: {what}; curve in {png}", flush=True)
+            print(f"[distill] {distill.describe(c)}: FLOPs -{c['flops_reduction']:.1%}, pick quality "
+                  f"{c['pick']['quality']:.3f}, confirm {top1_cell(c['confirm'])}, batch 8 x{c['speedup_b8']:.2f}", flush=True)
+        print(f"[distill] picked: {distill.describe(log['picked'])}; curve in {png}", flush=True)
 
     run_stage("distill", d, inputs, [out, man, log_p, png], build)
     return out
-
-
-def _acc(score: dict) -> str:
-    return (f"top-1 {score['top1_accuracy']:.1%}" if "top1_accuracy" in score
-            else f"agreement {score['top1_agreement']:.1%}")
 
 
 def distill_points(args) -> dict:
@@ -302,7 +295,7 @@ def distill_points(args) -> dict:
     for target in sorted(set(args.distill_flops)):
         c = min(sweep, key=lambda c: (abs(c["flops_reduction"] - target), c["flops_reduction"]))
         specs.setdefault(f"plan {c['flops_reduction']:.1%}", {"plan": c["plan"]})
-    for keep in sorted(set(args.distill_keep or []), reverse=True):
+    for keep in sorted(set(args.distill_keep), reverse=True):
         specs[f"keep {keep:g}"] = {"keep": keep}
     return specs
 
@@ -325,13 +318,12 @@ def stage_distill_point(src: Path, data: Data, args, name: str, spec: dict, pool
         log["point"] = name
         start = out.with_name("start.onnx")
         pick_x, pick_ref, _ = data.pick
-        for when, path in (("after", out), ("before", start)):
-            scores = {"pick": evaluate.score(path, pick_x, pick_ref), "confirm": evaluate.score(path, data.eval, data.eval_ref),
-                      "choose": evaluate.score(path, data.calib, data.search_ref)}
-            if when == "after":
-                log.update(scores)
-            else:
-                log["before_training"] = scores
+
+        def scores(path):
+            return {"pick": evaluate.score(path, pick_x, pick_ref), "confirm": evaluate.score(path, data.eval, data.eval_ref),
+                    "choose": evaluate.score(path, data.calib, data.search_ref)}
+
+        log.update(scores(out), before_training=scores(start))
         base, now = summary(src), summary(out)
         log.update(flops_reduction=1 - now["macs"] / base["macs"], gflops=now["gflops"], params=now["params"])
         for stale in d.glob("ckpt-*.pt"):   # done: checkpoints only serve an interrupted run
@@ -341,8 +333,8 @@ def stage_distill_point(src: Path, data: Data, args, name: str, spec: dict, pool
         log_p.write_text(json.dumps(log, indent=2, default=str) + "\n")
         check_sanity(out)
         for split in ("pick", "confirm"):
-            print(f"[distill] {name}, {split}: pruned {_acc(log['before_training'][split])} -> distilled "
-                  f"{_acc(log[split])}", flush=True)
+            print(f"[distill] {name}, {split}: pruned {top1_cell(log['before_training'][split])} -> distilled "
+                  f"{top1_cell(log[split])}", flush=True)
         print(f"[distill] {name}: FLOPs -{log['flops_reduction']:.1%}, {log['steps_done']}/{opts.steps} steps "
               f"in {log['seconds']:.0f} s", flush=True)
 
@@ -426,10 +418,8 @@ def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
                     k["qat_reference_math"], k["ptq_reference_math"] = scores(qat_file, "basic"), scores(ptq_file, "basic")
                 flog["kinds"][kind] = k
                 for split in ("choose", "confirm"):
-                    b, a = k["ptq"][split], k["qat"][split]
-                    acc = (f"top-1 {b['top1_accuracy']:.1%} -> {a['top1_accuracy']:.1%}" if "top1_accuracy" in a
-                           else f"agreement {b['top1_agreement']:.1%} -> {a['top1_agreement']:.1%}")
-                    print(f"[qat] {name} {kind} INT8, {split}: PTQ -> QAT {acc}", flush=True)
+                    print(f"[qat] {name} {kind} INT8, {split}: PTQ -> QAT top-1 {top1_cell(k['ptq'][split])} -> "
+                          f"{top1_cell(k['qat'][split])}", flush=True)
             log["flavours"][name] = flog
         wrap_file(files_out["tensorrt"], files_out["tensorrt"])
         onnx.checker.check_model(onnx.load(str(files_out["tensorrt"])), full_check=True)
@@ -578,9 +568,6 @@ def report_candidates(src, pruned, cpu, fp16, int8_trt, qat_trt: Path | None = N
 def qat_section(log: dict) -> str:
     """Markdown: post-training INT8 of the original -> QAT, same flavour and placement, on the trained
     classes (choose) and the never-seen ones (confirm)."""
-    def cell(s):
-        return f"{s['top1_accuracy']:.1%}" if "top1_accuracy" in s else f"{s['top1_agreement']:.1%} agree"
-
     out = ["\n## Quantization-aware training (top-1, PTQ of the original -> QAT, same flavour)\n",
            "| flavour | INT8 layers | ORT run | choose (trained classes) | confirm (held-out classes) | steps | s |",
            "|---|---|---|---|---|---|---|"]
@@ -590,22 +577,23 @@ def qat_section(log: dict) -> str:
             if "qat_reference_math" in k:
                 runs.append(("reference math", "ptq_reference_math", "qat_reference_math"))
             for run, b, a in runs:
-                out.append(f"| {name} | {kind} | {run} | {cell(k[b]['choose'])} -> {cell(k[a]['choose'])} | "
-                           f"{cell(k[b]['confirm'])} -> {cell(k[a]['confirm'])} | {f['steps_done']} | {f['seconds']:.0f} |")
+                out.append(f"| {name} | {kind} | {run} | {top1_cell(k[b]['choose'])} -> {top1_cell(k[a]['choose'])} | "
+                           f"{top1_cell(k[b]['confirm'])} -> {top1_cell(k[a]['confirm'])} | {f['steps_done']} | "
+                           f"{f['seconds']:.0f} |")
     return "\n".join(out) + "\n"
 
 
 def distill_section(log: dict) -> str:
     """Markdown: the pruning curve after distillation, each point refit only -> distilled."""
+    from .train.distill import describe
     out = ["\n## Pruning curve after distillation (top-1; pick: choose classes never trained on)\n",
-           f"Picked: {log['picked']['point'] + (' distilled' if log['picked']['trained'] else ' refit only') if log['picked'] else 'none within budget'}"
-           f" (budget {log['budget']:.3f} on the pick split; {log['pick_basis']}).\n",
+           f"Picked: {describe(log['picked'])} (budget {log['budget']:.3f} on the pick split; {log['pick_basis']}).\n",
            "| point | FLOPs removed | speed-up b1 / b8 | pick: refit -> distilled | confirm: refit -> distilled | steps |",
            "|---|---|---|---|---|---|"]
     for p in sorted(log["points"], key=lambda p: p["flops_reduction"]):
         b = p["before_training"]
         out.append(f"| {p['point']} | {p['flops_reduction']:.1%} | {p['speedup_b1']:.2f}x / {p['speedup_b8']:.2f}x | "
-                   f"{_acc(b['pick'])} -> {_acc(p['pick'])} | {_acc(b['confirm'])} -> {_acc(p['confirm'])} | "
+                   f"{top1_cell(b['pick'])} -> {top1_cell(p['pick'])} | {top1_cell(b['confirm'])} -> {top1_cell(p['confirm'])} | "
                    f"{p['steps_done']} |")
     return "\n".join(out) + "\n\n![distillation](distill_curve.png)\n"
 

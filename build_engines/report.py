@@ -46,6 +46,11 @@ def quality_label(rows_or_basis) -> str:
             else "top-1 agreement with original")
 
 
+def top1_cell(score: dict) -> str:
+    """A score's top-1 accuracy, or its top-1 agreement with the original when unlabeled."""
+    return f"{score['top1_accuracy']:.1%}" if "top1_accuracy" in score else f"{score['top1_agreement']:.1%} agree"
+
+
 def _accuracy_cells(r: dict) -> str:
     if "top1_accuracy" not in r:
         return ""
@@ -179,9 +184,8 @@ def distill_curve_chart(log: dict, path: Path) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6.5)
-    p = log.get("picked")
-    what = f"{p['point']}, {'distilled' if p['trained'] else 'refit only'}" if p else "none within budget"
-    fig.suptitle(f"Pruning curve after distillation (picked on the pick split: {what})")
+    from .train.distill import describe
+    fig.suptitle(f"Pruning curve after distillation (picked on the pick split: {describe(log.get('picked'))})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -10,7 +10,6 @@ neither the pick nor the report is flattered by what training memorised.
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from rtinfer import imaging
@@ -68,3 +67,10 @@ def pick_point(points: list, budget: float) -> int | None:
     on a tie (a point's distilled and refit-only students); None if none is."""
     ok = [i for i, p in enumerate(points) if p["pick"]["quality"] >= budget]
     return max(ok, key=lambda i: (points[i]["flops_reduction"], points[i]["pick"]["quality"])) if ok else None
+
+
+def describe(student: dict | None) -> str:
+    """One student of the curve in words, for logs and reports."""
+    if student is None:
+        return "none within budget"
+    return f"{student['point']}, {'distilled' if student['trained'] else 'refit only'}"
