@@ -90,7 +90,11 @@ def read_traces(path: Path) -> dict[str, dict]:
 def segments(row: dict, trace: dict) -> dict[str, float] | None:
     """One request's critical path in milliseconds, segment by segment (they add up to ``total``);
     None when its trace is incomplete. A step's answer is released to the next step at its
-    COMPUTE_OUTPUT_START (its COMPUTE_END comes after the stub has cleaned up, off the path)."""
+    COMPUTE_OUTPUT_START (its COMPUTE_END comes after the stub has cleaned up, off the path), or
+    earlier for a step that sends it before ``execute()`` returns (postprocess: its metrics come
+    after the answer, with no stamp at the send). Such a step's execute ends at the next step's
+    REQUEST_START (the ensemble's SEND_START after the last step), so the scheduler's hand-off
+    after it is counted in its execute."""
     ens = trace.get("ensemble", {})
     proto = "GRPC" if "GRPC_WAITREAD_END" in ens else "HTTP"
     first, send0, send1 = ((f"{proto}_WAITREAD_END", f"{proto}_SEND_START", f"{proto}_SEND_END") if proto == "GRPC"
@@ -105,8 +109,9 @@ def segments(row: dict, trace: dict) -> dict[str, float] | None:
     for i, step in enumerate(STEPS):
         st = trace[step]
         nxt = f"scheduler->{STEPS[i + 1]}" if i + 1 < len(STEPS) else "ensemble->response"
+        next_start = trace[STEPS[i + 1]]["REQUEST_START"] if i + 1 < len(STEPS) else ens[send0]
         chain += [(f"{step} queue", st["REQUEST_START"]), (f"{step} input", st["COMPUTE_START"]),
-                  (f"{step} execute", st["COMPUTE_INPUT_END"]), (nxt, st["COMPUTE_OUTPUT_START"])]
+                  (f"{step} execute", st["COMPUTE_INPUT_END"]), (nxt, min(st["COMPUTE_OUTPUT_START"], next_start))]
     chain += [("response write", ens[send0]), ("gateway+client out", ens[send1]), ("", row["t1"])]
     seg: dict[str, float] = {}
     for (name, a), (_, b) in zip(chain, chain[1:]):

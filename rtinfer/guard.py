@@ -54,24 +54,46 @@ def unavailable(reason: str, detail: str) -> Refusal:
     return refusal(Unavailable(reason, detail[:_DETAIL_CHARS]))
 
 
-def respond(pb_utils, requests, handler) -> list:
+def respond(pb_utils, requests, handler, after=None) -> list | None:
     """The body of every adapter's ``execute()``: ``handler(requests)`` returns, per request, a list of
     ``pb_utils.Tensor`` or a ``Refusal``; this turns refusals into per-request Triton errors and, if the
-    handler itself raised, answers every request UNAVAILABLE rather than raising out of ``execute()``."""
+    handler itself raised, answers every request UNAVAILABLE rather than raising out of ``execute()``.
+
+    ``after``: work that no answer waits for (the stages' metrics: each update is a round trip to the
+    server process). The answers are then sent first through each request's response sender and
+    ``after()`` runs once they are on their way (never raising); ``execute()`` returns None."""
     try:
         results = handler(requests)
         if len(results) != len(requests):
             raise RuntimeError(f"{len(results)} results for {len(requests)} requests")
     except Exception as exc:  # noqa: BLE001
         results = [refusal(exc)] * len(requests)
-    responses = []
-    for result in results:
-        if not isinstance(result, Refusal):
-            try:
-                responses.append(pb_utils.InferenceResponse(output_tensors=result))
-                continue
-            except Exception as exc:  # noqa: BLE001
-                result = refusal(exc)
-        code = pb_utils.TritonError.UNAVAILABLE if result.retryable else pb_utils.TritonError.INVALID_ARG
-        responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(result.public, code)))
-    return responses
+    responses = [_response(pb_utils, result) for result in results]
+    if after is None:
+        return responses
+    for request, response in zip(requests, responses):
+        _send(pb_utils, request, response)
+    attempt(after)
+    return None
+
+
+def _response(pb_utils, result):
+    if not isinstance(result, Refusal):
+        try:
+            return pb_utils.InferenceResponse(output_tensors=result)
+        except Exception as exc:  # noqa: BLE001
+            result = refusal(exc)
+    code = pb_utils.TritonError.UNAVAILABLE if result.retryable else pb_utils.TritonError.INVALID_ARG
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(result.public, code))
+
+
+def _send(pb_utils, request, response) -> None:
+    """The final (only) response of ``request``; one that cannot be sent becomes an UNAVAILABLE error."""
+    final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    try:
+        request.get_response_sender().send(response, flags=final)
+    except Exception as exc:  # noqa: BLE001
+        try:
+            request.get_response_sender().send(_response(pb_utils, refusal(exc)), flags=final)
+        except Exception as again:  # noqa: BLE001 - nothing left to answer with; the server logs it
+            pb_utils.Logger.log_error(f"a response could not be sent: {type(again).__name__}")

@@ -113,7 +113,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEF
 def to_rgb(img: Image.Image) -> Image.Image:
     """EXIF orientation applied, then 8-bit RGB from whatever mode the file had."""
     try:
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the pixels when nothing turns
     except Exception:  # noqa: BLE001 - a broken EXIF block: keep the pixels as stored
         pass
     mode = img.mode

@@ -8,9 +8,10 @@ import json
 from loadtest import breakdown
 
 
-def _trace(rid: str, base: int, tid: int) -> list[dict]:
+def _trace(rid: str, base: int, tid: int, late_output: dict | None = None) -> list[dict]:
     """A traced ensemble request as Triton writes it, stamps in ns from ``base`` (shape copied from a real
-    server's trace file)."""
+    server's trace file). ``late_output``: step -> its COMPUTE_OUTPUT_START/END/REQUEST_END offset, for a
+    step that sent its answer before ``execute()`` returned."""
     ens = {"GRPC_WAITREAD_START": 0, "GRPC_WAITREAD_END": 1_000_000, "REQUEST_START": 1_100_000,
            "QUEUE_START": 1_120_000, "INFER_RESPONSE_COMPLETE": 12_000_000, "GRPC_SEND_START": 12_100_000,
            "GRPC_SEND_END": 12_300_000, "REQUEST_END": 12_400_000}
@@ -20,9 +21,11 @@ def _trace(rid: str, base: int, tid: int) -> list[dict]:
     for i, (step, t) in enumerate(steps.items()):
         sid = tid + 1 + i
         items.append({"id": sid, "model_name": step, "model_version": 1, "request_id": rid, "parent_id": tid})
+        late = (late_output or {}).get(step, 0)
         for k, dt in (("REQUEST_START", 0), ("QUEUE_START", 10_000), ("COMPUTE_START", 200_000),
-                      ("COMPUTE_INPUT_END", 300_000), ("COMPUTE_OUTPUT_START", 3_000_000),
-                      ("COMPUTE_END", 3_500_000), ("REQUEST_END", 3_600_000)):
+                      ("COMPUTE_INPUT_END", 300_000), ("COMPUTE_OUTPUT_START", late or 3_000_000),
+                      ("COMPUTE_END", late + 500_000 if late else 3_500_000),
+                      ("REQUEST_END", late + 600_000 if late else 3_600_000)):
             items.append({"id": sid, "timestamps": [{"name": k, "ns": base + t + dt}]})
     return items
 
@@ -42,6 +45,19 @@ def test_segments_follow_the_critical_path_and_add_up(tmp_path):
     assert abs(sum(v for k, v in seg.items() if k != "total") - seg["total"]) < 1e-9
     summary = breakdown.summarize([row], traces)
     assert summary["gateway_grpc"]["n"] == 1 and summary["gateway_grpc"]["median_ms"]["total"] == 13.3
+
+
+def test_a_step_that_answers_before_execute_returns_ends_where_the_next_one_starts(tmp_path):
+    """postprocess sends its answer, then exports its metrics: its COMPUTE_OUTPUT_START (when execute()
+    returned) lies after the ensemble's GRPC_SEND_START; the path ends at the send, nothing is negative."""
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(_trace("a", 10**12, 1, late_output={"postprocess": 3_000_000})))
+    row = {"request_id": "a", "path": "gateway_grpc", "t0": 10**12 - 500_000, "t1": 10**12 + 12_800_000}
+    seg = breakdown.segments(row, breakdown.read_traces(path)["a"])
+    assert all(v >= 0 for v in seg.values()), seg
+    assert abs(seg["postprocess execute"] - 0.8) < 1e-9  # COMPUTE_INPUT_END 11.3 ms -> GRPC_SEND_START 12.1 ms
+    assert seg["ensemble->response"] == 0
+    assert abs(sum(v for k, v in seg.items() if k != "total") - seg["total"]) < 1e-9
 
 
 def test_incomplete_trace_is_left_out():

@@ -13,8 +13,10 @@ instance_group (one stub process per instance) and the native backend's
 for the other instances and the Python stages under load, but leaves cores idle
 for a lone request. With it, a batch of one request runs on a second session with
 that many threads when no other model instance of this server is computing
-(``rtinfer.busy``: instances that mark themselves busy, probed, never waited for;
-``lone_request_allow_spinning`` sets that session's spinning).
+(``rtinfer.busy``: instances that mark themselves busy, probed, never waited for).
+``lone_request_allow_spinning`` sets that session's spinning, ``lone_request_force_spinning_stop``
+ORT's ``session.force_spinning_stop``: threads that spin-wait between the steps of a run but
+stop at its end, so an idle server burns no core.
 
 It never raises out of ``execute()``: when the batch as a whole fails, each request
 is run alone, so a request can only fail itself (answered UNAVAILABLE, with no
@@ -28,7 +30,7 @@ import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
 
 
-def _session(path, params, intra, spinning=None):
+def _session(path, params, intra, spinning=None, spinning_stop=None):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = intra
     opts.inter_op_num_threads = int(params.get("inter_op_thread_count") or 0)
@@ -38,6 +40,8 @@ def _session(path, params, intra, spinning=None):
             opts.add_session_config_entry(key, value)
     if spinning is not None:
         opts.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    if spinning_stop is not None:
+        opts.add_session_config_entry("session.force_spinning_stop", spinning_stop)
     return ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
 
 
@@ -51,7 +55,8 @@ class TritonPythonModel:
         lone = int(params.get("lone_request_thread_count") or 0)
         self.lone = None
         if lone:
-            self.lone = _session(path, params, lone, params.get("lone_request_allow_spinning"))
+            self.lone = _session(path, params, lone, params.get("lone_request_allow_spinning"),
+                                 params.get("lone_request_force_spinning_stop"))
             from rtinfer import busy  # on PYTHONPATH in the embedded server, the only place this backend runs
             self.peers = busy.Marker(args["model_instance_name"])
         self.inputs = [(t["name"], pb_utils.triton_string_to_numpy(t["data_type"])) for t in config["input"]]

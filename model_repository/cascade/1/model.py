@@ -53,12 +53,12 @@ class TritonPythonModel:
         self.metrics = metrics.for_stage_or_none(pb_utils, "cascade", cfg)
 
     def execute(self, requests):
-        return guard.respond(pb_utils, requests, self._handle)
+        # metrics after the answers are sent: no request waits for their round trips to the server
+        return guard.respond(pb_utils, requests, self._handle, after=lambda: self._export(len(requests)))
 
     def _handle(self, requests):
         reqs = [read_request(pb_utils, request) for request in requests]
         results = self.cascade.run(reqs, [r.params for r in reqs], self._edge, self.cloud or self._big)
-        guard.attempt(self._export, len(requests))
         out = []
         for result in results:
             if not isinstance(result, guard.Refusal):

@@ -20,7 +20,8 @@ class TritonPythonModel:
         self.metrics = metrics.for_stage_or_none(pb_utils, "postprocess", cfg)
 
     def execute(self, requests):
-        return guard.respond(pb_utils, requests, self._handle)
+        # metrics after the answers are sent: no request waits for their round trips to the server
+        return guard.respond(pb_utils, requests, self._handle, after=lambda: self._export(len(requests)))
 
     def _handle(self, requests):
         rows = [_read(request) for request in requests]
@@ -32,7 +33,6 @@ class TritonPythonModel:
             params.extend([prm] * len(ctx))
         probs, refs = self.post.run(np.concatenate(logits) if logits else np.zeros((0, 1000), np.float32),
                                     contexts, ids, params)
-        guard.attempt(self._export, len(requests))
         out, start = [], 0
         for row in rows:
             n = len(row[1])

@@ -34,6 +34,9 @@ class TritonPythonModel:
     def _handle(self, requests):
         out = []
         results = self.pre.run([read_request(pb_utils, request) for request in requests])
+        # Metrics before the answers, unlike postprocess: sent after, their round trips to the server would
+        # contend with the classifier running this request on both cores (measured: this stage's execute
+        # 4 -> 13 ms, holding the instance from the next request).
         guard.attempt(self._export, len(requests))
         for result in results:
             if isinstance(result, Accepted):
