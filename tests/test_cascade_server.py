@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import uuid
 
 import numpy as np
@@ -235,6 +236,12 @@ def test_routes_are_counted_on_the_metrics_port(cascade_server, keys):
     for name in ("coffee", "astronaut"):  # measured: confident, and unsure (test above)
         c.classify(samples.photo(name), top_k=1)
     c.close()
-    after = counts()
+    after, deadline = counts(), time.monotonic() + 10
+    while time.monotonic() < deadline:  # the cascade exports its metrics after it has answered: let them settle
+        time.sleep(0.1)
+        again = counts()
+        if again == after:
+            break
+        after = again
     assert after[routing.EDGE] - before[routing.EDGE] == 1 and after[routing.CLOUD] - before[routing.CLOUD] == 1
     assert after[routing.EDGE_FALLBACK] == before[routing.EDGE_FALLBACK]
