@@ -320,6 +320,14 @@ def ratios(results: dict[str, list[dict]], single: dict) -> dict:
                 "fastapi_p99_ms": fast["p99_ms"], "fastapi_throughput": fast["throughput"],
                 f"{arm}_throughput_at_p99_within": mine, "ratio": round(mine / fast["throughput"], 3),
                 "same_cpu_ratio": same_cpu}
+    refs = [r for r in ORT_ARMS if r in sat]
+    if "ort_decode" in cost and cost["ort_decode"] > 0 and refs:
+        # What any server that decodes (as ort_decode does: decode + crop + one-thread ORT per image) could
+        # reach here if it added nothing else: all cores / that CPU per image.
+        best = max(refs, key=lambda r: sat[r])
+        ceiling = (os.cpu_count() or 1) * 1000.0 / cost["ort_decode"]
+        out["decode_ceiling"] = {"throughput": round(ceiling, 1), "best_ort_arm": best,
+                                 "ratio": round(ceiling / sat[best], 3)}
     if single:
         for arm in ("pipeline_grpc", "pipeline_http"):
             out[f"one_client_p50_{arm}_minus_ort_with_decode_ms"] = single[f"{arm}_minus_ort_with_decode_p50_ms"]
@@ -352,9 +360,12 @@ def targets(rat: dict, single: dict) -> list[tuple[str, str, str]]:
             r, same = rat[f"{arm}/{best}_saturated"], rat[f"{arm}/{best}_same_cpu"]
             also = ", ".join(f"{x} {rat[f'{arm}/{x}_saturated']:.2f}x ({rat[f'{arm}/{x}_same_cpu']:.2f}x)"
                              for x in refs if x != best)
+            cap = rat.get("decode_ceiling")
+            cap = (f"; a server that decodes and adds nothing else: at most {cap['throughput']:.0f} img/s = "
+                   f"{cap['ratio']:.2f}x" if cap else "")
             rows.append((f"saturated {arm} >= 0.95x bare ORT's best arm ({best})",
                          f"{sat[arm]:.1f} / {sat[best]:.1f} img/s = **{r:.2f}x**, at equal CPU **{same:.2f}x** "
-                         f"(other arms: {also})", verdict(r, same, 0.95)))
+                         f"(other arms: {also}{cap})", verdict(r, same, 0.95)))
         if f"{arm}/fastapi_at_equal_p99" in rat:
             f = rat[f"{arm}/fastapi_at_equal_p99"]
             same = f.get("same_cpu_ratio", 0.0)
