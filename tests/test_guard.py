@@ -26,3 +26,66 @@ def test_unexpected_exceptions_never_reach_the_client():
         assert "KeyError" in r.detail and "KeyError" not in r.public and "/srv" not in r.public
     assert guard.attempt(lambda: (_ for _ in ()).throw(MemoryError()), blame=guard.CLIENT).retryable
     assert guard.attempt(lambda x: x + 1, 1) == 2
+
+
+class _Pb:
+    """The few pb_utils names guard.respond uses, recording what is sent (the real ones: test_fail_closed.py)."""
+    TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
+
+    class TritonError:
+        UNAVAILABLE, INVALID_ARG = "UNAVAILABLE", "INVALID_ARG"
+
+        def __init__(self, message, code):
+            self.message, self.code = message, code
+
+    class InferenceResponse:
+        def __init__(self, output_tensors=None, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    class Logger:
+        logged: list = []
+
+        @classmethod
+        def log_error(cls, msg):
+            cls.logged.append(msg)
+
+
+class _Request:
+    def __init__(self, log, fail_sends=0):
+        self.log, self.fail_sends = log, fail_sends
+
+    def get_response_sender(self):
+        request = self
+
+        class Sender:
+            def send(self, response, flags=0):
+                if request.fail_sends:
+                    request.fail_sends -= 1
+                    raise RuntimeError("/shm/region: out of memory")
+                request.log.append(("send", request, response, flags))
+        return Sender()
+
+
+def test_answers_are_sent_before_the_after_work_and_nothing_raises():
+    log = []
+    reqs = [_Request(log), _Request(log, fail_sends=1), _Request(log, fail_sends=2)]
+    refused = guard.Refusal("bad_input", "x", guard.BAD_INPUT, False)
+    out = guard.respond(_Pb, reqs, lambda rs: [["t"], refused, ["t"]],
+                        after=lambda: log.append(("after",)) or 1 / 0)  # after() fails: nobody is told
+    assert out is None and [e[0] for e in log] == ["send", "send", "after"]
+    ok, second = log[0], log[1]
+    assert ok[1] is reqs[0] and ok[2].output_tensors == ["t"] and ok[3] == _Pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    # the request whose first send failed got an UNAVAILABLE error instead, without the exception's text
+    assert second[1] is reqs[1] and second[2].error.code == "UNAVAILABLE" and "/shm" not in second[2].error.message
+    assert _Pb.Logger.logged and "/shm" not in _Pb.Logger.logged[-1]  # the third could not be answered at all
+
+
+def test_without_after_the_answers_are_returned_and_a_failing_handler_refuses_every_request():
+    log = []
+    reqs = [_Request(log), _Request(log)]
+    out = guard.respond(_Pb, reqs, lambda rs: 1 / 0)
+    assert log == [] and [r.error.code for r in out] == ["UNAVAILABLE", "UNAVAILABLE"]
+    assert all("ZeroDivision" not in r.error.message for r in out)
+    refused = guard.Refusal("bad_input", "x", guard.BAD_INPUT, False)
+    out = guard.respond(_Pb, reqs, lambda rs: [refused, ["t"]])
+    assert out[0].error.code == "INVALID_ARG" and out[1].output_tensors == ["t"]
