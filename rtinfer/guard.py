@@ -61,11 +61,14 @@ def respond(pb_utils, requests, handler, after=None) -> list | None:
 
     ``after``: work that no answer waits for (the stages' metrics: each update is a round trip to the
     server process). The answers are then sent first through each request's response sender and
-    ``after()`` runs once they are on their way (never raising); ``execute()`` returns None."""
+    ``after()`` runs once they are on their way, if the handler returned (never raising);
+    ``execute()`` returns None."""
+    handled = False
     try:
         results = handler(requests)
         if len(results) != len(requests):
             raise RuntimeError(f"{len(results)} results for {len(requests)} requests")
+        handled = True
     except Exception as exc:  # noqa: BLE001
         results = [refusal(exc)] * len(requests)
     responses = [_response(pb_utils, result) for result in results]
@@ -73,7 +76,8 @@ def respond(pb_utils, requests, handler, after=None) -> list | None:
         return responses
     for request, response in zip(requests, responses):
         _send(pb_utils, request, response)
-    attempt(after)
+    if handled:  # a failed handler left nothing of this batch to report (only the last batch's)
+        attempt(after)
     return None
 
 

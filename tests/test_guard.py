@@ -78,6 +78,11 @@ def test_answers_are_sent_before_the_after_work_and_nothing_raises():
     # the request whose first send failed got an UNAVAILABLE error instead, without the exception's text
     assert second[1] is reqs[1] and second[2].error.code == "UNAVAILABLE" and "/shm" not in second[2].error.message
     assert _Pb.Logger.logged and "/shm" not in _Pb.Logger.logged[-1]  # the third could not be answered at all
+    # a handler that raised: every request is answered UNAVAILABLE and after() does not run (it would
+    # report the previous batch again)
+    log.clear()
+    assert guard.respond(_Pb, reqs[:1], lambda rs: 1 / 0, after=lambda: log.append(("after",))) is None
+    assert [e[0] for e in log] == ["send"] and log[0][2].error.code == "UNAVAILABLE"
 
 
 def test_without_after_the_answers_are_returned_and_a_failing_handler_refuses_every_request():
