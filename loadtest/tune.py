@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -23,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from loadtest import cpu, loadgen, metrics, target
-from loadtest.bench import Arms, model_info
+from loadtest.bench import MODEL, Arms, model_info
 from rtinfer.keyring import Keyring
 from rtinfer.server import ROOT, TritonServer
 
@@ -106,34 +107,38 @@ def make_repo(out: Path, name: str) -> Path:
 
 def one_client(servers: dict[str, TritonServer], key: bytes, n: int) -> dict[str, dict]:
     """One client, one request at a time, round-robin over the variants (and bare ORT decode + inference,
-    all cores), so each variant's server is idle while another answers and drifting load hits all alike."""
+    all cores, in a process of its own as `make bench` runs it: ``loadtest.bare_ort``), so each variant's
+    server is idle while another answers and drifting load hits all alike."""
     import numpy as np
     import tritonclient.grpc as grpcclient
-    from loadtest.payloads import PHOTOS, Sealer, photos
-    from rtinfer import imaging
-    chelsea = photos()[PHOTOS.index("chelsea")]
-    bare = Arms(target.Target("", "", ""), 0, key, "k1", 5, 0).session
+    from loadtest.bare_ort import BareOrt
+    from loadtest.payloads import Sealer
+    bare = BareOrt(str(MODEL), os.cpu_count() or 1, True)
     sealer = Sealer(key, key_id="k1", client_id="tune", pipeline="pipeline", names=("chelsea",))
     clients = {name: grpcclient.InferenceServerClient(srv.grpc_url) for name, srv in servers.items()}
 
     def call(name):
+        """A function that makes one request and returns its milliseconds."""
         if name == "ort_with_decode":
-            return lambda: bare.run(None, {"input": imaging.preprocess(chelsea)[np.newaxis]})
+            return lambda: bare.time("decode")  # timed inside the child (the pipe is not counted)
         inp = grpcclient.InferInput("ENVELOPE", [1, 1], "BYTES")
         inp.set_data_from_numpy(np.array([[sealer.next()]], dtype=np.object_))
-        return lambda: clients[name].infer("pipeline", [inp], request_id=uuid.uuid4().hex,
-                                           parameters={"client_id": "tune"})
+
+        def infer():
+            t0 = time.perf_counter()
+            clients[name].infer("pipeline", [inp], request_id=uuid.uuid4().hex, parameters={"client_id": "tune"})
+            return (time.perf_counter() - t0) * 1e3
+        return infer
     names = ["ort_with_decode", *servers]
     times = {name: [] for name in names}
     for i in range(n + 10):
         for name in names[i % len(names):] + names[:i % len(names)]:
-            fn = call(name)
-            t0 = time.perf_counter()
-            fn()
+            ms = call(name)()
             if i >= 10:
-                times[name].append((time.perf_counter() - t0) * 1e3)
+                times[name].append(ms)
     for c in clients.values():
         c.close()
+    bare.close()
     return {name: {"p50_ms": round(loadgen.percentile(sorted(v), 0.5), 2),
                    "p99_ms": round(loadgen.percentile(sorted(v), 0.99), 2), "n": len(v)} for name, v in times.items()}
 
