@@ -6,6 +6,7 @@ stage parameters (rotation size, replay window, ...): the stages are copied with
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,19 @@ from rtinfer import checkpoint, keyring
 from rtinfer.server import ROOT, TritonServer, repository_with as model_repository_with  # noqa: F401 (tests import it)
 
 REPO = ROOT / "model_repository"
+
+
+def settled(read, timeout: float = 10.0):
+    """``read()`` once two reads 0.1 s apart agree (or at ``timeout``): postprocess and the cascade export
+    their metrics after they have answered, so a scrape right after an answer may come too early."""
+    last, deadline = read(), time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = read()
+        if now == last:
+            break
+        last = now
+    return last
 
 
 def require_model():

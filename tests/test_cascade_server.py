@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import re
-import time
 import uuid
 
 import numpy as np
@@ -24,7 +23,7 @@ from rtinfer import audit, envelope, imaging, routing
 from rtinfer.postprocess import softmax
 from rtinfer.server import TritonServer
 
-from conftest import REPO, require_model
+from conftest import REPO, require_model, settled
 from test_pipeline_server import batch_stats, records_for, send_mixed, tampered
 
 EDGE, BIG = REPO / "classifier_onnx" / "1" / "model.onnx", REPO / "classifier_big" / "1" / "model.onnx"
@@ -236,12 +235,6 @@ def test_routes_are_counted_on_the_metrics_port(cascade_server, keys):
     for name in ("coffee", "astronaut"):  # measured: confident, and unsure (test above)
         c.classify(samples.photo(name), top_k=1)
     c.close()
-    after, deadline = counts(), time.monotonic() + 10
-    while time.monotonic() < deadline:  # the cascade exports its metrics after it has answered: let them settle
-        time.sleep(0.1)
-        again = counts()
-        if again == after:
-            break
-        after = again
+    after = settled(counts)
     assert after[routing.EDGE] - before[routing.EDGE] == 1 and after[routing.CLOUD] - before[routing.CLOUD] == 1
     assert after[routing.EDGE_FALLBACK] == before[routing.EDGE_FALLBACK]

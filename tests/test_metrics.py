@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 import urllib.request
 
 import numpy as np
@@ -13,6 +12,7 @@ import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from clients import samples
+from conftest import settled
 from rtinfer import audit, envelope, keyring, metrics, replay
 from rtinfer.preprocess import Preprocessor, Request
 from rtinfer.server import ROOT, TritonServer
@@ -30,19 +30,6 @@ def parse(text: str) -> dict[tuple, float]:
             labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m[2] or "")))
             out[(m[1], labels)] = float(m[3])
     return out
-
-
-def settled(url: str, timeout: float = 10.0) -> dict[tuple, float]:
-    """The stages' metrics once two scrapes 0.1 s apart agree: postprocess exports its metrics after it
-    has answered (no request waits for them), so a scrape right after an answer may come too early."""
-    last, deadline = None, time.monotonic() + timeout
-    while True:
-        now = {k: v for k, v in parse(urllib.request.urlopen(url).read().decode()).items()
-               if k[0].startswith(metrics.PREFIX)}
-        if now == last or time.monotonic() > deadline:
-            return now
-        last = now
-        time.sleep(0.1)
 
 
 def value(samples_: dict, name: str, **labels) -> float:
@@ -146,7 +133,8 @@ def test_stage_metrics_on_the_metrics_port(stages):
     ctx.set_data_from_numpy(np.array([[b'{"made":"up"}']], dtype=np.object_))
     assert _call(c, "postprocess", [logits, ctx], "pp", "bob") == "400"
 
-    m = settled(stages.metrics_url)
+    m = settled(lambda: {k: v for k, v in parse(urllib.request.urlopen(stages.metrics_url).read().decode()).items()
+                         if k[0].startswith(metrics.PREFIX)})
     pre = {"stage": "preprocess"}
     # alice is listed; bob, carol, dave compete for 2 dynamic slots per instance (each instance folds on its
     # own), so every accepted request is counted under its own id or "other", and dave's 3 cannot all be own
