@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import struct
+import sys
 import warnings
 
 import numpy as np
@@ -27,6 +28,15 @@ DEFAULT_MAX_PIXELS = 40_000_000  # about a 7000x5700 photo; Pillow's own bomb gu
 MAX_JPEG_SCANS = 64    # progressive JPEGs use about 10; each scan re-walks every coefficient
 MAX_PNG_CHUNKS = 20_000  # 8 MiB of 400-byte chunks; Pillow parses each chunk in Python
 MAX_PNG_ANCILLARY_BYTES = 1 << 20  # text, ICC, EXIF ... together
+# Decode cost of one request: ``max_pixels`` is the limit for 8-bit RGB (3 bytes a pixel, a JPEG's full decode), so
+# an image may cost max_pixels x 3 bytes. A PNG pixel costs its inflated row bytes (CPU: inflate and unfilter) plus
+# what Pillow and the conversion to RGB hold (peak RSS measured: RGB 4, grey 5, 16-bit grey 7, palette 8, alpha 12),
+# so a PNG's pixel limit depends on its kind: at the default, about 0.5 s of CPU and 100 MB at most (issue 20; the
+# largest of each kind is measured by tests/test_imaging_bounds.py). JPEGs are decoded at reduced scale (draft).
+BUDGET_BYTES_PER_PIXEL = 3
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type: grey, RGB, palette, grey+alpha, RGBA
+_PNG_HELD = {0: 5, 2: 4, 3: 8, 4: 12, 6: 12}
+_PNG_KIND = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
 
 # Pillow's own per-PNG caps on text chunks (defaults 1 MiB / 64 MiB): far below our envelope size.
 PngImagePlugin.MAX_TEXT_CHUNK = 256 * 1024
@@ -70,6 +80,46 @@ def check_structure(data: bytes) -> None:
             raise _bad(f"JPEG has {scans} scans, more than the limit of {MAX_JPEG_SCANS}")
 
 
+def png_cost(data: bytes) -> tuple[str, float] | None:
+    """(kind, bytes a pixel costs to decode) from a PNG's IHDR (and tRNS), before any pixel is inflated;
+    None for a JPEG or a header Pillow will refuse anyway."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or len(data) < 33 or data[12:16] != b"IHDR":
+        return None
+    depth, ctype = data[24], data[25]
+    if ctype not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        return None
+    held = _PNG_HELD[ctype]
+    if ctype == 0 and depth == 16:
+        held = 7  # 16-bit samples, their high bytes, then RGB
+    elif ctype == 3 and _png_has_chunk(data, b"tRNS"):
+        held = _PNG_HELD[4]  # a palette with transparency goes through RGBA
+    return f"{depth}-bit {_PNG_KIND[ctype]}", _PNG_CHANNELS[ctype] * depth / 8 + held
+
+
+def _png_has_chunk(data: bytes, want: bytes) -> bool:
+    """Whether a chunk ``want`` comes before the pixels (check_structure has bounded the chunk count)."""
+    pos = 8
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        if kind == want:
+            return True
+        if kind in (b"IDAT", b"IEND"):
+            return False
+        pos += 12 + length
+    return False
+
+
+def pixel_limit(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, str]:
+    """The most pixels this image may have, and why (for the refusal): max_pixels, or fewer for a costly PNG."""
+    cost = png_cost(data)
+    if cost is None or cost[1] <= BUDGET_BYTES_PER_PIXEL:
+        return max_pixels, ""
+    kind, per_pixel = cost
+    limit = int(max_pixels * BUDGET_BYTES_PER_PIXEL / per_pixel)
+    return limit, (f" for a PNG of its kind ({kind}: {per_pixel:g} bytes a pixel to decode; max_pixels "
+                   f"{max_pixels} is for 8-bit RGB at {BUDGET_BYTES_PER_PIXEL})")
+
+
 def _draft_size(width: int, height: int, crop: str, size: int = SIZE) -> tuple[int, int]:
     """Smallest size the crop policy needs, so a JPEG can be decoded at 1/2, 1/4 or 1/8 scale."""
     if crop == "squash":
@@ -90,9 +140,10 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEF
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=FORMATS)
             width, height = img.size
-            if width * height > max_pixels:
+            limit, why = pixel_limit(data, max_pixels)
+            if width * height > limit:
                 raise RejectedRequest("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
-                                      f"more than the limit of {max_pixels}")
+                                      f"more than the limit of {limit}{why}")
             if width < 1 or height < 1:
                 raise _bad("image has no pixels")
             if draft and img.format == "JPEG":
@@ -121,9 +172,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if mode == "RGB":
             return img
         if mode in _16BIT_MODES:  # 16-bit grey: scale to 8 bits (convert() would clip everything >255 to white)
-            arr = np.asarray(img, dtype=np.float64)
-            grey = np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8)
-            return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
+            return Image.fromarray(_high_byte(np.asarray(img))).convert("RGB")
         if mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         elif mode in _ALPHA_MODES:
@@ -140,6 +189,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
         raise
     except Exception:  # noqa: BLE001 - e.g. a palette image with transparency and no palette
         raise _bad(f"image could not be converted to RGB (malformed {mode} image)") from None
+
+
+def _high_byte(arr: np.ndarray) -> np.ndarray:
+    """16-bit grey -> 8 bits as ``v >> 8`` in integers: a float64 copy of a big image cost seconds and a GiB."""
+    if arr.dtype.itemsize == 2:  # uint16 in either byte order: take the high byte, no arithmetic
+        big = arr.dtype.byteorder == ">" or (arr.dtype.byteorder == "=" and sys.byteorder == "big")
+        return np.ascontiguousarray(arr.view(np.uint8).reshape(*arr.shape, 2)[..., 0 if big else 1])
+    return (np.clip(arr, 0, 65535) >> 8).astype(np.uint8)  # mode I (int32) from older Pillow
 
 
 def fit(img: Image.Image, crop: str = DEFAULT_CROP, size: int = SIZE) -> Image.Image:
