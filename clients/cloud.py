@@ -5,11 +5,13 @@ The edge re-seals the image bytes with its own service key (``rtinfer.envelope``
 travels encrypted too (top-k of all 1000 classes, i.e. the whole distribution). Each escalation
 has a deadline (``client_timeout`` per attempt, retries only while time is left) and a
 circuit breaker (``rtinfer.routing.Breaker``): when the cloud is slow, down or refuses, the
-row gets ``None`` and the cascade returns the edge answer as ``edge_fallback``.
+row gets ``None`` and the cascade returns the edge answer as ``edge_fallback``. Without a CA it refuses
+to start (``rtinfer.access.require_tls``): a plaintext channel would hand the API key to anyone on the path.
 """
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from collections import deque
 import time
@@ -18,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from clients.classify import PipelineClient
-from rtinfer import routing
+from rtinfer import access, routing
 from rtinfer.cascade import CloudAnswer
 
 NUM_CLASSES = 1000
@@ -28,8 +30,13 @@ class CloudLeg:
     def __init__(self, url: str, *, key: bytes, key_id: str, client_id: str, pipeline: str = "pipeline",
                  api_key: str = "", tls_ca: str | None = None, deadline_s: float = 1.0, attempts: int = 2,
                  min_attempt_s: float = 0.05, breaker: routing.Breaker | None = None, clock=time.monotonic,
-                 max_concurrent: int = 8):
+                 max_concurrent: int = 8, insecure_loopback_only: bool = False):
         self.url, self.pipeline = url, pipeline
+        # never plaintext to a remote cloud: the API key rides in every call's headers
+        if access.require_tls(url, tls_ca, insecure_loopback_only):
+            logging.getLogger(__name__).warning(
+                "cloud leg to %s in PLAINTEXT (cloud_insecure_loopback_only): its API key and the answers are "
+                "not encrypted; loopback development only", url)
         self.client = PipelineClient(url, protocol="grpc", key=key, key_id=key_id, client_id=client_id,
                                      pipeline=pipeline, api_key=api_key, tls_ca=tls_ca, seal_response=True)
         self.deadline_s, self.attempts, self.min_attempt_s = deadline_s, attempts, min_attempt_s
@@ -48,13 +55,16 @@ class CloudLeg:
         deadline = routing.Deadline.start(self.deadline_s, self.clock)
         t0 = time.perf_counter()
         for n in range(self.attempts):
+            # the deadline before the breaker: a half-open trial taken for a call that never starts would
+            # never be given back, and the breaker would stay half-open, never asking the cloud again
+            timeout = routing.next_timeout(deadline, n, self.attempts, self.min_attempt_s)
+            if timeout is None:
+                self.last_errors.append("deadline spent")
+                return None
             with self.lock:
                 if not self.breaker.allow():
                     self.last_errors.append("breaker open")
                     return None
-            timeout = routing.next_timeout(deadline, n, self.attempts, self.min_attempt_s)
-            if timeout is None:
-                return None
             try:
                 kwargs = self.client.request(self.client.seal(plaintext), NUM_CLASSES, f"{request_id}.cloud{n}")
                 result = self.client.result(kwargs, self.client.client.infer(**kwargs, client_timeout=timeout))

@@ -65,6 +65,48 @@ def tls_server_args(cert: str | None, key: str | None, client_ca: str | None = N
     return args + ["--grpc-use-ssl=true"]
 
 
+def flag(name: str, value: str) -> bool:
+    """A model parameter switch: "1" on, "0" or empty off; anything else is refused, not guessed."""
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be '1' or '0' (or empty), got {value!r}")
+    return value == "1"
+
+
+def loopback_target(url: str) -> bool:
+    """Whether a gRPC target ``host:port`` names a loopback address literally (127.0.0.0/8, [::1]).
+    Names (``localhost`` included) are not resolved: what they resolve to may change after this check."""
+    host, sep, port = url.rpartition(":")
+    if not sep or not port.isdigit():
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_tls(url: str, ca: str | None, insecure_loopback_only: bool = False) -> bool:
+    """Refuse a plaintext gRPC channel to the cascade's cloud (``cloud_url``): the API key travels in every
+    call's headers, so anyone on the path would read it (and could force ``edge_fallback`` at will).
+    ``insecure_loopback_only`` allows plaintext to a loopback address, for development on one host.
+    Returns whether the channel is plaintext (the caller says so loudly)."""
+    if ca:
+        if not Path(ca).is_file():
+            raise ValueError(f"cloud_tls_ca {ca} is not a file: TLS to cloud_url {url} needs the CA "
+                             "that signs the cloud's certificate")
+        return False
+    if insecure_loopback_only and loopback_target(url):
+        return True
+    missing = f"TLS settings missing for cloud_url {url}: set cloud_tls_ca to the CA that signs the cloud's certificate"
+    if insecure_loopback_only:
+        raise ValueError(f"{missing}; cloud_insecure_loopback_only allows plaintext only for a loopback address "
+                         "given literally (127.0.0.1:PORT or [::1]:PORT), not for this one")
+    raise ValueError(f"{missing} (without TLS its API key and the answers cross the network in clear, and anyone "
+                     "on the path can force edge_fallback). For development on this host only, "
+                     "cloud_insecure_loopback_only \"1\" allows plaintext to a loopback address")
+
+
 def headers(protocol: str, api_key: str = "", admin_key: str = "") -> dict[str, str]:
     """Request headers carrying the keys, named as Triton expects them on ``protocol``."""
     prefix = GRPC_HEADER_PREFIX if protocol == "grpc" else ""
@@ -149,6 +191,14 @@ def loopback_certs(directory) -> dict:
     paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["server"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["server-key"].write_bytes(_pem_key(key))
-    paths["server-key"].chmod(0o600)
+    write_private(paths["server-key"], _pem_key(key))
     return paths
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write a secret owner-only from its first byte: created 0600 whatever the umask (an existing file is
+    narrowed before the write), never written first and chmod-ed after (readable by others in between)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        os.fchmod(fd, 0o600)
+        f.write(data)

@@ -34,13 +34,14 @@ class TritonPythonModel:
         self.cloud = None
         if p("cloud_url"):
             from clients.cloud import CloudLeg
-            from rtinfer.access import read_secret
+            from rtinfer.access import flag, read_secret
             from rtinfer.keyring import Keyring, resolve_path
             ring = Keyring.load(resolve_path(p("cloud_keyring")))
             self.cloud = CloudLeg(
                 p("cloud_url"), key=ring.key(p("cloud_key_id")), key_id=p("cloud_key_id"),
                 client_id=p("cloud_client_id", "edge"), pipeline=p("cloud_pipeline", "pipeline"),
                 api_key=read_secret(file=p("cloud_api_key_file") or None), tls_ca=p("cloud_tls_ca") or None,
+                insecure_loopback_only=flag("cloud_insecure_loopback_only", p("cloud_insecure_loopback_only")),
                 deadline_s=float(p("cloud_deadline_s", "1.0")), attempts=int(p("cloud_attempts", "2")),
                 breaker=routing.Breaker(failures=int(p("cloud_breaker_failures", "3")),
                                         reset_s=float(p("cloud_breaker_reset_s", "5"))))
