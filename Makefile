@@ -28,7 +28,8 @@ DISTILL_KEEP ?=
 QAT_STEPS ?=
 
 .PHONY: venv engines engines-quick bench-engines keys haproxy prometheus serve serve-direct demo test loadtest bench \
-        bench-gateway clean evaluate observe serve-edge-cloud cascade-curve
+        bench-gateway clean evaluate observe serve-edge-cloud cascade-curve \
+        protobuf-oracle fuzz-gateway
 
 venv: $(STAMP)
 $(STAMP): requirements.txt pyproject.toml
@@ -104,8 +105,19 @@ serve-direct: engines keys
 demo: engines-quick keys
 	$(PY) -m clients.demo --keyring $(KEYRING) --audit-dir $(AUDIT_DIR)
 
-test: engines haproxy prometheus
+# The C++ protobuf parser the gateway's reader is proved against (tests/test_gateway_differential.py).
+protobuf-oracle:
+	@tests/oracle/require-toolchain.sh
+
+test: engines haproxy prometheus protobuf-oracle
 	$(PY) -m pytest -q
+
+# The gateway's differential test, longer and from a new seed each time (make test runs 20,000 cases
+# from a fixed one): FUZZ_CASES generated gRPC messages against C++ and Python protobuf.
+FUZZ_CASES ?= 500000
+fuzz-gateway: $(STAMP) protobuf-oracle
+	GATEWAY_DIFF_CASES=$(FUZZ_CASES) GATEWAY_DIFF_SEED=$${GATEWAY_DIFF_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')} \
+	  $(PY) -m pytest -q tests/test_gateway_differential.py -k agrees
 
 # The cascade (README "Cascade"): an edge and a cloud Triton on loopback (cloud: gRPC + TLS, its own
 # inference key, the edge's service key in its keyring); the edge's gRPC/HTTP on GRPC_PORT/HTTP_PORT.

@@ -309,17 +309,27 @@ def test_admin_and_statistics_apis_are_refused_even_with_the_admin_key(gateway, 
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_health_and_pipeline_metadata_are_open_other_models_are_not(gateway, protocol):
+def test_health_is_open_pipeline_metadata_needs_the_key_other_models_are_refused(gateway, protocol):
+    """Health and readiness stay open (probes); a model's config and metadata need the inference key
+    (they name parameters, key-file paths and the cloud's address); other models are refused."""
     c = triton_client(gateway, protocol)
+    key = access.headers(protocol, GATED_API_KEY)
     assert c.is_server_live() and c.is_server_ready() and c.get_server_metadata()
     assert c.is_model_ready("pipeline")
-    meta = c.get_model_metadata("pipeline", as_json=True) if protocol == "grpc" else c.get_model_metadata("pipeline")
+    for call in (c.get_model_metadata, c.get_model_config):
+        for headers, status in ((None, "401"), ({k: "wrong" for k in key}, "401")):
+            with pytest.raises(InferenceServerException) as info:
+                call("pipeline", headers=headers)
+            assert str(info.value.status()) in (status, "StatusCode.UNAUTHENTICATED"), info.value
+            assert "API key" in info.value.message()
+    meta = c.get_model_metadata("pipeline", headers=key, as_json=True) if protocol == "grpc" else \
+        c.get_model_metadata("pipeline", headers=key)
     assert meta["name"] == "pipeline"
-    assert c.get_model_config("pipeline")
+    assert c.get_model_config("pipeline", headers=key)
     for model in COMPOSING:
         for call in (c.get_model_metadata, c.get_model_config):
             with pytest.raises(InferenceServerException) as info:
-                call(model)
+                call(model, headers=key)
             assert str(info.value.status()) in REFUSED, (model, info.value)
         if protocol == "http":  # tritonclient.http answers False instead of raising
             assert not c.is_model_ready(model)

@@ -9,9 +9,10 @@
 --                                    <models>: the exposed models, comma-separated
 --                                    ("pipeline" or "pipeline,cascade").
 --   lua.rtinfer_grpc_route           gRPC: allow only the unary methods a client needs.
---   lua.rtinfer_grpc_body <models> <max>  gRPC: read the model name from the whole protobuf
---                                    message (exactly one field 1), refuse compressed or
---                                    incomplete messages and messages over <max> bytes.
+--   lua.rtinfer_grpc_body <models> <max>  gRPC: check the whole message with grpc_message.lua
+--                                    (what Triton's protobuf parser reads, exactly one model
+--                                    name), refuse compressed or incomplete messages and
+--                                    messages over <max> bytes.
 --   lua.rtinfer_refuse <reason>      refuse the request for <reason>.
 --   lua.rtinfer_reply                answer a refused request (HTTP or gRPC status) and end it.
 --
@@ -19,6 +20,8 @@
 -- prints it); haproxy.cfg answers with lua.rtinfer_reply, after the request body is in
 -- where it can be: a client still sending its body would otherwise see the connection
 -- (or the HTTP/2 stream) closed instead of the answer.
+
+local grpc_message = require("grpc_message")  -- haproxy.cfg puts this directory on the Lua path
 
 local GRPC_SERVICE = "/inference.GRPCInferenceService/"
 
@@ -34,7 +37,7 @@ local REFUSALS = {
   too_large            = {413, 8,  "request larger than the gateway's limit"},
   length_required      = {411, 3,  "Content-Length required"},
   rate_limited         = {429, 8,  "rate limit exceeded"},
-  compressed           = {415, 12, "compressed gRPC messages are not accepted"},
+  compressed           = {415, 12, "compressed requests are not accepted"},
   incomplete_message   = {413, 8,  "gRPC message incomplete or larger than the gateway's buffer"},
   malformed_message    = {400, 3,  "malformed gRPC message"},
   body_not_allowed     = {400, 3,  "this request takes no body"},
@@ -102,16 +105,6 @@ local function normalize(path)
   return "/" .. table.concat(segments, "/")
 end
 
--- Whether name is one of the comma-separated exposed models (exact, case-sensitive match).
-local function exposed(models, name)
-  for m in string.gmatch(models, "[^,]+") do
-    if m == name then
-      return true
-    end
-  end
-  return false
-end
-
 -- The routes a client of the exposed models needs, on the canonical path (case-sensitive,
 -- as Triton's own routing is). Versions: a positive integer.
 local function http_route(canon, model)
@@ -119,7 +112,7 @@ local function http_route(canon, model)
     return "GET"
   end
   local name, rest = canon:match("^/v2/models/([^/]+)(.*)$")
-  if name == nil or not exposed(model, name) then
+  if name == nil or not grpc_message.exposed(model, name) then
     return nil
   end
   local tail = rest:match("^/versions/[1-9]%d*(.*)$") or rest
@@ -154,61 +147,6 @@ end, 1)
 
 -- ---------------------------------------------------------------- gRPC messages
 
-local GRPC_OPEN = {ServerLive = true, ServerReady = true, ServerMetadata = true}
--- methods whose request names a model in field 1 (ModelInferRequest.model_name,
--- ModelReady/Metadata/ConfigRequest.name)
-local GRPC_MODEL = {ModelInfer = true, ModelReady = true, ModelMetadata = true, ModelConfig = true}
-
--- a base-128 varint at position i of s: value, next position (nil when malformed)
-local function varint(s, i, limit)
-  local value, shift = 0, 0
-  while i <= limit and shift < 64 do
-    local b = s:byte(i)
-    value = value | ((b & 0x7f) << shift)
-    i = i + 1
-    if b < 0x80 then
-      return value, i
-    end
-    shift = shift + 7
-  end
-  return nil
-end
-
--- Walk the top-level fields of the protobuf message s[first..last]. Returns the values
--- of field 1 (each must be length-delimited), or nil when the message is malformed.
--- Protobuf keeps the LAST of repeated scalar fields, so every occurrence counts.
-local function field1_values(s, first, last)
-  local names, i = {}, first
-  while i <= last do
-    local key
-    key, i = varint(s, i, last)
-    if key == nil then return nil end
-    local field, wire = key >> 3, key & 7
-    if field == 0 then return nil end
-    if wire == 0 then
-      local _
-      _, i = varint(s, i, last)
-      if i == nil then return nil end
-    elseif wire == 1 then
-      i = i + 8
-    elseif wire == 5 then
-      i = i + 4
-    elseif wire == 2 then
-      local len
-      len, i = varint(s, i, last)
-      if len == nil or len < 0 or len > last - i + 1 then return nil end
-      if field == 1 then
-        names[#names + 1] = s:sub(i, i + len - 1)
-      end
-      i = i + len
-    else
-      return nil  -- groups (3, 4) and undefined wire types
-    end
-    if field == 1 and wire ~= 2 then return nil end
-    if i > last + 1 then return nil end
-  end
-  return names
-end
 
 core.register_action("rtinfer_grpc_route", {"http-req"}, function(txn)
   local path = txn.sf:path()
@@ -217,45 +155,27 @@ core.register_action("rtinfer_grpc_route", {"http-req"}, function(txn)
   end
   local rpc = path:sub(#GRPC_SERVICE + 1)
   txn:set_var("txn.route", rpc)
-  if txn.sf:url():find("?", 1, true) or not (GRPC_OPEN[rpc] or GRPC_MODEL[rpc]) then
+  if txn.sf:url():find("?", 1, true) or grpc_message.SCHEMAS[rpc] == nil then
     return refuse(txn, "route_not_allowed")  -- streaming, admin, statistics, shared memory, ...
   end
   if txn.sf:method() ~= "POST" then
     return refuse(txn, "method_not_allowed")
   end
-  txn:set_var("txn.needs_body", GRPC_MODEL[rpc] == true)
+  txn:set_var("txn.needs_body", true)  -- every method's message is read whole and checked
 end, 0)
 
--- After haproxy.cfg waited for the whole body (wait-for-body), up to the buffer size.
+-- After haproxy.cfg waited for the whole body (wait-for-body), up to the buffer size: the message
+-- must be one that Triton's protobuf parser reads as this file does (grpc_message.lua).
 core.register_action("rtinfer_grpc_body", {"http-req"}, function(txn, model, max_bytes)
-  local body = txn.sf:req_body() or ""
-  if #body < 5 then
-    return refuse(txn, "malformed_message")
-  end
-  local flag, length = string.unpack(">B I4", body)
-  if flag ~= 0 then
-    return refuse(txn, "compressed")  -- its model name cannot be read without inflating it
-  end
-  if 5 + length > tonumber(max_bytes) then
-    return refuse(txn, "too_large")
-  end
-  if #body < 5 + length then
-    return refuse(txn, "incomplete_message")  -- stalled, or did not fit in the buffer
-  end
-  if #body ~= 5 + length then
-    return refuse(txn, "malformed_message")  -- a unary call carries exactly one message
-  end
-  local names = field1_values(body, 6, #body)
-  if names == nil then
-    return refuse(txn, "malformed_message")
-  end
+  local reason, names = grpc_message.check(txn.sf:req_body() or "", txn:get_var("txn.route"), model,
+                                           tonumber(max_bytes))
   local shown = {}  -- for the log: the client chose these bytes
   for k, name in ipairs(names) do
     shown[k] = name:sub(1, 64):gsub("[^%w%-%._]", "?")
   end
   txn:set_var("txn.model", table.concat(shown, ","))
-  if #names ~= 1 or not exposed(model, names[1]) then
-    return refuse(txn, "model_not_allowed")
+  if reason ~= nil then
+    refuse(txn, reason)
   end
 end, 2)
 
