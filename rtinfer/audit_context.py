@@ -7,7 +7,9 @@ server-internal key, ``rtinfer.internal_key``) and binds it to the request id an
 the time it was made; postprocess refuses, per request, a context whose MAC,
 request id or freshness does not check, and one it has already used (the MACs
 of used contexts are kept for the freshness window in a store shared by all
-postprocess instances, ``rtinfer.replay.ReplayGuard``). What a MAC cannot cover:
+postprocess instances, ``rtinfer.replay.ReplayGuard``). A MAC that does not check is
+called forged only after postprocess has read the key file again (a rotation may reach
+preprocess first: ``rtinfer.internal_key``). What a MAC cannot cover:
 the logits of a direct call with a genuine, unused context (the gateway closes that).
 """
 from __future__ import annotations

@@ -10,6 +10,14 @@ The file is 32 bytes per key, the current key first, then the previous one, whic
 is still accepted for checking (so contexts in flight across a rotation still
 verify). ``python -m rtinfer.internal_key rotate|show [PATH]`` rotates like the
 keyring: an atomic rename, and the stages reload the file when it changes.
+
+Rotation (issue 20): each stage instance reloads on its own schedule (``check_s``),
+so preprocess may sign with the new key before postprocess has read it. A checker
+therefore reads the file again, once, before it calls a context forged
+(``InternalKeys.all(fresh=True)``): good requests in that window are served, a
+forgery is still refused. Procedure: run ``rotate`` on the server host (no restart);
+rotate again only after the contexts' freshness window (``audit_ctx_max_age_s``,
+60 s) has passed, since a context made under a key two rotations old is refused.
 """
 from __future__ import annotations
 
@@ -104,9 +112,11 @@ class InternalKeys:
         except OSError:
             return None
 
-    def all(self) -> list[bytes]:
+    def all(self, *, fresh: bool = False) -> list[bytes]:
+        """The keys, current first; ``fresh``: look at the file now, whenever it was last looked at (a
+        checker whose MAC did not check: the signer may have reloaded a rotated file first)."""
         now = time.monotonic()
-        if now - self._checked >= self.check_s:
+        if fresh or now - self._checked >= self.check_s:
             with self._lock:
                 self._checked = now
                 stamp = self._stat()

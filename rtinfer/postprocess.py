@@ -122,9 +122,8 @@ class Postprocessor:
             return (np.zeros_like(probs), [accepted] * n), {}
         out: list = [None] * n
         records, ctxs, seal_keys = [], {}, {}
-        for i in range(n):  # a context may already be a Refusal: the adapter could not read that request
-            ctx = contexts[i] if isinstance(contexts[i], Refusal) else attempt(
-                audit_context.open_context, contexts[i], accepted, request_ids[i], blame=CLIENT)
+        opened, accepted = self._open_contexts(contexts, request_ids, accepted)
+        for i, ctx in enumerate(opened):
             if isinstance(ctx, Refusal):
                 out[i] = ctx
             else:
@@ -161,6 +160,24 @@ class Postprocessor:
                                  top_k_of(params[i]), seal_keys[i])
                 probs[i] = 0.0
         return (probs, out), ctxs
+
+    def _open_contexts(self, contexts: list, request_ids: list[str], accepted: list[bytes] | None) -> tuple:
+        """Per row, the authenticated context or its Refusal (a row may already be one: the adapter could not
+        read it), and the keys that checked them. Before a MAC failure counts as a forgery, the key file is
+        read again, once: preprocess may have picked up a rotated key before this instance did."""
+        def open_one(i, keys):
+            return contexts[i] if isinstance(contexts[i], Refusal) else attempt(
+                audit_context.open_context, contexts[i], keys, request_ids[i], blame=CLIENT)
+
+        opened = [open_one(i, accepted) for i in range(len(contexts))]
+        forged = [i for i, c in enumerate(opened) if isinstance(c, Refusal) and c.reason == "context_forged"]
+        if forged and self.internal_keys is not None:
+            fresh = attempt(self.internal_keys.all, fresh=True)
+            if not isinstance(fresh, Refusal) and fresh != accepted:
+                accepted = fresh
+                for i in forged:
+                    opened[i] = open_one(i, accepted)
+        return opened, accepted
 
     def _admit(self, ctxs: dict[int, dict], out: list) -> None:
         """Freshness and single use of the authenticated contexts, in one transaction for the batch."""

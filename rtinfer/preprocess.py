@@ -204,12 +204,15 @@ class Preprocessor:
             "request_id": str(req.request_id), "client_id": str(req.client_id), "key_id": None,
             "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(), "envelope_bytes": len(req.envelope),
             "reason": why.reason, "message": why.detail, "retryable": why.retryable,
+            # what ran: the one pipeline this stage serves (each ensemble has its own preprocess); the header's
+            # audience is only a claim here, as the client id is
+            "pipeline": next(iter(self.pipelines)) if len(self.pipelines) == 1 else None,
             "preprocess_version": self.version,
             "timing_ms": {"preprocess": round((time.time_ns() - started_ns) / 1e6, 3)},
         }
         try:  # the header, when it parses, says who claims to have sent it (not authenticated if rejected)
             hdr = envelope.parse_header(req.envelope)[0]
-            rec.update(key_id=hdr.key_id, claimed_client_id=hdr.client_id, pipeline=hdr.pipeline)
+            rec.update(key_id=hdr.key_id, claimed_client_id=hdr.client_id, claimed_pipeline=hdr.pipeline)
         except RejectedRequest:
             pass
         return rec

@@ -5,9 +5,16 @@ shared by every preprocess instance (each Triton instance is its own process and
 Triton routes requests to instances arbitrarily, so per-instance memory would let
 a replay through on another instance). Entries older than the window are pruned:
 the window check already refuses those envelopes, so the store stays bounded by
-window x request rate, and process memory by SQLite's page cache. The store is a
-file, so a restart does not forget what was seen. It must be on a local file
-system (SQLite's locking is unreliable on network file systems).
+(window + margin) x request rate, and process memory by SQLite's page cache. The
+store is a file, so a restart does not forget what was seen. It must be on a local
+file system (SQLite's locking is unreliable on network file systems).
+
+Pruning never follows a clock that ran ahead (issue 20): its reference is the
+server's own wall clock as the monotonic clock carried it from the earliest reading
+this process took (a step forward, then back, cannot advance it; never a client's
+timestamp), less the window and ``prune_margin_s``. A wall clock that is stepped
+forward for real keeps entries longer, by the step, until the stage restarts: more
+disk, never a replay let through.
 
 The window check and the nonce insert happen in one write transaction, against one
 clock reading taken inside it: another instance cannot prune a nonce between the
@@ -28,18 +35,21 @@ from rtinfer.errors import RejectedRequest, Unavailable
 DEFAULT_WINDOW_S = 300.0
 DEFAULT_FUTURE_SKEW_S = 30.0
 DEFAULT_BUSY_TIMEOUT_S = 0.25
+DEFAULT_PRUNE_MARGIN_S = 60.0  # kept past the window: instances' readings differ, NTP steps the clock
 
 
 class ReplayGuard:
     def __init__(self, path: str | os.PathLike, *, window_s: float = DEFAULT_WINDOW_S,
                  future_skew_s: float = DEFAULT_FUTURE_SKEW_S, prune_every_s: float = 5.0,
-                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S):
+                 busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S, prune_margin_s: float = DEFAULT_PRUNE_MARGIN_S):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.window_ms = int(window_s * 1000)
         self.skew_ms = int(future_skew_s * 1000)
         self.prune_every_s = prune_every_s
+        self.margin_ms = int(prune_margin_s * 1000)
         self._pruned = 0.0
+        self._wall_minus_mono: int | None = None  # the smallest (wall - monotonic) seen: see prune_before
         self._lock = threading.Lock()
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         # Setting up may wait for other instances starting at the same time; requests may not wait long.
@@ -86,8 +96,9 @@ class ReplayGuard:
                         out.append(None if cur.rowcount == 1 else RejectedRequest(
                             "replayed", "envelope was already received (replay): its nonce was seen within the "
                             "replay window"))
+                    cutoff = self.prune_before(now)
                     if time.monotonic() - self._pruned > self.prune_every_s:
-                        cur.execute("DELETE FROM seen WHERE ts < ?", (now - self.window_ms,))
+                        cur.execute("DELETE FROM seen WHERE ts < ?", (cutoff,))
                         self._pruned = time.monotonic()
                     cur.execute("COMMIT")
                 except BaseException:
@@ -98,6 +109,17 @@ class ReplayGuard:
                 raise Unavailable("replay_store_unavailable", f"replay store {self.path.name}: "
                                   f"{type(exc).__name__}: {exc}") from None
         return out
+
+    def prune_before(self, wall_ms: int) -> int:
+        """The timestamp below which entries may go, given this wall clock reading. The reference is the
+        wall clock carried forward by the monotonic clock from the earliest point seen, so a wall clock
+        that jumps ahead (and is set back) cannot make the store forget a nonce the window check would
+        still accept once the clock is right again."""
+        mono_ms = time.monotonic_ns() // 1_000_000
+        offset = wall_ms - mono_ms
+        if self._wall_minus_mono is None or offset < self._wall_minus_mono:
+            self._wall_minus_mono = offset
+        return mono_ms + self._wall_minus_mono - self.window_ms - self.margin_ms
 
     def record(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None) -> list[bool]:
         """Record nonces without the window check; False = seen before (a replay)."""

@@ -98,7 +98,7 @@ def test_ensemble_tensors_line_up(ensemble, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_no_response_cache_on_audited_models(variant):
     """A cache hit skips every step of an ensemble, so the audit record would never be written."""
-    for model in ["preprocess", "postprocess", *ensembles()]:
+    for model in [m for m in MODELS if m.startswith("preprocess")] + ["postprocess", *ensembles()]:
         cfg = config(model, variant)
         assert not (cfg.HasField("response_cache") and cfg.response_cache.enable), model
 
@@ -123,7 +123,8 @@ def test_default_pipeline_runs_the_fp16_engine():
 
 @pytest.mark.parametrize("arm", AB_ARMS)
 def test_ab_arms_are_the_pipeline_with_another_classifier(arm):
-    """Same tensors, steps and batching as `pipeline`: only the name and the classifier differ."""
+    """Same tensors, steps and batching as `pipeline`: only the name, the classifier and the arm's own
+    preprocess (the same stage, accepting envelopes sealed for this arm only) differ."""
     got = config(arm, "default")
     assert classifier_step(got) == AB_ARMS[arm]
     want = config("pipeline", "default")
@@ -131,7 +132,26 @@ def test_ab_arms_are_the_pipeline_with_another_classifier(arm):
     for step in want.ensemble_scheduling.step:
         if step.model_name.startswith("classifier_"):
             step.model_name = AB_ARMS[arm]
+        elif step.model_name == "preprocess":
+            step.model_name = preprocess_step(got)
     assert got == want
+
+
+def preprocess_step(cfg: mc.ModelConfig) -> str:
+    [step] = [s.model_name for s in cfg.ensemble_scheduling.step if s.model_name.startswith("preprocess")]
+    return step
+
+
+@pytest.mark.parametrize("model", sorted(m for m in MODELS if m.startswith("preprocess_")))
+def test_each_arms_preprocess_is_preprocess_with_its_own_audience(model):
+    """Issue 20 (2): only the name and the accepted pipeline differ, and it runs the same code."""
+    got, want = config(model, "default"), config("preprocess", "default")
+    assert got.parameters["pipelines"].string_value == "pipeline_" + model.removeprefix("preprocess_")
+    want.name = model
+    want.parameters["pipelines"].string_value = got.parameters["pipelines"].string_value
+    assert got == want
+    assert (REPO / model / "1").resolve() == (REPO / "preprocess" / "1").resolve()
+    assert not (REPO / model / "configs").exists() and not (REPO / "preprocess" / "configs").exists()
 
 
 @pytest.mark.parametrize("model", TRT_MODELS)
@@ -165,9 +185,13 @@ def test_classifier_warmup(model):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_preprocess_accepts_every_pipeline(variant):
-    params = config("preprocess", variant).parameters
-    assert set(ensembles()) <= set(params["pipelines"].string_value.split(","))
+@pytest.mark.parametrize("ensemble", ensembles())
+def test_each_ensemble_accepts_only_envelopes_sealed_for_it(ensemble, variant):
+    """Issue 20 (2): a preprocess that accepted every pipeline's envelopes let one sealed for
+    pipeline_int8 be served by `pipeline` and audited as pipeline_int8, naming a classifier that
+    did not answer. Triton does not tell a step which ensemble called it: one preprocess per ensemble."""
+    params = config(preprocess_step(config(ensemble, variant)), variant).parameters
+    assert params["pipelines"].string_value == ensemble
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

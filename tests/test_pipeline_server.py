@@ -14,6 +14,9 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, envelope
+from rtinfer.server import TritonServer
+
+from conftest import require_model
 
 PROTOCOLS = ["grpc", "http"]
 CATS = range(281, 286)
@@ -112,6 +115,46 @@ def test_bad_envelope_rejected_audited_and_server_keeps_serving(case, client, ke
     make, fragment, reason = BAD_ENVELOPES[case]
     expect_rejected(client, make(client, keys), fragment, reason, audit_dir)
     assert client.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
+
+
+def test_envelope_sealed_for_another_pipeline_is_not_audited_as_that_pipeline(client, keys, audit_dir):
+    """Issue 20 (2): sealed for pipeline_int8 and sent to `pipeline`, it was served by pipeline's classifier
+    and audited as pipeline_int8, naming classifier_trt_int8, which did not answer. Each ensemble's
+    preprocess now accepts only its own audience: refused, audited as what it was sent to."""
+    sealed = envelope.seal(samples.photo("coffee"), keys.key("k1"), key_id="k1", client_id=client.client_id,
+                           pipeline="pipeline_int8")
+    rec = expect_rejected(client, sealed, "authentication failed", "wrong_pipeline", audit_dir)
+    assert rec["pipeline"] == "pipeline" and rec["claimed_pipeline"] == "pipeline_int8"
+    assert "sealed for pipeline 'pipeline_int8'" in rec["message"]
+    same = [r for r in audit.read_records(audit_dir) if r.get("envelope_sha256") == rec["envelope_sha256"]]
+    assert same == [rec]  # nothing served, nothing recorded as pipeline_int8
+    assert client.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
+
+
+def test_each_ensemble_serves_and_audits_only_its_own_audience(keyring_path, keys, signing_key, tmp_path):
+    """Issue 20 (2), with an A/B arm loaded beside `pipeline` (its own preprocess_onnx, the same code):
+    each serves the envelopes sealed for it, audited under its own name and classifier, and refuses
+    the other's."""
+    require_model()
+    audit_dir = tmp_path / "audit"
+    with TritonServer(keyring=str(keyring_path), audit_dir=str(audit_dir), audit_signing_key=str(signing_key[0]),
+                      models=("pipeline", "pipeline_onnx"), workdir=tmp_path / "triton") as srv:
+        for served, other in (("pipeline_onnx", "pipeline"), ("pipeline", "pipeline_onnx")):
+            c = PipelineClient(srv.grpc_url, key=keys.key("k1"), key_id="k1", client_id="ab-user", pipeline=served)
+            res = c.classify(samples.photo("coffee"), top_k=1)
+            assert res.predictions[0].index == 967
+            [rec] = records_for(audit_dir, res.request_id)
+            assert rec["event"] == "served" and rec["pipeline"] == served
+            assert rec["models"]["classifier"].startswith("classifier_onnx/"), rec["models"]
+            misdirected = envelope.seal(samples.photo("coffee"), keys.key("k1"), key_id="k1", client_id="ab-user",
+                                        pipeline=other)
+            rid = uuid.uuid4().hex
+            with pytest.raises(InferenceServerException):
+                c.infer_envelope(misdirected, request_id=rid)
+            [rec] = records_for(audit_dir, rid)
+            assert (rec["event"], rec["reason"], rec["pipeline"], rec["claimed_pipeline"]) == \
+                ("rejected", "wrong_pipeline", served, other)
+            c.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

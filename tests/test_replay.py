@@ -51,11 +51,27 @@ def test_store_is_shared_between_instances_and_survives_a_restart(tmp_path):
 
 
 def test_store_is_bounded_by_the_window(tmp_path):
-    g = replay.ReplayGuard(tmp_path / "r.db", window_s=10, prune_every_s=0)
-    g.record([("k1", i.to_bytes(12, "big"), NOW) for i in range(500)], now_ms=NOW)
+    """On the real clocks: entries older than window + margin go."""
+    g = replay.ReplayGuard(tmp_path / "r.db", window_s=0.2, prune_margin_s=0.1, prune_every_s=0)
+    ts = int(time.time() * 1000)
+    g.record([("k1", i.to_bytes(12, "big"), ts) for i in range(500)])
     assert g.size() == 500
-    g.record([("k1", b"x" * 12, NOW + 11_000)], now_ms=NOW + 11_000)  # the old ones are out of the window
+    time.sleep(0.4)
+    g.record([("k1", b"x" * 12, int(time.time() * 1000))])  # the old ones are out of the window
     assert g.size() == 1
+    g.close()
+
+
+def test_a_clock_stepped_ahead_does_not_prune_what_the_real_clock_still_accepts(tmp_path):
+    """Issue 20 (3): while the server's clock was 240 s ahead, an envelope stamped by it (inside the skew)
+    was accepted and pruned the store by that clock; set right again, the clock still accepted an envelope
+    sealed 200 s before, whose nonce was gone: its replay was served."""
+    g = replay.ReplayGuard(tmp_path / "r.db", prune_every_s=0)  # 300 s window, 30 s skew
+    a = ("k1", b"a" * 12, NOW - 200_000)
+    assert g.admit([a], now_ms=NOW) == [None]
+    assert g.admit([("k1", b"b" * 12, NOW + 240_000)], now_ms=NOW + 240_000) == [None]  # the clock ran ahead
+    [why] = g.admit([a], now_ms=NOW)  # and is set right: A is inside its window, so must still be known
+    assert why is not None and why.reason == "replayed"
     g.close()
 
 

@@ -231,3 +231,33 @@ def test_crop_policy_is_chosen_per_pipeline(tmp_path):
     centre, squash = (r.image for r in out)
     assert centre.shape == squash.shape == (224, 224, 3) and centre.dtype == np.uint8
     assert centre[:, :, 0].max() == 0 and squash[:, :60, 0].min() > 200
+
+
+def test_a_context_signed_with_a_key_the_checker_has_not_reloaded_yet_is_served(tmp_path):
+    """Issue 20 (1): preprocess and postprocess reload the internal key file on their own schedules. Rotated,
+    preprocess MACs with the new key before postprocess has read it: good requests were refused as forged
+    (not retryable, audited as forgeries). Now the checker reads the file again before it calls a MAC forged;
+    a context MAC'd under a key the file never held is still refused."""
+    from clients import samples
+    from rtinfer import audit_context, internal_key, replay
+    path = tmp_path / "internal.key"
+    signer = internal_key.InternalKeys(path, check_s=0)  # preprocess: sees the rotation at once
+    checker = internal_key.InternalKeys(path, check_s=3600)  # postprocess: has not looked at the file since
+    internal_key.rotate(path)
+    pre_log, post_log = audit.AuditWriter(tmp_path / "pre.jsonl"), audit.AuditWriter(tmp_path / "post.jsonl")
+    pre = Preprocessor(Keyring({"k1": KEY}), pre_log, pipelines={"pipeline"},
+                       replay=replay.ReplayGuard(tmp_path / "nonces.db"), ctx_key=signer)
+    post = Postprocessor(post_log, tuple(f"c{i}" for i in range(1000)), models={}, internal_keys=checker,
+                         ctx_store=replay.ReplayGuard(tmp_path / "ctx.db", window_s=60, future_skew_s=5))
+    sealed = envelope.seal(samples.photo("coffee"), KEY, key_id="k1", client_id="alice", pipeline="pipeline")
+    [accepted] = pre.run([Request(sealed, "good")])
+    assert isinstance(accepted, Accepted) and signer.current not in checker._keys  # the window, reproduced
+    body = {k: v for k, v in json.loads(accepted.context).items() if k != "mac"}
+    forged = audit_context.seal({**body, "request_id": "forged", "client_id": "victim"}, os.urandom(32))
+    _, refs = post.run(np.zeros((2, 1000), np.float32), [accepted.context, forged], ["good", "forged"])
+    assert isinstance(refs[0], str), refs[0]
+    assert isinstance(refs[1], Refusal) and refs[1].reason == "context_forged" and not refs[1].retryable
+    pre_log.close(), post_log.close()
+    recs = {r["request_id"]: r for r in audit.read_records(tmp_path) if r["stage"] == "postprocess"}
+    assert recs["good"]["event"] == "served" and recs["good"]["client_id"] == "alice"
+    assert recs["forged"]["event"] == "rejected" and recs["forged"]["reason"] == "context_forged"
