@@ -2,15 +2,24 @@
 
 File format::
 
-    {"keys": {"<key id>": {"key": "<base64 of 32 bytes>", "state": "active", "created": <unix s>},
+    {"keys": {"<key id>": {"key": "<base64 of 32 bytes>", "state": "active", "created": <unix s>,
+                           "clients": ["<client id>", ...]},
               "<old id>": {"key": "...", "state": "retired", "retired_at": <unix s>, "grace_s": 86400}}}
+
+``clients`` binds client ids to the key: an envelope's client id is only a claim of whoever holds
+the key that sealed it, so a key may claim the ids it lists and no other (preprocess refuses the
+rest as ``client_not_allowed``, audited). A key without ``clients`` (keyrings written before it
+existed, ``init`` without ``--client``) may claim any valid id that no key lists: ids an operator
+binds are exclusive to their keys at once, and an unbound key keeps working for ids nobody owns.
+Only bound ids get a metric label of their own (``rtinfer.metrics``), so an unbound key cannot
+take the label slots by claiming many ids. A client id is 1 to 64 of ``A-Z a-z 0-9 . _ : @ -``.
 
 ``active`` keys seal and open; a ``retired`` key only opens envelopes until
 ``retired_at + grace_s`` (so clients that sealed just before a rotation still get
 served), then it is refused like an unknown key. ``KeyringSource`` reloads the file
 when it changes, so rotation needs no server restart. Key material is never part of
 a repr, a message or the CLI's output. ``python -m rtinfer.keyring`` creates, rotates,
-retires, prunes and lists keys (writes are atomic renames, mode 0600).
+retires, prunes, binds and lists keys (writes are atomic renames, mode 0600).
 """
 from __future__ import annotations
 
@@ -20,11 +29,12 @@ import binascii
 import json
 import math
 import os
+import re
 import stat
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
@@ -33,6 +43,12 @@ ENV_VAR = "RTINFER_KEYRING"
 DEFAULT_KEY_ID = "k1"
 DEFAULT_GRACE_S = 24 * 3600
 STATES = ("active", "retired")
+CLIENT_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")  # always fullmatch: '$' would let "alice\n" through
+
+
+def valid_client_id(client_id) -> bool:
+    """A client id safe in audit records, metric labels and messages."""
+    return isinstance(client_id, str) and CLIENT_ID.fullmatch(client_id) is not None
 
 
 class KeyringError(RuntimeError):
@@ -46,9 +62,11 @@ class Entry:
     created: float = 0.0
     retired_at: float | None = None
     grace_s: float = DEFAULT_GRACE_S
+    clients: tuple[str, ...] | None = None  # client ids this key may claim; None: any id no key lists
 
     def __repr__(self) -> str:  # never show key material
-        return f"Entry(state={self.state!r}, created={self.created}, retired_at={self.retired_at})"
+        return (f"Entry(state={self.state!r}, created={self.created}, retired_at={self.retired_at}, "
+                f"clients={self.clients})")
 
     def usable_until(self) -> float | None:
         """None: no end (active); else the unix time after which this key opens nothing."""
@@ -58,12 +76,15 @@ class Entry:
         out = {"key": base64.b64encode(self.key).decode(), "state": self.state, "created": self.created}
         if self.state == "retired":
             out.update(retired_at=self.retired_at, grace_s=self.grace_s)
+        if self.clients is not None:
+            out["clients"] = list(self.clients)
         return out
 
 
 class Keyring:
     def __init__(self, keys: dict[str, bytes | Entry]):
         self._entries = {k: v if isinstance(v, Entry) else Entry(v) for k, v in keys.items()}
+        self._bound = {c for e in self._entries.values() for c in e.clients or ()}  # ids some key lists
 
     def __repr__(self) -> str:  # never show key material
         return f"Keyring(key_ids={self.key_ids})"
@@ -86,6 +107,33 @@ class Keyring:
                                   "seal with an active key", public=NOT_AUTHENTICATED)
         return entry.key
 
+    def may_claim(self, key_id: str, client_id: str) -> bool:
+        """Whether an envelope sealed with ``key_id`` may name ``client_id`` (see the module docstring)."""
+        entry = self._entries.get(key_id)
+        if entry is None or not valid_client_id(client_id):
+            return False
+        return client_id in entry.clients if entry.clients is not None else client_id not in self._bound
+
+    def binds(self, key_id: str, client_id: str) -> bool:
+        """Whether ``key_id`` lists ``client_id``: only then does the id count as the key holder's own."""
+        entry = self._entries.get(key_id)
+        return entry is not None and entry.clients is not None and client_id in entry.clients
+
+    def check_client(self, key_id: str, client_id: str) -> None:
+        """Refuse (``client_not_allowed``) a client id the key that sealed the envelope may not claim.
+        The detail (audit) says why; the key holder is told only that the id is not theirs."""
+        if self.may_claim(key_id, client_id):
+            return
+        shown = repr(client_id[:80]) if isinstance(client_id, str) else "?"
+        if not valid_client_id(client_id):
+            why = "is not a valid client id (1 to 64 of A-Z a-z 0-9 . _ : @ -)"
+        elif self._entries.get(key_id) is not None and self._entries[key_id].clients is not None:
+            why = f"is not one of the client ids bound to key id '{key_id}'"
+        else:
+            why = f"is bound to other keys; key id '{key_id}' (bound to no client id) may not claim it"
+        raise RejectedRequest("client_not_allowed", f"client id {shown} {why}",
+                              public=f"client id {shown} may not be used with this key")
+
     def state_counts(self, *, now: float | None = None) -> dict[str, int]:
         """Keys by state: active, retired (still opening, in grace), expired (opens nothing)."""
         now = time.time() if now is None else now
@@ -95,11 +143,12 @@ class Keyring:
             out["active" if until is None else "retired" if now <= until else "expired"] += 1
         return out
 
-    def sealing_key_id(self) -> str:
-        """The newest active key: what clients should seal with now."""
-        active = [(e.created, k) for k, e in self._entries.items() if e.state == "active"]
+    def sealing_key_id(self, client_id: str | None = None) -> str:
+        """The newest active key (that may claim ``client_id``, if given): what clients should seal with now."""
+        active = [(e.created, k) for k, e in self._entries.items() if e.state == "active"
+                  and (client_id is None or self.may_claim(k, client_id))]
         if not active:
-            raise KeyringError("the keyring has no active key")
+            raise KeyringError("the keyring has no active key" + (f" for client id {client_id!r}" if client_id else ""))
         return max(active)[1]
 
     @classmethod
@@ -159,7 +208,8 @@ def parse(data, where: str = "keyring") -> dict[str, Entry]:
             retired_at = item.get("retired_at")
             entry = Entry(key, state, seconds(item.get("created", 0), "created"),
                           None if retired_at is None else seconds(retired_at, "retired_at"),
-                          seconds(item.get("grace_s", DEFAULT_GRACE_S), "grace_s"))
+                          seconds(item.get("grace_s", DEFAULT_GRACE_S), "grace_s"),
+                          client_ids(item["clients"]) if "clients" in item else None)
         except (KeyError, TypeError, ValueError, binascii.Error) as exc:
             why = f": {exc}" if isinstance(exc, ValueError) and "must be" in str(exc) else ""
             raise KeyringError(f"key '{key_id}' in {where} is malformed (needs base64 'key', 'state'){why}") from None
@@ -171,6 +221,13 @@ def parse(data, where: str = "keyring") -> dict[str, Entry]:
             raise KeyringError(f"key '{key_id}' in {where} is retired but has no 'retired_at'")
         entries[key_id] = entry
     return entries
+
+
+def client_ids(value) -> tuple[str, ...]:
+    """A key's ``clients``: a list of valid client ids (a file that binds anything else is refused whole)."""
+    if not isinstance(value, list) or not all(valid_client_id(c) for c in value):
+        raise ValueError("clients must be a list of client ids (1 to 64 of A-Z a-z 0-9 . _ : @ -)")
+    return tuple(sorted(set(value)))
 
 
 def seconds(value, name: str = "time") -> float:
@@ -250,13 +307,22 @@ def save(path: str | os.PathLike, entries: dict[str, Entry]) -> Path:
     return path
 
 
-def new_entry() -> Entry:
-    return Entry(os.urandom(32), "active", time.time())
+def new_entry(clients=None) -> Entry:
+    return Entry(os.urandom(32), "active", time.time(), clients=None if clients is None else _clients(clients))
 
 
-def write_new(path: str | os.PathLike, key_ids=(DEFAULT_KEY_ID,)) -> Path:
-    """Create a keyring with fresh random keys, readable by its owner only."""
-    return save(path, {k: new_entry() for k in key_ids})
+def write_new(path: str | os.PathLike, key_ids=(DEFAULT_KEY_ID,), clients: dict | None = None) -> Path:
+    """Create a keyring with fresh random keys, readable by its owner only; ``clients``: key id -> the
+    client ids it may claim (keys not in it are unbound, see the module docstring)."""
+    clients = clients or {}
+    return save(path, {k: new_entry(clients.get(k)) for k in key_ids})
+
+
+def _clients(value) -> tuple[str, ...]:
+    try:
+        return client_ids(list(value))
+    except ValueError as exc:
+        raise KeyringError(str(exc)) from None
 
 
 def next_key_id(entries: dict[str, Entry]) -> str:
@@ -266,14 +332,25 @@ def next_key_id(entries: dict[str, Entry]) -> str:
     return f"k{n}"
 
 
-def add_key(path, key_id: str | None = None) -> str:
+def add_key(path, key_id: str | None = None, clients=None) -> str:
     entries = _read(Path(path))
     key_id = key_id or next_key_id(entries)
     if key_id in entries:
         raise KeyringError(f"key id '{key_id}' already exists in {path}")
-    entries[key_id] = new_entry()
+    entries[key_id] = new_entry(clients)
     save(path, entries)
     return key_id
+
+
+def bind(path, key_id: str, clients) -> tuple[str, ...]:
+    """Let ``key_id`` claim ``clients`` too (binding an unbound key makes it claim only its list)."""
+    entries = _read(Path(path))
+    if key_id not in entries:
+        raise KeyringError(f"no key id '{key_id}' in {path}")
+    old = entries[key_id]
+    entries[key_id] = replace(old, clients=_clients([*(old.clients or ()), *clients]))
+    save(path, entries)
+    return entries[key_id].clients
 
 
 def retire_key(path, key_id: str, grace_s: float = DEFAULT_GRACE_S, *, now: float | None = None) -> None:
@@ -281,13 +358,15 @@ def retire_key(path, key_id: str, grace_s: float = DEFAULT_GRACE_S, *, now: floa
     entries = _read(Path(path))
     if key_id not in entries:
         raise KeyringError(f"no key id '{key_id}' in {path}")
-    old = entries[key_id]
-    entries[key_id] = Entry(old.key, "retired", old.created, time.time() if now is None else now, grace_s)
+    entries[key_id] = replace(entries[key_id], state="retired", retired_at=time.time() if now is None else now,
+                              grace_s=grace_s)
     save(path, entries)
 
 
-def rotate(path, grace_s: float = DEFAULT_GRACE_S, new_id: str | None = None) -> tuple[str, list[str]]:
-    """Add a new active key and retire every other active key with ``grace_s`` to drain."""
+def rotate(path, grace_s: float = DEFAULT_GRACE_S, new_id: str | None = None,
+           clients=None) -> tuple[str, list[str]]:
+    """Add a new active key and retire every other active key with ``grace_s`` to drain. The new key claims
+    ``clients``, else what the retired keys claimed (unbound if they all were)."""
     grace_s = _grace(grace_s)
     entries = _read(Path(path))
     new_id = new_id or next_key_id(entries)
@@ -295,9 +374,14 @@ def rotate(path, grace_s: float = DEFAULT_GRACE_S, new_id: str | None = None) ->
         raise KeyringError(f"key id '{new_id}' already exists in {path}")
     now = time.time()
     retired = [k for k, e in entries.items() if e.state == "active"]
+    if clients is None:
+        bound = [entries[k].clients for k in retired]
+        if any(c is None for c in bound) and any(c is not None for c in bound):
+            raise KeyringError("the active keys are partly bound to client ids: name the new key's with --client")
+        clients = None if not bound or bound[0] is None else [c for cs in bound for c in cs]
     for k in retired:
-        entries[k] = Entry(entries[k].key, "retired", entries[k].created, now, grace_s)
-    entries[new_id] = new_entry()
+        entries[k] = replace(entries[k], state="retired", retired_at=now, grace_s=grace_s)
+    entries[new_id] = new_entry(clients)
     save(path, entries)
     return new_id, retired
 
@@ -332,7 +416,7 @@ def prune(path, *, now: float | None = None) -> list[str]:
 
 
 def describe(path) -> list[str]:
-    """One line per key: id, state, dates. No key material."""
+    """One line per key: id, state, dates, the client ids it may claim. No key material."""
     out = []
     now = time.time()
     for k, e in sorted(_read(Path(path)).items()):
@@ -340,7 +424,7 @@ def describe(path) -> list[str]:
         if e.state == "retired":
             until = e.usable_until()
             line += f"\tretired {_iso(e.retired_at)}\topens until {_iso(until)}" + (" (expired)" if now > until else "")
-        out.append(line)
+        out.append(line + "\tclients " + (",".join(e.clients) if e.clients is not None else "(any id no key claims)"))
     return out
 
 
@@ -355,13 +439,22 @@ def main(argv=None) -> int:
     init.add_argument("path")
     init.add_argument("--key-id", action="append", default=None)
     init.add_argument("--force", action="store_true", help="overwrite an existing keyring")
+    client_help = "a client id the new key may claim (repeat; none: any id that no key claims)"
+    init.add_argument("--client", action="append", default=None, help=client_help)
     add = sub.add_parser("add", help="add a new active key")
     add.add_argument("path")
     add.add_argument("--key-id")
+    add.add_argument("--client", action="append", default=None, help=client_help)
+    bnd = sub.add_parser("bind", help="let a key claim these client ids (a bound key claims only its list)")
+    bnd.add_argument("path")
+    bnd.add_argument("key_id")
+    bnd.add_argument("clients", nargs="+")
     rot = sub.add_parser("rotate", help="add a new active key; retire the other active keys after a grace period")
     rot.add_argument("path")
     rot.add_argument("--key-id", help="id of the new key (default: next free kN)")
     rot.add_argument("--grace-s", type=_seconds_arg, default=DEFAULT_GRACE_S)
+    rot.add_argument("--client", action="append", default=None,
+                     help="a client id the new key may claim (repeat; default: the retired keys' ones)")
     ret = sub.add_parser("retire", help="make a key decrypt-only for a grace period (0 = refuse it now)")
     ret.add_argument("path")
     ret.add_argument("key_id")
@@ -376,12 +469,15 @@ def main(argv=None) -> int:
             if Path(args.path).exists() and not args.force:
                 print(f"keyring exists: {args.path} ({Keyring.load(args.path)})")
                 return 0
-            write_new(args.path, args.key_id or [DEFAULT_KEY_ID])
+            key_ids = args.key_id or [DEFAULT_KEY_ID]
+            write_new(args.path, key_ids, None if args.client is None else {k: args.client for k in key_ids})
             print(f"created keyring {args.path} ({Keyring.load(args.path)})")
         elif args.cmd == "add":
-            print(f"added active key '{add_key(args.path, args.key_id)}' to {args.path}")
+            print(f"added active key '{add_key(args.path, args.key_id, args.client)}' to {args.path}")
+        elif args.cmd == "bind":
+            print(f"key '{args.key_id}' may claim client ids {', '.join(bind(args.path, args.key_id, args.clients))}")
         elif args.cmd == "rotate":
-            new_id, retired = rotate(args.path, args.grace_s, args.key_id)
+            new_id, retired = rotate(args.path, args.grace_s, args.key_id, args.client)
             print(f"new active key '{new_id}'; retired {retired or 'none'} (grace {args.grace_s:.0f} s)")
         elif args.cmd == "retire":
             retire_key(args.path, args.key_id, args.grace_s)

@@ -9,24 +9,28 @@ measured and keeps every label bounded, and takes the metric factory as an argum
 
 Labels are bounded: ``reason`` is one of ``REASONS`` (else ``other``), ``client`` one of
 the clients listed in the stage parameter ``metrics_clients`` or, up to
-``metrics_max_clients``, the first authenticated client ids seen; every other id is
-``other`` (and an empty one ``none``). A refused request is counted under the client id
-it *claims* (unauthenticated), but only a listed or already-admitted id: forged envelopes
-with random ids cannot grow the series, and cannot take a slot.
+``metrics_max_clients``, the first client ids seen on an accepted request whose key binds
+them (``rtinfer.keyring``: ``clients``); every other id is ``other`` (and an empty one
+``none``). A refused request is counted under the client id it *claims* (unauthenticated),
+but only a listed or already-admitted id: forged envelopes with random ids cannot grow the
+series, and cannot take a slot; nor can one key holder by claiming many ids its key does
+not bind (an unbound key's ids are all ``other``).
 """
 from __future__ import annotations
 
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from rtinfer.keyring import Keyring, valid_client_id
 
 PREFIX = "rtinfer_"
 
 # Every refusal reason the stages give (rtinfer.errors.RejectedRequest / Unavailable, guard).
 REASONS = frozenset({
     "too_large", "batched_request", "truncated", "bad_format", "not_a_request", "wrong_pipeline",
-    "unknown_key", "retired_key", "auth_failed", "client_mismatch", "expired", "from_future", "replayed",
+    "unknown_key", "retired_key", "auth_failed", "client_mismatch", "client_not_allowed", "expired", "from_future",
+    "replayed",
     "bad_image", "too_many_pixels", "bad_input", "internal_error", "audit_unavailable",
     "replay_store_unavailable", "bad_context", "context_forged", "context_request_id", "context_expired",
     "context_from_future", "context_replayed", "context_refused", "bad_logits",
@@ -82,9 +86,6 @@ def reason_label(reason: str) -> str:
     return reason if reason in REASONS else OTHER
 
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:@-]{1,64}$")
-
-
 class ClientLabels:
     """Client id -> a label from a bounded set (see the module docstring)."""
 
@@ -98,12 +99,13 @@ class ClientLabels:
         return cls([c.strip() for c in listed.split(",")], int(max_dynamic or 0))
 
     def label(self, client_id, *, authenticated: bool) -> str:
+        """``authenticated``: the id may take a free slot (an accepted request whose key binds it)."""
         if not client_id:
             return NONE
         client_id = str(client_id)
         if client_id in self.listed or client_id in self.admitted:
             return client_id
-        if authenticated and len(self.admitted) < self.max_dynamic and _SAFE_ID.match(client_id):
+        if authenticated and len(self.admitted) < self.max_dynamic and valid_client_id(client_id):
             self.admitted.add(client_id)
             return client_id
         return OTHER
@@ -114,6 +116,12 @@ class Outcome:
     client_id: str
     authenticated: bool  # the client id comes from an authenticated envelope (or MAC'd context)
     reason: str | None = None  # None: accepted / served
+    bound: bool = False  # the key that sealed it binds the client id: only then may it take a label slot
+
+
+def bound(ring, key_id, client_id) -> bool:
+    """Whether ``ring`` binds ``client_id`` to ``key_id`` (False when the stage has no keyring or could not read it)."""
+    return isinstance(ring, Keyring) and isinstance(key_id, str) and ring.binds(key_id, client_id)
 
 
 @dataclass
@@ -192,7 +200,7 @@ class Exporter:
     def report(self, report: Report, batch: int) -> None:
         self.observe("batch_requests", batch)
         for o in report.outcomes:
-            client = self.clients.label(o.client_id, authenticated=o.authenticated and o.reason is None)
+            client = self.clients.label(o.client_id, authenticated=o.authenticated and o.bound and o.reason is None)
             self.inc("requests_total", client=client, outcome="accepted" if o.reason is None else "refused")
             if o.reason is not None:
                 self.inc("refusals_total", client=client, reason=reason_label(o.reason))
@@ -229,7 +237,8 @@ class Exporter:
 
 
 # Reasons whose series exist from the start (at zero), so rate() sees the first attack.
-WATCHED = ("auth_failed", "unknown_key", "retired_key", "replayed", "expired", "client_mismatch", "context_forged")
+WATCHED = ("auth_failed", "unknown_key", "retired_key", "replayed", "expired", "client_mismatch", "client_not_allowed",
+           "context_forged")
 
 
 def for_stage_or_none(pb_utils, stage: str, cfg) -> Exporter | None:

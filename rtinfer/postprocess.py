@@ -96,9 +96,10 @@ class Postprocessor:
         return out
 
     def _report(self, result: tuple, ctxs: dict, params: list, n: int) -> list[metrics.Outcome]:
-        """Per row, for metrics: the client id (from the MAC'd context, else as claimed) and why refused;
-        the served rows' whole duration (preprocess start to the served record written)."""
+        """Per row, for metrics: the client id (from the MAC'd context, else as claimed) and why refused, whether
+        its key binds it; the served rows' whole duration (preprocess start to the served record written)."""
         now, refs = time.time_ns(), result[1]
+        ring = self.keys.current() if isinstance(self.keys, KeyringSource) else self.keys
         out = []
         for i in range(n):
             ctx = ctxs.get(i)
@@ -106,7 +107,7 @@ class Postprocessor:
             if isinstance(refs[i], Refusal):
                 out.append(metrics.Outcome(client, False, refs[i].reason))
             else:
-                out.append(metrics.Outcome(client, True))
+                out.append(metrics.Outcome(client, True, bound=metrics.bound(ring, ctx.get("key_id"), client)))
                 self.last.add("request_duration_seconds", (now - ctx["t_start_ns"]) / 1e9)
         return out
 

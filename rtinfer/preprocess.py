@@ -114,6 +114,7 @@ class Preprocessor:
         if req.client_id and req.client_id != hdr.client_id:
             raise RejectedRequest("client_mismatch", f"client id '{req.client_id}' in the request does not match "
                                   f"the envelope's sealed client id '{hdr.client_id}'")
+        ring.check_client(hdr.key_id, hdr.client_id)  # the sealed id is the key holder's claim: is it theirs?
         return opened  # freshness and replay: ReplayGuard.admit, for the batch, in one transaction
 
     def _accept(self, req: Request, opened: envelope.Opened, started_ns: int) -> Accepted:
@@ -163,17 +164,20 @@ class Preprocessor:
         if self.replay is not None:  # the server failed these: their envelopes may be sent again
             attempt(self.replay.release, [(opened[i].header.key_id, opened[i].nonce) for i in admitted
                                           if isinstance(results[i], Refusal) and results[i].retryable])
-        outcomes = attempt(self._outcomes, requests, results, opened, records)
+        outcomes = attempt(self._outcomes, requests, results, opened, records, ring)
         self.last.outcomes = [] if isinstance(outcomes, Refusal) else outcomes
         return results
 
     @staticmethod
-    def _outcomes(requests, results, opened, records) -> list[metrics.Outcome]:
-        """Per request, for metrics: the authenticated client id if accepted, else the claimed one and why."""
+    def _outcomes(requests, results, opened, records, ring) -> list[metrics.Outcome]:
+        """Per request, for metrics: the authenticated client id if accepted (and whether its key binds it),
+        else the claimed one and why."""
         claimed = iter(rec.get("claimed_client_id") or rec["client_id"] for rec in records) \
             if isinstance(records, list) else None
         return [metrics.Outcome(next(claimed) if claimed else requests[i].client_id, False, r.reason)
-                if isinstance(r, Refusal) else metrics.Outcome(opened[i].header.client_id, True)
+                if isinstance(r, Refusal) else metrics.Outcome(
+                    opened[i].header.client_id, True,
+                    bound=metrics.bound(ring, opened[i].header.key_id, opened[i].header.client_id))
                 for i, r in enumerate(results)]
 
     def _admit(self, opened: dict[int, envelope.Opened], results: list) -> list[int]:
