@@ -174,7 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--url", help="host:port (default 127.0.0.1:8001 for gRPC, :8000 for HTTP)")
     p.add_argument("--keyring", default="build/keys/keyring.json")
-    p.add_argument("--key-id", help="default: the keyring's newest active key")
+    p.add_argument("--key-id", help="default: the keyring's newest active key that may claim --client-id")
     p.add_argument("--client-id", default="cli")
     p.add_argument("--pipeline", default="pipeline")
     p.add_argument("--top-k", type=int, default=5)
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     url = args.url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}"
     ring = Keyring.load(args.keyring)
-    key_id = args.key_id or ring.sealing_key_id()
+    key_id = args.key_id or ring.sealing_key_id(args.client_id)
     kw = dict(protocol=args.protocol, key=ring.key(key_id), key_id=key_id, client_id=args.client_id,
               pipeline=args.pipeline, seal_response=args.seal_response, **access_kwargs(args))
     images = [path.read_bytes() for path in args.images]

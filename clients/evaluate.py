@@ -25,12 +25,13 @@ import numpy as np
 from clients.classify import DEFAULT_PORTS, PipelineClient
 from rtinfer import imaging, keyring, labeled
 
+CLIENT_ID = "evaluate"  # sealed with the newest key that may claim it (rtinfer.keyring: clients)
 
 def served(url: str, protocol: str, key: bytes, key_id: str, pipeline: str, files: list[Path],
            concurrency: int) -> list:
     """Top-5 class indices per photo through the server (None where the request failed)."""
     async def run():
-        client = PipelineClient(url, protocol=protocol, key=key, key_id=key_id, client_id="evaluate",
+        client = PipelineClient(url, protocol=protocol, key=key, key_id=key_id, client_id=CLIENT_ID,
                                 pipeline=pipeline, aio=True)
         try:
             return await client.classify_many([f.read_bytes() for f in files], top_k=5, concurrency=concurrency)
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
                                                    workdir=work / "triton"))
             url = srv.grpc_url if args.protocol == "grpc" else srv.http_url
         ring = keyring.Keyring.load(ring_path)
-        key_id = ring.sealing_key_id()
+        key_id = ring.sealing_key_id(CLIENT_ID)
         t0 = time.perf_counter()
         top5 = served(url or f"127.0.0.1:{DEFAULT_PORTS[args.protocol]}", args.protocol, ring.key(key_id), key_id,
                       args.pipeline, files, args.concurrency)

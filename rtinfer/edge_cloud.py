@@ -20,6 +20,7 @@ from rtinfer import access, keyring
 from rtinfer.server import ROOT, TritonServer, free_port, repository_with
 
 SERVICE_KEY_ID = "edge-svc"
+EDGE_CLIENT_ID = "edge-node"  # the only client id the service key may claim at the cloud
 
 
 def prepare(work: Path) -> dict:
@@ -28,7 +29,7 @@ def prepare(work: Path) -> dict:
     certs = access.loopback_certs(work / "tls")
     ring = work / "service-keyring.json"
     if not ring.exists():
-        keyring.write_new(ring, key_ids=(SERVICE_KEY_ID,))
+        keyring.write_new(ring, key_ids=(SERVICE_KEY_ID,), clients={SERVICE_KEY_ID: [EDGE_CLIENT_ID]})
     api_key_file = work / "cloud-api-key"
     if not api_key_file.exists():
         api_key_file.touch(0o600)
@@ -39,7 +40,7 @@ def prepare(work: Path) -> dict:
     cloud_repo = repository_with(work / "cloud-repo", {"cascade": {"threshold": "1.01"}})
     edge_repo = repository_with(work / "edge-repo", {"cascade": {
         "cloud_url": f"127.0.0.1:{ports['grpc_port']}", "cloud_pipeline": "cascade", "cloud_keyring": str(ring),
-        "cloud_key_id": SERVICE_KEY_ID, "cloud_client_id": "edge-node", "cloud_api_key_file": str(api_key_file),
+        "cloud_key_id": SERVICE_KEY_ID, "cloud_client_id": EDGE_CLIENT_ID, "cloud_api_key_file": str(api_key_file),
         "cloud_tls_ca": str(certs["ca"])}})
     return {"certs": certs, "ring": ring, "api_key": api_key_file.read_text().strip(), "ports": ports,
             "cloud_repo": cloud_repo, "edge_repo": edge_repo}

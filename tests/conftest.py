@@ -35,9 +35,15 @@ def require_model():
         pytest.fail("the CPU model is not built: run `make engines` (make test does it first)")
 
 
+BOUND_KEY_ID, BOUND_CLIENTS = "bound-key", ("acme", "acme-batch")
+
+
 @pytest.fixture(scope="session")
 def keyring_path(tmp_path_factory) -> Path:
-    return keyring.write_new(tmp_path_factory.mktemp("keys") / "keyring.json", key_ids=("k1", "k2"))
+    """k1, k2 have no client list (as keyrings written before it: any id that no key lists); BOUND_KEY_ID may
+    claim only BOUND_CLIENTS (rtinfer.keyring). Written first, it is never the newest key."""
+    return keyring.write_new(tmp_path_factory.mktemp("keys") / "keyring.json", key_ids=(BOUND_KEY_ID, "k1", "k2"),
+                             clients={BOUND_KEY_ID: BOUND_CLIENTS})
 
 
 @pytest.fixture(scope="session")

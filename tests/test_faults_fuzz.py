@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from rtinfer import envelope, imaging
+from rtinfer import envelope, imaging, keyring
 from rtinfer.errors import RejectedRequest
 from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
 
@@ -109,11 +109,6 @@ class _Audit:
                                                                               pipeline="pipeline"))),
                 min_size=1, max_size=6))
 def test_preprocess_stage_answers_every_request_of_a_batch(batch):
-    class Ring:
-        def key(self, key_id):
-            if key_id != "k1":
-                raise RejectedRequest("unknown_key", "unknown")
-            return KEY
-    pre = Preprocessor(Ring(), _Audit(), pipelines={"pipeline"}, max_pixels=1_000_000)
+    pre = Preprocessor(keyring.Keyring({"k1": KEY}), _Audit(), pipelines={"pipeline"}, max_pixels=1_000_000)
     out = pre.run([Request(b, f"r{i}") for i, b in enumerate(batch)])
     assert len(out) == len(batch) and all(isinstance(r, (Accepted, Rejected)) for r in out)
