@@ -27,7 +27,7 @@ DISTILL_KEEP ?=
 # build's default, 0 = off.
 QAT_STEPS ?=
 
-.PHONY: venv engines engines-quick bench-engines keys haproxy prometheus serve serve-direct demo test loadtest bench \
+.PHONY: venv engines engines-quick bench-engines keys haproxy prometheus redis serve serve-direct demo test loadtest bench \
         bench-gateway clean evaluate observe serve-edge-cloud cascade-curve \
         protobuf-oracle fuzz-gateway
 
@@ -65,6 +65,12 @@ haproxy:
 # and we are root, otherwise make stops and says how to install them.
 prometheus:
 	@deploy/prometheus/require-prometheus.sh
+
+# The fleet's shared replay store (deploy/redis/, docs/scaling.md): redis-server 7, installed with
+# apt-get when missing and we are root, otherwise make stops and says how to install it. One box
+# (make demo, make serve) needs none: its replay store is SQLite.
+redis:
+	@deploy/redis/require-redis.sh
 
 # Security options of `make serve` (empty = off): API_KEY_FILE (inference needs the key),
 # ADMIN_KEY_FILE (model repository, shared memory, statistics, trace, logging need it),
@@ -109,7 +115,7 @@ demo: engines-quick keys
 protobuf-oracle:
 	@tests/oracle/require-toolchain.sh
 
-test: engines haproxy prometheus protobuf-oracle
+test: engines haproxy prometheus redis protobuf-oracle
 	$(PY) -m pytest -q
 
 # The gateway's differential test, longer and from a new seed each time (make test runs 20,000 cases

@@ -14,6 +14,8 @@ loses at most that much), ``off`` (the page cache only: survives a process crash
 not a power cut). Rotation: past ``max_bytes`` the file ``<chain>.jsonl`` is
 renamed ``<chain>.<NNNNNN>.jsonl`` and the chain goes on in a fresh file.
 Checkpoints: with a signer, a signed record of the chain head (``rtinfer.checkpoint``).
+In a fleet, every record and checkpoint names its replica (``replica``), and checkpoints
+sign the fleet's replica ids as the replica knows them (``fleet``).
 
 The writer's state always equals the disk: a write that fails or stops short (disk
 full, file size limit) is cut back to where the batch began and the chain's head
@@ -27,6 +29,12 @@ that a checkpoint names (each checkpoint signs the list of chains present when i
 written) but whose files are gone, and any line that is not byte for byte the
 canonical form the writer writes (so a reader that keeps the first of two duplicate
 keys cannot be shown other values than the hash covers).
+``python -m rtinfer.audit verify DIR DIR ...`` or ``verify FLEET_ROOT`` (a directory whose
+subdirectories are replicas' audit directories) verifies a fleet (``verify_fleet``): every
+replica's chains as above, records and checkpoints naming one replica per directory and each
+replica in one directory only, every replica that a checkpoint's ``fleet`` names present, and
+no request id served by two replicas nor any envelope served twice (a replay let through).
+It prints each replica's record counts, the total, and which replicas fail.
 ``python -m rtinfer.audit bench`` measures the fsync cost.
 """
 from __future__ import annotations
@@ -121,8 +129,12 @@ class AuditWriter:
     def __init__(self, path: str | os.PathLike, *, fsync="off", fsync_interval_s: float = 1.0,
                  max_bytes: int = 0, signer: checkpoint.Signer | None = None,
                  checkpoint_interval_s: float = 30.0, checkpoint_records: int = 1000,
-                 lock_timeout_s: float = 0.0):
+                 lock_timeout_s: float = 0.0, replica: str | None = None, fleet: list[str] | None = None):
+        """``replica``: the fleet replica this chain belongs to (every record names it); ``fleet``: the
+        fleet's replica ids as this replica knows them (its checkpoints sign them)."""
         self.path = Path(path)
+        self.replica = replica
+        self.fleet = sorted(set(fleet) | ({replica} if replica else set())) if fleet is not None else None
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)  # a new trail's directory: owner only
         self.chain = self.path.name[:-len(".jsonl")] if self.path.name.endswith(".jsonl") else self.path.name
         self.policy = fsync_policy(fsync)
@@ -215,6 +227,8 @@ class AuditWriter:
         lines, hashes = [], []
         for rec in records:
             rec = dict(_encodable(rec), seq=self._seq, prev=self._head)
+            if self.replica is not None:
+                rec["replica"] = self.replica
             rec["hash"] = self._head = record_hash(rec)
             self._seq += 1
             hashes.append(self._head)
@@ -223,7 +237,8 @@ class AuditWriter:
 
     def _checkpoint_lines(self) -> list[bytes]:
         present = sorted(set(chains(self.path.parent)) | {self.chain})
-        ckpt = self.signer.checkpoint(self.chain, self._seq - 1, self._head, _now_iso(), chains=present)
+        ckpt = self.signer.checkpoint(self.chain, self._seq - 1, self._head, _now_iso(), chains=present,
+                                      replica=self.replica, fleet=self.fleet)
         self._unsigned, self._last_ckpt = 0, time.monotonic()
         self.checkpoints += 1
         return self._chain([ckpt])[0]
@@ -390,6 +405,9 @@ class Report:
     unsigned: int = 0  # records after the last valid checkpoint
     problems: list = field(default_factory=list)
     named_chains: set = field(default_factory=set)  # chains its checkpoints say existed
+    replicas: set = field(default_factory=set)  # the replicas its records name
+    named_replicas: set = field(default_factory=set)  # the fleet its checkpoints say existed
+    events: dict = field(default_factory=dict)  # records by event (served, rejected, checkpoint)
 
 
 def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int | None = 0,
@@ -431,6 +449,8 @@ def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int
             c = rec.get("checkpoint") if isinstance(rec.get("checkpoint"), dict) else {}
             if not why and (c.get("head") != prev or c.get("seq") != seq - 1 or c.get("chain") != chain):
                 why = "checkpoint does not sign this chain's head at this point"
+            if not why and c.get("replica") != rec.get("replica"):
+                why = "checkpoint signs another replica than its record names"
             if why:
                 return _broken(report, lineno, why)
             report.checkpoints += 1
@@ -438,6 +458,12 @@ def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int
         body = rec.get("checkpoint") if rec.get("event") == "checkpoint" else None
         if isinstance(body, dict) and isinstance(body.get("chains"), list):
             report.named_chains.update(n for n in body["chains"] if isinstance(n, str))
+        if isinstance(body, dict) and isinstance(body.get("fleet"), list):
+            report.named_replicas.update(n for n in body["fleet"] if isinstance(n, str))
+        if rec.get("replica") is not None:
+            report.replicas.add(str(rec["replica"]))
+        event = str(rec.get("event"))
+        report.events[event] = report.events.get(event, 0) + 1
         prev, seq = claimed, seq + 1
         report.records += 1
     report.head = prev if prev is not None else GENESIS
@@ -506,6 +532,126 @@ def read_records(path: str | os.PathLike) -> list[dict]:
     return out
 
 
+@dataclass
+class ReplicaReport:
+    """One replica's audit directory in a fleet verify."""
+    replica: str
+    path: str
+    chains: dict[str, list[Report]]
+    problems: list = field(default_factory=list)
+
+    def _count(self, event: str | None) -> int:
+        return sum(r.events.get(event, 0) if event else r.records - r.events.get("checkpoint", 0)
+                   for reps in self.chains.values() for r in reps)
+
+    @property
+    def records(self) -> int:
+        """Request records (served, rejected), checkpoints not counted."""
+        return self._count(None)
+
+    @property
+    def served(self) -> int:
+        return self._count("served")
+
+    @property
+    def checkpoints(self) -> int:
+        return self._count("checkpoint")
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(r.ok for reps in self.chains.values() for r in reps)
+
+
+@dataclass
+class FleetReport:
+    replicas: list[ReplicaReport]
+    problems: list = field(default_factory=list)  # (message, replicas it concerns)
+
+    @property
+    def failed(self) -> list[str]:
+        """The replicas that fail: broken or inconsistent directories, missing ones, those in a duplicate."""
+        out = {r.replica for r in self.replicas if not r.ok}
+        for _, names in self.problems:
+            out.update(names)
+        return sorted(out)
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.replicas) and not self.problems and all(r.ok for r in self.replicas)
+
+    @property
+    def records(self) -> int:
+        return sum(r.records for r in self.replicas)
+
+
+def replica_dirs(paths) -> list[Path]:
+    """Each path is a replica's audit directory (it holds chains), or a fleet root: then each of its
+    subdirectories that holds chains is one (other subdirectories are not audit directories)."""
+    out = []
+    for path in map(Path, paths):
+        if not path.is_dir() or audit_files(path):
+            out.append(path)
+        else:
+            out.extend(d for d in sorted(path.iterdir()) if d.is_dir() and audit_files(d))
+    return out
+
+
+def verify_fleet(paths, *, public=None) -> FleetReport:
+    """Every replica of a fleet (``replica_dirs(paths)``). Fails on: a broken chain or checkpoint in any
+    replica (``verify_path``); a directory whose records name several replicas; a replica found in two
+    directories (one copied over another's deleted one); a replica that a checkpoint's ``fleet`` names
+    but none of the directories holds; a request id served by two replicas; an envelope served twice."""
+    fleet = FleetReport([])
+    for d in replica_dirs(paths):
+        result = verify_path(d, public=public)
+        named = set().union(*(r.replicas for reps in result.values() for r in reps))
+        rep = ReplicaReport(next(iter(named)) if len(named) == 1 else d.name, str(d), result)
+        if len(named) > 1:
+            rep.problems.append(f"records of several replicas in one directory ({', '.join(sorted(named))}): "
+                                "one directory per replica")
+        elif not named and any(r.records for reps in result.values() for r in reps):
+            rep.problems.append("its records name no replica: it was not written by a replica of a fleet "
+                                "(set RTINFER_REPLICA_ID)")
+        fleet.replicas.append(rep)
+    if not fleet.replicas:
+        fleet.problems.append(("no replica audit directory (with *.jsonl chains) in " +
+                               ", ".join(map(str, paths)), []))
+        return fleet
+    where: dict[str, list[str]] = {}
+    for rep in fleet.replicas:
+        where.setdefault(rep.replica, []).append(rep.path)
+    for rid, dirs in sorted(where.items()):
+        if len(dirs) > 1:
+            fleet.problems.append((f"replica {rid} is in {len(dirs)} directories ({', '.join(dirs)}): "
+                                   "one was copied, or two replicas were given one id", [rid]))
+    for rep in fleet.replicas:
+        named = set().union(*(r.named_replicas for reps in rep.chains.values() for r in reps))
+        for missing in sorted(named - set(where)):
+            fleet.problems.append((f"replica {missing} is missing: checkpoints of {rep.replica} name it "
+                                   "as one of the fleet, but no directory of it is here", [missing]))
+    fleet.problems.extend(_served_twice(fleet.replicas))
+    return fleet
+
+
+def _served_twice(replicas: list[ReplicaReport]) -> list[tuple[str, list[str]]]:
+    by_id: dict[str, set] = {}
+    by_envelope: dict[str, list] = {}
+    for rep in replicas:
+        for rec in read_records(rep.path):
+            if not isinstance(rec, dict) or rec.get("event") != "served":
+                continue
+            if rec.get("request_id"):
+                by_id.setdefault(str(rec["request_id"]), set()).add(rep.replica)
+            if rec.get("envelope_sha256"):
+                by_envelope.setdefault(str(rec["envelope_sha256"]), []).append(rep.replica)
+    out = [(f"request id {rid!r} was served by {len(reps)} replicas ({', '.join(sorted(reps))})", sorted(reps))
+           for rid, reps in sorted(by_id.items()) if len(reps) > 1]
+    out += [(f"envelope {env[:16]}... was served {len(reps)} times ({', '.join(sorted(reps))}): "
+             "a replay was let through", sorted(set(reps)))
+            for env, reps in sorted(by_envelope.items()) if len(reps) > 1]
+    return out
+
+
 def bench(batches: int = 300, batch: int = 8, directory: str | None = None) -> list[dict]:
     """Cost of each fsync policy: mean microseconds per write of ``batch`` records (a dynamic batch)."""
     rows = []
@@ -528,8 +674,10 @@ def bench(batches: int = 300, batch: int = 8, directory: str | None = None) -> l
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m rtinfer.audit")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    ver = sub.add_parser("verify", help="check the hash chains of an audit file or a directory of them")
-    ver.add_argument("path")
+    ver = sub.add_parser("verify", help="check the hash chains of an audit file or a directory of them; "
+                         "several replicas' directories, or a fleet root: the fleet")
+    ver.add_argument("path", nargs="+", help="an audit file or directory; several replicas' directories, or a "
+                     "fleet root (its subdirectories are the replicas' audit directories)")
     ver.add_argument("--public-key", help="Ed25519 public key (PEM): check the signed checkpoints")
     ver.add_argument("--max-unsigned", type=int, default=None,
                      help="with --public-key: fail when more records than this follow a chain's last checkpoint")
@@ -544,24 +692,54 @@ def main(argv=None) -> int:
                   f"({row['us_per_record']:.1f} us/record, {row['fsyncs']} fsyncs)")
         return 0
     public = checkpoint.load_public(args.public_key) if args.public_key else None
+    paths = args.path
+    if len(paths) == 1 and replica_dirs(paths) in ([], [Path(paths[0])]):  # one file or directory, not a fleet
+        return _print_chains(verify_path(paths[0], public=public), public, args.max_unsigned)
+    return _print_fleet(verify_fleet(paths, public=public), public, args.max_unsigned)
+
+
+def _print_fleet(fleet: FleetReport, public, max_unsigned) -> int:
+    status, failed = 0 if fleet.ok else 1, fleet.failed
+    for rep in fleet.replicas:
+        print(f"replica {rep.replica} ({rep.path}):")
+        if _print_chains(rep.chains, public, max_unsigned, indent="  "):
+            status = 1
+            failed = sorted(set(failed) | {rep.replica})
+        for problem in rep.problems:
+            print(f"  PROBLEM {problem}")
+        print(f"REPLICA {rep.replica:<12} {'FAILED' if rep.replica in failed else 'OK    '}  {rep.records} records "
+              f"({rep.served} served), {rep.checkpoints} checkpoints, {len(rep.chains)} chains")
+    for message, _ in fleet.problems:
+        print(f"FLEET   {message}")
+    served = sum(r.served for r in fleet.replicas)
+    print(f"TOTAL   {len(fleet.replicas)} replicas, {fleet.records} records ({served} served)")
+    if status:
+        print(f"FAILED  {', '.join(failed) or 'the fleet'}")
+    else:
+        print("OK      every replica's chains verify, no replica is missing, nothing was served twice")
+    return status
+
+
+def _print_chains(result: dict[str, list[Report]], public, max_unsigned, indent: str = "") -> int:
     status = 0
-    for chain, reports in verify_path(args.path, public=public).items():
+    for chain, reports in result.items():
         for rep in reports:
             if rep.ok:
                 tail = " (torn tail: a partial last line, from a crash mid-write)" if rep.torn_tail else ""
-                print(f"OK      {rep.path}: {rep.records} records, head {rep.head[:16]}{tail}")
+                print(f"{indent}OK      {rep.path}: {rep.records} records, head {rep.head[:16]}{tail}")
             else:
                 status = 1
                 where = f"line {rep.broken_at}: " if rep.broken_at else ""
-                print(f"BROKEN  {rep.path}: {where}{rep.reason} ({rep.records} records verified before it)")
+                print(f"{indent}BROKEN  {rep.path}: {where}{rep.reason} ({rep.records} records verified before it)")
         last = reports[-1]
         if public is not None and last.ok:
             signed = sum(r.checkpoints for r in reports)
-            print(f"        chain {chain}: {signed} valid signed checkpoints, {last.unsigned} records after the last")
-            if args.max_unsigned is not None and last.unsigned > args.max_unsigned:
+            print(f"{indent}        chain {chain}: {signed} valid signed checkpoints, "
+                  f"{last.unsigned} records after the last")
+            if max_unsigned is not None and last.unsigned > max_unsigned:
                 status = 1
-                print(f"UNSIGNED chain {chain}: {last.unsigned} records not covered by a signature "
-                      f"(more than {args.max_unsigned})")
+                print(f"{indent}UNSIGNED chain {chain}: {last.unsigned} records not covered by a signature "
+                      f"(more than {max_unsigned})")
     return status
 
 

@@ -56,12 +56,19 @@ class Signer:
             raise ValueError(f"{path} is not an Ed25519 private key")
         return cls(key)
 
-    def checkpoint(self, chain: str, seq: int, head: str, time_iso: str, chains: list[str] | None = None) -> dict:
+    def checkpoint(self, chain: str, seq: int, head: str, time_iso: str, chains: list[str] | None = None,
+                   replica: str | None = None, fleet: list[str] | None = None) -> dict:
         """The body of a checkpoint record covering record ``seq`` whose hash is ``head``; ``chains``:
-        the chains present beside it, so a verifier notices one that was deleted whole."""
+        the chains present beside it, so a verifier notices one that was deleted whole; ``replica``: the
+        fleet replica it belongs to; ``fleet``: the replicas of the fleet, so a fleet verifier notices a
+        replica whose whole directory was deleted."""
         signed = {"chain": chain, "seq": seq, "head": head, "time": time_iso}
         if chains is not None:
             signed["chains"] = list(chains)
+        if replica is not None:
+            signed["replica"] = replica
+        if fleet is not None:
+            signed["fleet"] = list(fleet)
         return {"event": "checkpoint", "checkpoint": signed, "signer": self.key_id,
                 "sig": base64.b64encode(self._key.sign(_canonical(signed))).decode()}
 

@@ -72,6 +72,8 @@ SPECS = {
     "keyring_reloads_total": Spec("counter", "Keyring file reloads by result (ok, error: previous keys kept)"),
     "keyring_keys": Spec("gauge", "Keys in the keyring by state (active, retired = in grace, expired)"),
     "replay_store_entries": Spec("gauge", "Entries in a replay store (nonces, contexts) within its window"),
+    "model_info": Spec("gauge", "The classifier files this replica serves (1), by model, file and the sha256 of "
+                       "the file read at load: replicas that differ are mid-rollout or wrong"),
     "cascade_routes_total": Spec("counter", "Cascade answers by route: edge (confident), cloud (escalated and "
                                  "answered by the big model), edge_fallback (escalated, the cloud could not answer)"),
 }
@@ -232,8 +234,16 @@ class Exporter:
             self.inc("cascade_routes_total", routes.count(route), route=route)
 
     def store(self, store, which: str, every_s: float = 5.0) -> None:
+        """Entries of a store that counts them (SQLite; the Redis store does not: rtinfer.replay_redis)."""
         if store is not None and self.due(which, every_s):
-            self.set("replay_store_entries", store.size(), store=which)
+            size = store.size()
+            if size is not None:
+                self.set("replay_store_entries", size, store=which)
+
+    def models(self, installed: list[tuple[str, str, str]]) -> None:
+        """``rtinfer_model_info{model, file, sha256} 1`` per classifier file (stage_config.installed_classifiers)."""
+        for model, file, sha256 in installed:
+            self.set("model_info", 1, model=model, file=file, sha256=sha256)
 
 
 # Reasons whose series exist from the start (at zero), so rate() sees the first attack.

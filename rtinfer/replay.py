@@ -21,6 +21,10 @@ clock reading taken inside it: another instance cannot prune a nonce between the
 check and the insert. When the store is locked or failing (another process holding
 a write lock, a backup tool, a full disk), ``admit`` gives up after ``busy_timeout_s``
 and raises ``Unavailable``: the requests are refused as retryable, not stalled.
+
+This store is one host's. A fleet behind a balancer shares one Redis instead
+(``rtinfer.replay_redis``, chosen by the stage parameter ``replay_store``): the same
+interface, the same window check and refusals.
 """
 from __future__ import annotations
 
@@ -62,14 +66,7 @@ class ReplayGuard:
 
     def check_window(self, timestamp_ms: int, *, now_ms: int | None = None) -> None:
         """Refuse an envelope sealed too long ago, or too far in the future (clock skew)."""
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        age = now_ms - timestamp_ms
-        if age > self.window_ms:
-            raise RejectedRequest("expired", f"envelope was sealed {age / 1000:.1f} s ago, outside the "
-                                  f"{self.window_ms / 1000:.0f} s replay window; seal it again")
-        if -age > self.skew_ms:
-            raise RejectedRequest("from_future", f"envelope is sealed {-age / 1000:.1f} s in the future, more than "
-                                  f"the allowed clock skew of {self.skew_ms / 1000:.0f} s")
+        check_window(timestamp_ms, self.window_ms, self.skew_ms, now_ms)
 
     def admit(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None,
               windowed: bool = True) -> list[RejectedRequest | None]:
@@ -93,9 +90,7 @@ class ReplayGuard:
                             out.append(exc)
                             continue
                         cur.execute("INSERT OR IGNORE INTO seen (id, ts) VALUES (?, ?)", (_nonce_id(key_id, nonce), ts))
-                        out.append(None if cur.rowcount == 1 else RejectedRequest(
-                            "replayed", "envelope was already received (replay): its nonce was seen within the "
-                            "replay window"))
+                        out.append(None if cur.rowcount == 1 else replayed())
                     cutoff = self.prune_before(now)
                     if time.monotonic() - self._pruned > self.prune_every_s:
                         cur.execute("DELETE FROM seen WHERE ts < ?", (cutoff,))
@@ -143,6 +138,23 @@ class ReplayGuard:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+
+def check_window(timestamp_ms: int, window_ms: int, skew_ms: int, now_ms: int | None = None) -> None:
+    """Refuse an envelope sealed more than ``window_ms`` ago or more than ``skew_ms`` ahead (clock skew)."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    age = now_ms - timestamp_ms
+    if age > window_ms:
+        raise RejectedRequest("expired", f"envelope was sealed {age / 1000:.1f} s ago, outside the "
+                              f"{window_ms / 1000:.0f} s replay window; seal it again")
+    if -age > skew_ms:
+        raise RejectedRequest("from_future", f"envelope is sealed {-age / 1000:.1f} s in the future, more than "
+                              f"the allowed clock skew of {skew_ms / 1000:.0f} s")
+
+
+def replayed() -> RejectedRequest:
+    return RejectedRequest("replayed", "envelope was already received (replay): its nonce was seen within the "
+                           "replay window")
 
 
 def _nonce_id(key_id: str, nonce: bytes) -> bytes:

@@ -52,6 +52,10 @@ class TritonPythonModel:
                                edge_model=edge_id, cloud_model=cloud_id)
         self.cloud_id = cloud_id
         self.metrics = metrics.for_stage_or_none(pb_utils, "cascade", cfg)
+        if self.metrics is not None:  # the classifier files this replica serves (rtinfer_model_info)
+            served = f"e={self.edge_name}/{p('edge_model_file')}".rstrip("/")
+            served += "" if self.cloud else f",c={self.big_name}"
+            guard.attempt(lambda: self.metrics.models(cfg.installed_classifiers(served)))
 
     def execute(self, requests):
         # metrics after the answers are sent: no request waits for their round trips to the server

@@ -18,6 +18,8 @@ class TritonPythonModel:
                                   version=args["model_version"], keyring=cfg.keyring(),
                                   internal_keys=cfg.internal_keys(), ctx_store=cfg.context_store())
         self.metrics = metrics.for_stage_or_none(pb_utils, "postprocess", cfg)
+        if self.metrics is not None:  # the classifier files this replica serves (rtinfer_model_info)
+            guard.attempt(lambda: self.metrics.models(cfg.installed_classifiers()))
 
     def execute(self, requests):
         # metrics after the answers are sent: no request waits for their round trips to the server
