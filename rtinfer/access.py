@@ -146,9 +146,13 @@ def _name(cn):
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _pem_key(key):
+def pem_key(key) -> bytes:
+    """A private key as unencrypted PKCS#8 PEM (for a key file written 0600 with ``write_private``)."""
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
+
+
+_pem_key = pem_key  # the old name, for callers that still use it
 
 
 def throwaway_ca(name: str) -> tuple:
@@ -191,7 +195,7 @@ def loopback_certs(directory) -> dict:
     paths = {name: directory / f"{name}.pem" for name in ("ca", "server", "server-key")}
     paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["server"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    write_private(paths["server-key"], _pem_key(key))
+    write_private(paths["server-key"], pem_key(key))
     return paths
 
 

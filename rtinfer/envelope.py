@@ -32,9 +32,10 @@ from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 MAGIC = b"RTE1"
 NONCE_LEN = 12
 TAG_LEN = 16
-_PREFIX = struct.Struct(">4sH")
+PREFIX = struct.Struct(">4sH")  # MAGIC, then the header's length in bytes (big-endian): an envelope's first 6 bytes
+_PREFIX = PREFIX  # the old name, for callers that still use it
 REQUEST, RESPONSE = "req", "res"
-MIN_LEN = _PREFIX.size + 2 + NONCE_LEN + TAG_LEN  # smallest header is "{}"
+MIN_LEN = PREFIX.size + 2 + NONCE_LEN + TAG_LEN  # smallest header is "{}"
 MAX_TS_MS = 1 << 53  # timestamps are exact integers in every JSON reader, and fit SQLite and floats
 
 
@@ -90,7 +91,7 @@ def open_response(sealed: bytes, key: bytes, request_envelope: bytes) -> Opened:
 
 def _seal_header(plaintext: bytes, key: bytes, hdr: Header, nonce: bytes | None) -> bytes:
     header = hdr.encode()
-    aad = _PREFIX.pack(MAGIC, len(header)) + header
+    aad = PREFIX.pack(MAGIC, len(header)) + header
     nonce = os.urandom(NONCE_LEN) if nonce is None else nonce
     return aad + nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
 
@@ -99,10 +100,10 @@ def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
     """Split an envelope into (header, aad, nonce, body) without decrypting."""
     if len(envelope) < MIN_LEN:
         raise RejectedRequest("truncated", f"envelope truncated: {len(envelope)} bytes, at least {MIN_LEN} needed")
-    magic, hlen = _PREFIX.unpack_from(envelope)
+    magic, hlen = PREFIX.unpack_from(envelope)
     if magic != MAGIC:
         raise RejectedRequest("bad_format", "not an RTE1 envelope (bad magic bytes)")
-    start = _PREFIX.size
+    start = PREFIX.size
     if len(envelope) < start + hlen + NONCE_LEN + TAG_LEN:
         raise RejectedRequest("truncated", f"envelope truncated: header says {hlen} header bytes, "
                               f"but only {len(envelope)} bytes in all")

@@ -16,8 +16,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from rtinfer import audit_context, envelope, internal_key
 
-from test_fail_closed import outcome
-from test_faults_load import records_by_request
+from helpers import outcome, records_by_request
 
 
 def preprocess_directly(server, keys) -> tuple[str, bytes]:

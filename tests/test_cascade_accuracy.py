@@ -9,7 +9,7 @@ from build_engines import paths, runtime
 from rtinfer.postprocess import softmax
 
 from conftest import REPO
-from test_cascade_server import cascade_policy
+from helpers import cascade_policy
 
 BIG_DIR = paths.BUILD / "big"
 

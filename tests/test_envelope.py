@@ -51,7 +51,7 @@ def test_header_is_authenticated(field, value):
     fields = {"kid": header.key_id, "cid": header.client_id, "aud": header.pipeline, "ts": header.timestamp_ms}
     fields[field] = value
     forged_header = envelope.Header(fields["kid"], fields["cid"], fields["aud"], fields["ts"]).encode()
-    forged = envelope._PREFIX.pack(envelope.MAGIC, len(forged_header)) + forged_header + nonce + body
+    forged = envelope.PREFIX.pack(envelope.MAGIC, len(forged_header)) + forged_header + nonce + body
     assert reason_of(forged)[0] == "auth_failed"
 
 
@@ -69,7 +69,7 @@ def test_not_an_envelope():
 
 
 def test_garbage_header():
-    data = envelope._PREFIX.pack(envelope.MAGIC, 5) + b"{oops" + b"\0" * 40
+    data = envelope.PREFIX.pack(envelope.MAGIC, 5) + b"{oops" + b"\0" * 40
     assert reason_of(data)[0] == "bad_format"
 
 
@@ -79,7 +79,7 @@ def test_garbage_header():
                                     b'{"aud":"pipeline","cid":"c","kid":"k1","ts":1' + b"0" * 400 + b"}"])
 def test_header_fields_must_have_their_types(header):
     """Issue 14 (2): a ts of 401 digits overflowed the window check; strings must be UTF-8 encodable."""
-    data = envelope._PREFIX.pack(envelope.MAGIC, len(header)) + header + b"\0" * 40
+    data = envelope.PREFIX.pack(envelope.MAGIC, len(header)) + header + b"\0" * 40
     assert reason_of(data)[0] == "bad_format"
 
 

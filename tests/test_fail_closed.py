@@ -30,20 +30,8 @@ from rtinfer.errors import RejectedRequest
 from rtinfer.postprocess import result_mac
 
 from conftest import model_repository_with, require_model
-from test_faults_load import records_by_request, start, verify_all
-from test_pipeline_server import batch_stats
-from test_stages import palette_png_trns_no_plte
-
-CATS = range(281, 286)
-INVALID = ("StatusCode.INVALID_ARGUMENT", "400")
-RETRY = ("StatusCode.UNAVAILABLE", "503")
-
-
-def outcome(exc: InferenceServerException) -> str:
-    """'invalid' | 'unavailable' | 'other: ...'; never a traceback, exception name or path in the message."""
-    msg, status = exc.message(), str(exc.status())
-    assert "Traceback" not in msg and ".py" not in msg and "Error:" not in msg and "/" not in msg, msg
-    return "invalid" if status in INVALID else "unavailable" if status in RETRY else f"other: {status} {msg}"
+from helpers import (batch_stats, outcome, palette_png_trns_no_plte, records_by_request,  # noqa: F401 (outcome:
+                     start_server as start, verify_all)  # re-exported, other modules import it here)
 
 
 def send_batches(server, keys, bad: list[bytes], good_per_round: int, protocol="grpc", tag="batch",

@@ -27,9 +27,7 @@ from clients import samples
 from clients.classify import PipelineClient
 
 from conftest import model_repository_with, require_model
-from test_fail_closed import outcome
-from test_faults_load import records_by_request, start, verify_all
-from test_stages import palette_png_trns_no_plte
+from helpers import outcome, palette_png_trns_no_plte, records_by_request, start_server as start, verify_all
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(240)]
 FUZZ_SECONDS = 25

@@ -1,10 +1,12 @@
 """TLS at the gateway, on HTTP and gRPC (Triton's own HTTP endpoint has none), and mutual TLS.
 
-Certificates come from a throwaway CA (test_security_access); the gateway fronts the
+Certificates come from a throwaway CA (rtinfer.access.loopback_certs); the gateway fronts the
 session's locked-down Triton on loopback.
 """
 from __future__ import annotations
 
+import re
+import ssl
 
 import pytest
 import tritonclient.grpc as grpcclient
@@ -12,6 +14,7 @@ import tritonclient.http as httpclient
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from geventhttpclient.response import HTTPConnectionClosed
 from tritonclient.utils import InferenceServerException
 
 from clients import samples
@@ -20,9 +23,8 @@ from rtinfer import access
 from rtinfer.gateway import Gateway
 
 from conftest import GATED_API_KEY, require_haproxy
-from test_gateway import log_after
-from test_pipeline_server import CATS, records_for
-from test_security_access import _pem_key, make_ca_and_server_cert
+from helpers import CATS, log_after, records_for
+from rtinfer.access import loopback_certs as make_ca_and_server_cert, pem_key
 
 PROTOCOLS = ["grpc", "http"]
 
@@ -35,7 +37,7 @@ def make_client_ca_and_cert(directory):
     paths = {name: directory / f"{name}.pem" for name in ("client-ca", "client", "client-key")}
     paths["client-ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["client"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths["client-key"].write_bytes(_pem_key(key))
+    paths["client-key"].write_bytes(pem_key(key))
     paths["client-key"].chmod(0o600)
     return paths
 
@@ -76,6 +78,31 @@ def raw_client(gw, protocol, **tls):
     if protocol == "grpc":
         return grpcclient.InferenceServerClient(gw.grpc_url, **access.grpc_tls_kwargs(**tls))
     return httpclient.InferenceServerClient(gw.http_url, **access.http_tls_kwargs(**tls))
+
+
+# How each refusal reaches the client (measured with the tritonclient versions pinned here). gRPC reports
+# every transport failure as UNAVAILABLE, a closed port too ("Connection refused"), so its message says which.
+REFUSED = {  # case -> (HTTP exception, gRPC message pattern)
+    "plaintext": (HTTPConnectionClosed, r"Socket closed|Connection reset"),  # the TLS port drops the bytes
+    "untrusted": (ssl.SSLCertVerificationError, r"[Hh]andshake failed"),  # the client rejects the certificate
+    # TLS 1.3: the handshake completes, then the gateway's "certificate required" alert ends the connection
+    "no client certificate": ((ssl.SSLError, r"CERTIFICATE_REQUIRED"),
+                              r"CERTIFICATE_REQUIRED|TSI_DATA_CORRUPTED|Socket closed|Connection reset"),
+}
+
+
+def expect_refused(c, protocol, case):
+    """``c.is_server_live()`` fails the way ``case`` must (REFUSED), not as a closed port or a bug would."""
+    http_error, grpc_pattern = REFUSED[case]
+    if protocol == "grpc":
+        with pytest.raises(InferenceServerException) as info:
+            c.is_server_live(client_timeout=5)
+        assert str(info.value.status()) == "StatusCode.UNAVAILABLE", info.value
+        assert re.search(grpc_pattern, info.value.message()), info.value.message()
+    else:
+        error, pattern = http_error if isinstance(http_error, tuple) else (http_error, None)
+        with pytest.raises(error, match=pattern):
+            c.is_server_live()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -125,8 +152,7 @@ def test_a_refused_large_request_gets_its_answer_not_a_closed_connection(tls_gat
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_plaintext_to_the_tls_ports_is_refused(tls_gateway, protocol):
     c = raw_client(tls_gateway, protocol)
-    with pytest.raises(Exception):
-        c.is_server_live(**({"client_timeout": 5} if protocol == "grpc" else {}))
+    expect_refused(c, protocol, "plaintext")
     c.close()
 
 
@@ -134,16 +160,14 @@ def test_plaintext_to_the_tls_ports_is_refused(tls_gateway, protocol):
 def test_an_untrusted_certificate_is_refused_by_the_client(tls_gateway, tmp_path, protocol):
     other = make_ca_and_server_cert(tmp_path)  # same names, another CA
     c = raw_client(tls_gateway, protocol, ca=str(other["ca"]))
-    with pytest.raises(Exception):
-        c.is_server_live(**({"client_timeout": 5} if protocol == "grpc" else {}))
+    expect_refused(c, protocol, "untrusted")
     c.close()
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_mutual_tls_needs_a_client_certificate(mtls_gateway, keys, certs, protocol):
     anonymous = raw_client(mtls_gateway, protocol, ca=str(certs["ca"]))
-    with pytest.raises(Exception):
-        anonymous.is_server_live(**({"client_timeout": 5} if protocol == "grpc" else {}))
+    expect_refused(anonymous, protocol, "no client certificate")
     anonymous.close()
     c = client(mtls_gateway, keys, protocol, tls_ca=str(certs["ca"]), tls_cert=str(certs["client"]),
                tls_key=str(certs["client-key"]))

@@ -11,19 +11,13 @@ from clients import samples
 from rtinfer import imaging
 from rtinfer.errors import RejectedRequest
 
+from helpers import png_bytes as _png, png_chunk as _chunk, png_header_only as _png_header_only  # noqa: F401
+
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
     return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
-def _png(ihdr: bytes, *chunks: bytes) -> bytes:
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + b"".join(chunks) + _chunk(b"IEND", b"")
 
 
 def test_uint8_rgb_contract_and_normalization():
@@ -134,12 +128,6 @@ def test_jpeg_draft_decodes_less_and_agrees():
     b = imaging.preprocess(data, draft=False).astype(int)
     assert np.abs(a - b).mean() < 2.0
     assert imaging.decode(data, draft=True).size[0] < 2400
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (other tests send it through the server too)."""
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return _png(ihdr, _chunk(b"IDAT", zlib.compress(b"\0" * 64)))
 
 
 def test_png_header_bomb_refused_before_inflating():

@@ -3,21 +3,11 @@ from __future__ import annotations
 
 import csv
 import subprocess
-import sys
 
 from rtinfer import keyring
 from rtinfer.server import ROOT
 
-
-def locust(server, keyring_path, prefix, seconds=4, users=2, extra=()):
-    cmd = [sys.executable, "-m", "locust", "-f", "loadtest/locustfile.py", "--headless", "-u", str(users),
-           "-r", str(users), "-t", f"{seconds}s", "--stop-timeout", "5", "--csv", str(prefix), "--only-summary",
-           "--triton-grpc", server.grpc_url, "--triton-http", server.http_url, "--keyring", str(keyring_path),
-           "--top-k", "3", *extra, "GrpcPipelineUser", "HttpPipelineUser"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
-    with open(f"{prefix}_stats.csv", newline="") as fh:
-        rows = {(r["Type"], r["Name"]): r for r in csv.DictReader(fh)}
-    return proc, rows
+from helpers import locust  # noqa: F401 (re-exported: other modules import it here)
 
 
 def test_locustfile_headless_records_successes_per_protocol(server, keyring_path, tmp_path):

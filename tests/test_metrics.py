@@ -2,7 +2,6 @@
 Triton's metrics port (preprocess and postprocess served alone: no classifier needed)."""
 from __future__ import annotations
 
-import re
 import shutil
 import urllib.request
 
@@ -13,30 +12,12 @@ from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from conftest import settled
+from helpers import metric_value as value, parse_metrics as parse  # noqa: F401 (re-exported: other modules import them here)
 from rtinfer import audit, envelope, keyring, metrics, replay
 from rtinfer.preprocess import Preprocessor, Request
 from rtinfer.server import ROOT, TritonServer
 
 KEY = bytes(range(32))
-_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
-
-
-def parse(text: str) -> dict[tuple, float]:
-    """Prometheus text format -> {(name, ((label, value), ...)): value}."""
-    out = {}
-    for line in text.splitlines():
-        m = _LINE.match(line)
-        if m:
-            labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m[2] or "")))
-            out[(m[1], labels)] = float(m[3])
-    return out
-
-
-def value(samples_: dict, name: str, **labels) -> float:
-    want = set(labels.items())
-    return sum(v for (n, ls), v in samples_.items() if n == name and want <= set(ls))
-
-
 def test_client_labels_are_bounded_and_forged_ids_take_no_slot():
     c = metrics.ClientLabels(["alice"], max_dynamic=2)
     assert c.label("alice", authenticated=False) == "alice"  # listed: even a refused claim is labelled

@@ -10,7 +10,7 @@ import subprocess
 from conftest import require_haproxy, require_model
 from rtinfer import observe, prometheus
 from rtinfer.server import ROOT
-from test_prometheus_rules import promtool
+from helpers import promtool
 
 
 def test_make_observe_attack_raises_its_alerts_and_clean_traffic_none(tmp_path):

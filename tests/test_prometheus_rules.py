@@ -3,7 +3,6 @@ synthetic series, and the rules read only metrics that the stages export (rtinfe
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 
 import pytest
@@ -11,16 +10,11 @@ import pytest
 from rtinfer import metrics
 from rtinfer.server import ROOT
 
+from helpers import promtool  # noqa: F401 (re-exported: other modules import it here)
+
 PROM = ROOT / "deploy" / "prometheus"
 RULES = sorted((PROM / "rules").glob("*.yml"))
 TESTS = sorted((PROM / "tests").glob("*.test.yml"))
-
-
-def promtool() -> str:
-    tool = shutil.which("promtool") or "/usr/bin/promtool"
-    if not shutil.which(tool):  # make test installs it first (make prometheus): a failure, not a skip
-        pytest.fail("promtool is not installed: run `make prometheus` (apt-get install prometheus as root)")
-    return tool
 
 
 def run(*args) -> subprocess.CompletedProcess:

@@ -120,7 +120,7 @@ def test_a_certificate_for_another_hostname_is_refused(tmp_path):
                              (x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False))
     (tmp_path / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     (tmp_path / "server.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (tmp_path / "server-key.pem").write_bytes(access._pem_key(key))
+    (tmp_path / "server-key.pem").write_bytes(access.pem_key(key))
     (tmp_path / "server-key.pem").chmod(0o600)
     with TritonServer(models=("classifier_onnx",), api_key=API_KEY, tls_cert=str(tmp_path / "server.pem"),
                       tls_key=str(tmp_path / "server-key.pem"), workdir=tmp_path / "triton") as cloud:

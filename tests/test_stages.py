@@ -10,6 +10,8 @@ from rtinfer.postprocess import Postprocessor
 from rtinfer.guard import Refusal
 from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
 
+from helpers import palette_png_trns_no_plte  # noqa: F401 (re-exported: other modules import it here)
+
 KEY = os.urandom(32)
 
 
@@ -61,17 +63,6 @@ def test_classifier_ids_name_the_file_each_host_loads(tmp_path):
                    "pipeline_onnx": "classifier_onnx/1:model.portable.onnx@" + "b" * 16,
                    "x": "classifier_onnx/1:missing.onnx@not-in-manifest",
                    "y": "classifier_trt_fp16/1@no-manifest"}
-
-
-def palette_png_trns_no_plte() -> bytes:
-    """Issue 14 (1): a palette PNG with a tRNS chunk and no PLTE; Pillow's convert("RGB") asserted on it."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 3, 0, 0, 0))
-            + chunk(b"tRNS", b"\x00") + chunk(b"IDAT", zlib.compress(b"\x00\x00")) + chunk(b"IEND", b""))
 
 
 class FailingAudit:
