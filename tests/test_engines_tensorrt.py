@@ -149,12 +149,15 @@ def test_skipped_on_tensorrt_without_strong_typing(monkeypatch, capsys, onnx_pai
 
 
 def test_gpu_probe_agrees_with_the_driver():
+    """No device node: no GPU. A device node: the probe must find it (a probe that returns None on a GPU
+    host would skip every engine build there) and read a plausible compute capability."""
     gpu = tensorrt_gpu.probe()
     if not Path("/dev/nvidia0").exists():
         assert gpu is None
-    elif gpu is not None:
-        major, minor = gpu.compute_capability.split(".")
-        assert int(major) >= 3 and minor.isdigit() and gpu.sm == f"sm{major}{minor}" and gpu.name
+        return
+    assert gpu is not None, "/dev/nvidia0 exists, but the CUDA driver probe found no GPU"
+    major, minor = gpu.compute_capability.split(".")
+    assert int(major) >= 3 and minor.isdigit() and gpu.sm == f"sm{major}{minor}" and gpu.name
 
 
 # --- profiles from the Triton configs ---------------------------------------------------------

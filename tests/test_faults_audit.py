@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 from rtinfer import audit, checkpoint
+
+from helpers import wait_until
 
 
 def recs(n, tag="r"):
@@ -28,7 +29,8 @@ def test_fsync_policies(tmp_path):
         w = audit.AuditWriter(tmp_path / f"{policy}.jsonl", fsync=policy, fsync_interval_s=0.05)
         for _ in range(20):
             w.append(recs(4))
-        time.sleep(0.2)  # the interval thread syncs what is dirty
+        if policy == "interval":  # the background thread syncs what is dirty
+            assert wait_until(lambda: w.fsyncs >= 1), "no interval fsync"
         counts[policy] = w.fsyncs
         w.close()
     assert counts["batch"] == 20 and counts["off"] == 0 and 1 <= counts["interval"] < 20, counts
@@ -41,37 +43,54 @@ def test_bench_measures_every_policy():
     assert [r["policy"] for r in rows] == list(audit.FSYNC_POLICIES) and all(r["us_per_batch"] > 0 for r in rows)
 
 
-WRITER = textwrap.dedent("""
-    import sys
+TORN_WRITER = textwrap.dedent("""
+    import os, signal, sys
     from rtinfer import audit
-    w = audit.AuditWriter(sys.argv[1])
-    big = [{"event": "served", "request_id": f"r{i}", "pad": "x" * 2000} for i in range(400)]
-    print("ready", flush=True)
-    while True:
-        w.append(big)   # ~800 kB per write(): a SIGKILL can land inside one
+    path, keep = sys.argv[1], int(sys.argv[2])
+    w = audit.AuditWriter(path)
+    w.append([{"event": "served", "request_id": f"before-{i}", "pad": "a" * 100} for i in range(2)])
+    print(os.path.getsize(path), flush=True)
+    real_write = os.write
+
+    def short_write_then_killed(fd, data):  # the fault: the kernel took part of this write, then the process died
+        data = bytes(data)
+        print(len(data), flush=True)
+        real_write(fd, data[:keep] if keep > 0 else data[:len(data) + keep])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    os.write = short_write_then_killed  # rtinfer.audit writes through os.write
+    w.append([{"event": "served", "request_id": f"torn-{i}", "pad": "b" * 100} for i in range(2)])
+    print("not killed", flush=True)
 """)
 
 
-def test_writer_killed_mid_write_leaves_a_torn_tail_that_restart_repairs(tmp_path):
+@pytest.mark.parametrize("keep", [1, 57, -1, -40], ids=["1 byte", "57 bytes", "all but the newline",
+                                                         "all but 40 bytes"])
+def test_writer_killed_mid_write_leaves_a_torn_tail_that_restart_repairs(tmp_path, keep):
+    """A writer SIGKILLed inside a write of a two-record batch, after exactly ``keep`` bytes of it (negative:
+    all but that many) reached the file: verify reports a torn tail (not tampering), the complete lines
+    stay, a new writer cuts the partial line off and continues the chain."""
     f = tmp_path / "chain.jsonl"
-    torn = 0
-    for attempt in range(3):  # the kill lands inside a write most of the time; the checks hold either way
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(f)], stdout=subprocess.PIPE)
-        assert proc.stdout.readline().strip() == b"ready"
-        time.sleep(0.15 + 0.05 * attempt)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        rep = audit.verify_file(f)
-        assert rep.ok, rep  # a torn tail is not tampering
-        torn += rep.torn_tail
-        complete = rep.records
-        w = audit.AuditWriter(f)
-        assert (w.repaired_bytes > 0) == rep.torn_tail
-        w.append([{"event": "served", "request_id": f"after-{attempt}"}])
-        w.close()
-        rep = audit.verify_file(f)
-        assert rep.ok and not rep.torn_tail and rep.records == complete + 1
-    print(f"\nkilled writer 3 times: {torn} torn tails, all repaired, chain continued")
+    proc = subprocess.run([sys.executable, "-c", TORN_WRITER, str(f), str(keep)], capture_output=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stdout, proc.stderr)
+    size_before, batch_len = map(int, proc.stdout.split())  # the file before the batch; the batch's bytes
+    tail = f.read_bytes()[size_before:]
+    assert len(tail) == (keep if keep > 0 else batch_len + keep)  # the short write, byte for byte
+    whole_lines = tail.count(b"\n")  # complete records of the batch that reached the file before the kill
+    partial = len(tail) - (tail.rfind(b"\n") + 1)
+    assert partial > 0 and whole_lines == (0 if keep > 0 else 1)  # each record's line is over 150 bytes
+    rep = audit.verify_file(f)
+    assert rep.ok and rep.torn_tail, rep  # a torn tail is not tampering
+    assert rep.records == 2 + whole_lines
+    w = audit.AuditWriter(f)
+    assert w.repaired_bytes == partial and f.stat().st_size == size_before + len(tail) - partial
+    w.append([{"event": "served", "request_id": "after"}])
+    w.close()
+    rep = audit.verify_file(f)
+    assert rep.ok and not rep.torn_tail and rep.records == 2 + whole_lines + 1, rep
+    assert [r["request_id"] for r in audit.read_records(f)] == ["before-0", "before-1", *["torn-0"][:whole_lines],
+                                                                 "after"]
+    assert [r["seq"] for r in audit.read_records(f)] == list(range(rep.records))
 
 
 def test_rotation_continues_the_chain_across_files(tmp_path):
@@ -172,8 +191,7 @@ def test_checkpoints_continue_across_rotation_and_on_an_interval(tmp_path, signe
     w = audit.AuditWriter(tmp_path / "c.jsonl", signer=checkpoint.Signer.load(priv), max_bytes=3000,
                           checkpoint_interval_s=0.05, checkpoint_records=10_000)
     w.append(recs(2))
-    time.sleep(0.3)
-    assert w.checkpoints >= 1  # an idle writer signs what it wrote
+    assert wait_until(lambda: w.checkpoints >= 1)  # an idle writer signs what it wrote
     for i in range(20):
         w.append(recs(2, f"b{i}-"))
     w.close()
@@ -200,7 +218,9 @@ FULL_DISK = textwrap.dedent("""
                           checkpoint_records=10_000)
     batch = lambda tag: [{"event": "served", "request_id": f"{tag}-{i}", "pad": "x" * 300} for i in range(8)]
     w.append(batch("before"))
-    time.sleep(0.2)  # signed by the background thread
+    deadline = time.monotonic() + 10
+    while w.checkpoints < 1 and time.monotonic() < deadline:  # signed by the background thread
+        time.sleep(0.01)
     limit = os.path.getsize(path) + 250  # room for one small record, not for its checkpoint
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # the "disk" fills up
     w.append([{"event": "served", "request_id": "small-0"}])
@@ -210,7 +230,9 @@ FULL_DISK = textwrap.dedent("""
             w.append(batch(f"full{n}"))
         except OSError:
             failed += 1
-    time.sleep(0.3)  # the background checkpoint fails too, and must not leave a record behind
+    deadline = time.monotonic() + 10
+    while w.write_errors <= failed and time.monotonic() < deadline:  # the background checkpoint fails too,
+        time.sleep(0.01)                                               # and must not leave a record behind
     resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     w.append(batch("after"))
     w.close()

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import os
 import struct
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from rtinfer import envelope, imaging, keyring
+from rtinfer import audit, envelope, imaging, keyring
 from rtinfer.errors import RejectedRequest
 from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
 
@@ -98,17 +100,40 @@ def test_image_decoder_on_mutated_images(seed, ed):
     assert x.shape == (224, 224, 3) and x.dtype == np.uint8
 
 
-class _Audit:
-    def append(self, records):
-        return ["h"] * len(records)
+SEALED, MUTATED, RANDOM = "sealed seed", "mutated envelope", "random bytes"
 
 
 @settings(max_examples=100, deadline=None, database=None)
-@given(st.lists(st.one_of(st.binary(max_size=512), edits.map(lambda e: mutate(VALID, e)),
-                          st.sampled_from(SEEDS).map(lambda s: envelope.seal(s, KEY, key_id="k1", client_id="fuzz",
-                                                                              pipeline="pipeline"))),
+@given(st.lists(st.one_of(st.tuples(st.just(RANDOM), st.binary(max_size=512)),
+                          st.tuples(st.just(MUTATED), edits.map(lambda e: mutate(VALID, e))),
+                          st.tuples(st.just(SEALED), st.sampled_from(SEEDS).map(
+                              lambda s: envelope.seal(s, KEY, key_id="k1", client_id="fuzz", pipeline="pipeline")))),
                 min_size=1, max_size=6))
 def test_preprocess_stage_answers_every_request_of_a_batch(batch):
-    pre = Preprocessor(keyring.Keyring({"k1": KEY}), _Audit(), pipelines={"pipeline"}, max_pixels=1_000_000)
-    out = pre.run([Request(b, f"r{i}") for i, b in enumerate(batch)])
-    assert len(out) == len(batch) and all(isinstance(r, (Accepted, Rejected)) for r in out)
+    """A batch of valid envelopes (each seed image, freshly sealed), mutated ones and random bytes, through
+    the stage with a real keyring and audit writer (a temporary directory per example): every valid one is
+    accepted as its image, every other answered alone (refused, or accepted only as VALID's own image),
+    every refusal audited under its request id, and the chain verifies."""
+    with tempfile.TemporaryDirectory() as d:
+        writer = audit.AuditWriter(Path(d) / "preprocess_0.jsonl")
+        pre = Preprocessor(keyring.Keyring({"k1": KEY}), writer, pipelines={"pipeline"}, max_pixels=1_000_000)
+        out = pre.run([Request(data, f"r{i}", client_id="fuzz") for i, (_, data) in enumerate(batch)])
+        writer.close()
+        assert len(out) == len(batch)
+        refused = {}
+        for i, ((kind, data), r) in enumerate(zip(batch, out)):
+            if kind == SEALED:
+                assert isinstance(r, Accepted), (i, r)  # a valid seed is never refused
+                assert r.image.shape == (224, 224, 3) and r.image.dtype == np.uint8
+            elif kind == RANDOM:
+                assert isinstance(r, Rejected), (i, r)
+            else:
+                assert isinstance(r, (Accepted, Rejected)), (i, r)
+                if isinstance(r, Accepted):  # only an equivalent envelope may open (a no-op edit)
+                    assert envelope.open_envelope(data, opener).plaintext == SEEDS[0]
+            if isinstance(r, Rejected):
+                refused[f"r{i}"] = r.reason
+        records = audit.read_records(d)
+        assert {rec["request_id"]: rec["reason"] for rec in records} == refused
+        assert all(rec["event"] == "rejected" for rec in records)
+        assert audit.verify_file(Path(d) / "preprocess_0.jsonl").ok
