@@ -75,17 +75,16 @@ def test_a_clock_stepped_ahead_does_not_prune_what_the_real_clock_still_accepts(
     g.close()
 
 
-class _Audit:
-    def __init__(self):
-        self.records = []
-
-    def append(self, records):
-        self.records += records
-        return [str(i) for i in range(len(records))]
+def audited(trail) -> dict[str, str]:
+    """request id -> reason of each record in ``trail`` (a real audit writer's directory), once it verifies."""
+    assert all(r.ok for reps in audit.verify_path(trail).values() for r in reps)
+    return {r["request_id"]: r["reason"] for r in audit.read_records(trail)}
 
 
 def test_preprocessor_rejects_replays_and_expired_and_audits_the_reason(tmp_path, keys):
-    pre = Preprocessor(keys, _Audit(), pipelines={"pipeline"}, replay=replay.ReplayGuard(tmp_path / "r.db"))
+    trail = tmp_path / "audit"
+    pre = Preprocessor(keys, audit.AuditWriter(trail / "preprocess_0.jsonl"), pipelines={"pipeline"},
+                       replay=replay.ReplayGuard(tmp_path / "r.db"))
     img = samples.photo("coffee")
     fresh = envelope.seal(img, keys.key("k1"), key_id="k1", client_id="c", pipeline="pipeline")
     old = envelope.seal(img, keys.key("k1"), key_id="k1", client_id="c", pipeline="pipeline",
@@ -94,8 +93,10 @@ def test_preprocessor_rejects_replays_and_expired_and_audits_the_reason(tmp_path
     assert isinstance(out[0], Accepted)
     assert isinstance(out[1], Rejected) and out[1].reason == "replayed"
     assert isinstance(out[2], Rejected) and out[2].reason == "expired" and "replay window" in out[2].message
-    assert {(r["request_id"], r["reason"]) for r in pre.audit.records} == {("r2", "replayed"), ("r3", "expired")}
+    assert audited(trail) == {"r2": "replayed", "r3": "expired"}
     assert isinstance(pre.run([Request(fresh, "r4")])[0], Rejected)  # and in a later batch
+    assert audited(trail)["r4"] == "replayed"
+    pre.audit.close()
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -183,7 +184,8 @@ def test_a_locked_store_fails_fast_and_retryable(tmp_path):
 
 def test_stage_refuses_a_whole_batch_retryably_when_the_store_is_locked(tmp_path, keys):
     import sqlite3
-    pre = Preprocessor(keys, _Audit(), pipelines={"pipeline"},
+    trail = tmp_path / "audit"
+    pre = Preprocessor(keys, audit.AuditWriter(trail / "preprocess_0.jsonl"), pipelines={"pipeline"},
                        replay=replay.ReplayGuard(tmp_path / "r.db", busy_timeout_s=0.1))
     sealed = [envelope.seal(samples.photo("coffee"), keys.key("k1"), key_id="k1", client_id="c", pipeline="pipeline")
               for _ in range(2)]
@@ -191,8 +193,8 @@ def test_stage_refuses_a_whole_batch_retryably_when_the_store_is_locked(tmp_path
     holder.execute("BEGIN IMMEDIATE")
     out = pre.run([Request(s, f"r{i}") for i, s in enumerate(sealed)] + [Request(b"garbage", "r9")])
     assert [(r.reason, r.retryable) for r in out] == [("replay_store_unavailable", True)] * 2 + [("truncated", False)]
-    assert {r["request_id"]: r["reason"] for r in pre.audit.records} == {
-        "r0": "replay_store_unavailable", "r1": "replay_store_unavailable", "r9": "truncated"}
+    assert audited(trail) == {"r0": "replay_store_unavailable", "r1": "replay_store_unavailable", "r9": "truncated"}
     holder.execute("ROLLBACK")
     assert all(isinstance(r, Accepted) for r in pre.run([Request(s, f"again{i}") for i, s in enumerate(sealed)]))
     holder.close()
+    pre.audit.close()
