@@ -29,7 +29,8 @@ def test_unexpected_exceptions_never_reach_the_client():
 
 
 class _Pb:
-    """The few pb_utils names guard.respond uses, recording what is sent (the real ones: test_fail_closed.py)."""
+    """The few pb_utils names guard.respond uses, recording what is sent (the real ones: test_fail_closed.py).
+    One per test: what its Logger logged belongs to that instance."""
     TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
 
     class TritonError:
@@ -42,12 +43,15 @@ class _Pb:
         def __init__(self, output_tensors=None, error=None):
             self.output_tensors, self.error = output_tensors, error
 
-    class Logger:
-        logged: list = []
+    def __init__(self):
+        self.logged: list[str] = []
+        logged = self.logged
 
-        @classmethod
-        def log_error(cls, msg):
-            cls.logged.append(msg)
+        class Logger:
+            @staticmethod
+            def log_error(msg):
+                logged.append(msg)
+        self.Logger = Logger
 
 
 class _Request:
@@ -67,30 +71,31 @@ class _Request:
 
 
 def test_answers_are_sent_before_the_after_work_and_nothing_raises():
-    log = []
+    log, pb = [], _Pb()
     reqs = [_Request(log), _Request(log, fail_sends=1), _Request(log, fail_sends=2)]
     refused = guard.Refusal("bad_input", "x", guard.BAD_INPUT, False)
-    out = guard.respond(_Pb, reqs, lambda rs: [["t"], refused, ["t"]],
+    out = guard.respond(pb, reqs, lambda rs: [["t"], refused, ["t"]],
                         after=lambda: log.append(("after",)) or 1 / 0)  # after() fails: nobody is told
     assert out is None and [e[0] for e in log] == ["send", "send", "after"]
     ok, second = log[0], log[1]
-    assert ok[1] is reqs[0] and ok[2].output_tensors == ["t"] and ok[3] == _Pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+    assert ok[1] is reqs[0] and ok[2].output_tensors == ["t"] and ok[3] == pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
     # the request whose first send failed got an UNAVAILABLE error instead, without the exception's text
     assert second[1] is reqs[1] and second[2].error.code == "UNAVAILABLE" and "/shm" not in second[2].error.message
-    assert _Pb.Logger.logged and "/shm" not in _Pb.Logger.logged[-1]  # the third could not be answered at all
+    assert len(pb.logged) == 1 and "/shm" not in pb.logged[0]  # the third could not be answered at all
     # a handler that raised: every request is answered UNAVAILABLE and after() does not run (it would
     # report the previous batch again)
     log.clear()
-    assert guard.respond(_Pb, reqs[:1], lambda rs: 1 / 0, after=lambda: log.append(("after",))) is None
+    assert guard.respond(pb, reqs[:1], lambda rs: 1 / 0, after=lambda: log.append(("after",))) is None
     assert [e[0] for e in log] == ["send"] and log[0][2].error.code == "UNAVAILABLE"
 
 
 def test_without_after_the_answers_are_returned_and_a_failing_handler_refuses_every_request():
     log = []
     reqs = [_Request(log), _Request(log)]
-    out = guard.respond(_Pb, reqs, lambda rs: 1 / 0)
+    pb = _Pb()
+    out = guard.respond(pb, reqs, lambda rs: 1 / 0)
     assert log == [] and [r.error.code for r in out] == ["UNAVAILABLE", "UNAVAILABLE"]
     assert all("ZeroDivision" not in r.error.message for r in out)
     refused = guard.Refusal("bad_input", "x", guard.BAD_INPUT, False)
-    out = guard.respond(_Pb, reqs, lambda rs: [refused, ["t"]])
+    out = guard.respond(pb, reqs, lambda rs: [refused, ["t"]])
     assert out[0].error.code == "INVALID_ARG" and out[1].output_tensors == ["t"]
