@@ -14,8 +14,11 @@ from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from clients.classify import PipelineClient
-from rtinfer import audit, envelope, keyring
+from rtinfer import audit, keyring
 from rtinfer.errors import RejectedRequest
+from rtinfer.server import TritonServer
+
+from conftest import require_model
 
 
 def materials(path):
@@ -104,8 +107,21 @@ def test_source_reloads_on_change_and_keeps_last_good_keys(tmp_path):
     assert all(m not in errors[0] for m in materials(path))
 
 
-def test_rotation_on_a_running_server_without_restart(server, keyring_path, audit_dir):
+@pytest.fixture
+def own_server(tmp_path):
+    """A server with its own keyring and audit trail: rotating the session's keyring would change what every
+    other test's server reads."""
+    require_model()
+    ring = keyring.write_new(tmp_path / "keys" / "keyring.json", key_ids=("k1",))
+    audit_dir = tmp_path / "audit"
+    with TritonServer(keyring=str(ring), audit_dir=str(audit_dir), workdir=tmp_path / "triton") as srv:
+        srv.keyring_path, srv.audit_dir = ring, audit_dir
+        yield srv
+
+
+def test_rotation_on_a_running_server_without_restart(own_server):
     """Add k7 with the CLI: served within a few seconds; retire it with no grace: refused, audited."""
+    server, keyring_path, audit_dir = own_server, own_server.keyring_path, own_server.audit_dir
     assert run_cli("add", keyring_path, "--key-id", "k7").returncode == 0
     key = keyring.Keyring.load(keyring_path).key("k7")
     c = PipelineClient(server.grpc_url, key=key, key_id="k7", client_id="rotator")
