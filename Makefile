@@ -15,7 +15,7 @@ CALIB_DIR    ?=
 EVAL_DIR     ?=
 # Labeled photos (ImageNet names) for accuracy-based choices; used when present, never committed.
 LABELED_DIR  ?= $(wildcard ../shared/imagenet-sample-dev)
-# Distillation steps for the pruned student (README "Distillation"); empty = off, e.g. DISTILL_STEPS=40.
+# Distillation steps for the pruned student (docs/engines.md "Distillation and far pruning"); empty = off, e.g. DISTILL_STEPS=40.
 DISTILL_STEPS ?=
 # Its teacher: lite0 (the FP32 original, default) or lite2 (EfficientNet-Lite2, the cascade's big model).
 DISTILL_TEACHER ?=
@@ -23,7 +23,7 @@ DISTILL_TEACHER ?=
 # default when empty), and uniform fractions of each block's expanded channels kept (none by default).
 DISTILL_FLOPS ?=
 DISTILL_KEEP ?=
-# Quantization-aware training steps per flavour (README "Quantization-aware training"); empty = the
+# Quantization-aware training steps per flavour (docs/engines.md "Quantization-aware training"); empty = the
 # build's default, 0 = off.
 QAT_STEPS ?=
 
@@ -125,7 +125,7 @@ fuzz-gateway: $(STAMP) protobuf-oracle
 	GATEWAY_DIFF_CASES=$(FUZZ_CASES) GATEWAY_DIFF_SEED=$${GATEWAY_DIFF_SEED:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')} \
 	  $(PY) -m pytest -q tests/test_gateway_differential.py -k agrees
 
-# The cascade (README "Cascade"): an edge and a cloud Triton on loopback (cloud: gRPC + TLS, its own
+# The cascade (docs/cascade.md "Remote cloud"): an edge and a cloud Triton on loopback (cloud: gRPC + TLS, its own
 # inference key, the edge's service key in its keyring); the edge's gRPC/HTTP on GRPC_PORT/HTTP_PORT.
 serve-edge-cloud: engines keys
 	$(PY) -m rtinfer.edge_cloud --keyring $(KEYRING) --edge-grpc-port $(GRPC_PORT) --edge-http-port $(HTTP_PORT)
@@ -160,13 +160,13 @@ loadtest: engines keys
 
 # Side by side, one run: bare ONNX Runtime, the Triton pipeline through the gateway (gRPC, HTTP), the
 # FastAPI baseline; one client's p50/p99 and the breakdown of one request. Reports in build/bench/
-# (bench.json, bench.md, bench.png, breakdown.png); the README's benchmark block is regenerated from it.
+# (bench.json, bench.md, bench.png, breakdown.png); docs/performance.md "Benchmark" is regenerated from it.
 BENCH_LEVELS  ?= 1,2,4,8,16
 BENCH_SECONDS ?= 6
 bench: engines keys haproxy
-	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS) --readme
+	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS) --doc
 
-# Monitoring, for real (README "Monitoring"): Triton + gateway + Prometheus (rules time-compressed) on
+# Monitoring, for real (docs/monitoring.md "make observe"): Triton + gateway + Prometheus (rules time-compressed) on
 # loopback, clean Locust load, a valid surge, then injected abuse; prints the alerts that fired and
 # writes $(OBSERVE_OUT)/alerts.json and observe.png. Fails when an expected alert did not fire or
 # one fired on clean traffic. OBSERVE_ARGS: e.g. --clean-s 30 --surge-s 0 --attack-s 30 (see --help).
