@@ -430,13 +430,14 @@ def markdown(results: dict, single: dict, rat: dict, meta: dict, split: dict | N
     return "\n".join(lines)
 
 
-README_BEGIN, README_END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+BLOCK_BEGIN, BLOCK_END = "<!-- make bench: begin -->", "<!-- make bench: end -->"
+PERF_DOC = ROOT / "docs" / "performance.md"  # the block sits in docs/performance.md "Benchmark"
 
 
-def update_readme(table: str, path: Path = ROOT / "README.md") -> None:
-    """The README's benchmark block is this report, verbatim (so it is regenerated, never retyped)."""
+def update_doc(table: str, path: Path = PERF_DOC) -> None:
+    """The performance doc's benchmark block is this report, verbatim (so it is regenerated, never retyped)."""
     text = path.read_text()
-    start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+    start, end = text.index(BLOCK_BEGIN) + len(BLOCK_BEGIN), text.index(BLOCK_END)
     path.write_text(text[:start] + "\n" + table + "\n" + text[end:])
 
 
@@ -468,16 +469,17 @@ def main(argv=None) -> int:
     p.add_argument("--http", default="")
     p.add_argument("--metrics", default="")
     p.add_argument("--from-json", type=Path, help="measure nothing: render the report of an earlier bench.json")
-    p.add_argument("--readme", action="store_true",
-                   help=f"also replace the block between {README_BEGIN} and {README_END} in README.md with the report")
+    p.add_argument("--doc", "--readme", dest="doc", action="store_true",
+                   help=f"also replace the block between {BLOCK_BEGIN} and {BLOCK_END} in "
+                        f"{PERF_DOC.relative_to(ROOT)} with the report (--readme: the former name)")
     args = p.parse_args(argv)
     if args.from_json:
         doc = json.loads(args.from_json.read_text())
         table = markdown(doc["results"], doc["single_request"], ratios(doc["results"], doc["single_request"]),
                          doc["meta"], doc.get("breakdown"))
         print(table)
-        if args.readme:
-            update_readme(table)
+        if args.doc:
+            update_doc(table)
         return 0
     levels = [int(x) for x in args.levels.split(",") if x]
     arms_wanted = [a for a in args.arms.split(",") if a]
@@ -534,8 +536,8 @@ def main(argv=None) -> int:
         title = (f"EfficientNet-Lite0 ({meta['model'].get('variant')}), {meta['host_cores']} CPU cores: "
                  "Triton pipeline vs bare ONNX Runtime vs FastAPI baseline")
         plots.latency_vs_throughput(results, args.out / "bench.png", title)
-    if args.readme:
-        update_readme(table)
+    if args.doc:
+        update_doc(table)
     print("\n" + table)
     print(f"\nreports: {args.out}/bench.json, bench.md, bench.png" + (", breakdown.png" if split else ""))
     return 0
