@@ -756,7 +756,7 @@ def main(argv=None) -> None:
                     help="also try INT8 of the unpruned model as a CPU candidate (about +4 min)")
     ap.add_argument("--distill-steps", type=int, default=0,
                     help="distillation steps per point of the pruning curve (batch 32; 0 = no distill stage, the "
-                         "default: it adds about 12-15 min; README measured 40)")
+                         "default: it adds about 12-15 min; docs/engines.md \"Distillation measured\" used 40)")
     ap.add_argument("--distill-flops", type=_floats, default=DISTILL_FLOPS,
                     help="the pruning curve: comma-separated FLOPs reductions; each point takes the prune stage's "
                          "sensitivity plan nearest to it (channel counts rounded to multiples of 8)")
@@ -773,8 +773,8 @@ def main(argv=None) -> None:
     ap.add_argument("--distill-minutes", type=float, default=9.0,
                     help="time cap for the training loop (stops early on a slow machine; logged)")
     ap.add_argument("--qat-steps", type=int, default=QAT_STEPS,
-                    help="quantization-aware training steps per flavour (batch 16; 0 = no qat stage); README "
-                         "\"Quantization-aware training\" gives the measured run")
+                    help="quantization-aware training steps per flavour (batch 16; 0 = no qat stage); "
+                         "docs/engines.md \"QAT measured\" gives the measured run")
     ap.add_argument("--qat-size", type=int, default=224, help="QAT training resolution (the teacher sees 224)")
     ap.add_argument("--qat-lr", type=float, default=1e-5, help="QAT AdamW learning rate (cosine, 5 %% warm-up)")
     ap.add_argument("--qat-minutes", type=float, default=5.0,

@@ -84,7 +84,7 @@ class Cascade:
 
     def _fail(self, results: list, rows: list[int], requests: list[Request], why: Refusal, started_ns: int) -> list:
         """The edge model failed: those requests are refused as retryable, audited (UNAVAILABLE either way).
-        Their nonces stay recorded: a client retries with a newly sealed envelope (README, "Calling it")."""
+        Their nonces stay recorded: a client retries with a newly sealed envelope (docs/architecture.md "Errors clients get")."""
         attempt(self.pre.audit.append, [self.pre.rejection_record(requests[i], why, started_ns) for i in rows])
         for i in rows:
             results[i] = why

@@ -22,7 +22,7 @@ SIZE = 224
 CROP_PADDING = 32      # model card (EfficientNet-Lite, TF reference): shorter side to size + 32 (bicubic), centre crop
 RESIZE = SIZE + CROP_PADDING  # 256 for the edge model's 224; the cloud model (Lite2, 260) uses 292
 CROPS = ("center", "squash")
-DEFAULT_CROP = "center"  # measured on labeled photos: README, "Accuracy"
+DEFAULT_CROP = "center"  # measured on labeled photos: docs/accuracy.md "Preprocessing"
 FORMATS = ("JPEG", "PNG")
 DEFAULT_MAX_PIXELS = 40_000_000  # about a 7000x5700 photo; Pillow's own bomb guard is 89 M
 MAX_JPEG_SCANS = 64    # progressive JPEGs use about 10; each scan re-walks every coefficient
@@ -133,7 +133,7 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEF
     """Open and fully decode a JPEG/PNG, checking format, size and structure before decoding.
 
     ``draft``: JPEGs are decoded straight at the smallest DCT scale that still covers what
-    ``crop`` needs at output ``size`` (README, "Accuracy": measured not to cost accuracy)."""
+    ``crop`` needs at output ``size`` (docs/accuracy.md "JPEG draft decoding": measured not to cost accuracy)."""
     check_structure(data)
     try:
         with warnings.catch_warnings():

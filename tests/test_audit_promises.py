@@ -1,4 +1,4 @@
-"""Audit promises of the README and of rtinfer/audit.py's docstring that no other test exercised (issue 23, 4):
+"""Audit promises of docs/formats.md "Verifying the audit trail" and of rtinfer/audit.py's docstring that no other test exercised (issue 23, 4):
 records swapped in place are found ("reordering"), and a new audit directory is made 0700, by the writer
 and by a real server whose audit directory did not exist.
 

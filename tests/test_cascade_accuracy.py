@@ -1,4 +1,4 @@
-"""Guards on the cascade's measured figures (README "Cascade"), from what `make engines` built on the labeled
+"""Guards on the cascade's measured figures (docs/cascade.md "Choosing the threshold"), from what `make engines` built on the labeled
 photos' held-out confirm split: Lite2's accuracy and fidelity, and the cascade at its configured default."""
 import json
 
