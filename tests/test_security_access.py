@@ -5,6 +5,8 @@ server binds 127.0.0.1 on free ports and is stopped by the fixture.
 """
 from __future__ import annotations
 
+import uuid
+
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
@@ -13,10 +15,11 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access, audit
-from rtinfer.access import _name, _pem_key, loopback_certs as make_ca_and_server_cert  # noqa: F401 (other tests import them)
-from rtinfer.server import TritonServer
+from rtinfer.access import loopback_certs as make_ca_and_server_cert, pem_key as _pem_key  # noqa: F401 (re-exported:
+from rtinfer.server import TritonServer                                                   # other modules import them here)
 
 from conftest import require_model
+from helpers import locust, records_for
 
 API_KEY, ADMIN_KEY = "infer-7d1b3f0c", "admin-92ac55e1"
 
@@ -63,17 +66,33 @@ def test_inference_with_the_api_key_is_served_and_audited(secured, keys, certs, 
     assert rec["event"] == "served"
 
 
+# Triton's refusal of a request without the inference key: HTTP 403; gRPC UNAVAILABLE, the status a
+# closed port or a failed TLS handshake also gets, so the message tells them apart.
+KEY_REFUSAL = {"grpc": ("StatusCode.UNAVAILABLE", "This protocol is restricted, expecting header "
+                                                  "'triton-grpc-protocol-x-api-key'"),
+               "http": ("403", "This API is restricted, expecting header 'x-api-key'")}
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("key", [None, "wrong-key", ADMIN_KEY])
 def test_missing_or_wrong_api_key_is_refused(secured, keys, certs, protocol, key):
+    """Refused by Triton's front end for the key, on a server that is up and reachable over the same
+    channel (TLS included), before any stage: nothing audited for the request, while a request with the
+    key right after it is served and audited."""
+    raw = raw_client(secured, protocol, certs)
+    assert raw.is_server_live() and raw.is_model_ready("pipeline")  # reachable: the refusal is the key's
+    raw.close()
     c = pipeline_client(secured, keys, protocol, certs, api_key=key or "")
+    rid = uuid.uuid4().hex
     with pytest.raises(InferenceServerException) as info:
-        c.classify(samples.photo("coffee"), top_k=1)
+        c.classify(samples.photo("coffee"), top_k=1, request_id=rid)
     c.close()
-    status = str(info.value.status())
-    assert status in ("403", "StatusCode.UNAVAILABLE"), status
-    # refused by Triton's front end: the request never reached the stages, so nothing was audited
-    assert info.value.message() and ".py" not in info.value.message()
+    assert (str(info.value.status()), info.value.message()) == KEY_REFUSAL[protocol]
+    ok = pipeline_client(secured, keys, protocol, certs, api_key=API_KEY)
+    served = ok.classify(samples.photo("coffee"), top_k=1)
+    ok.close()
+    assert [r["event"] for r in records_for(secured.audit_dir, served.request_id)] == ["served"]
+    assert records_for(secured.audit_dir, rid) == []  # the stages never saw the refused one
 
 
 def test_plain_x_api_key_header_is_not_enough_on_grpc(secured, certs):
@@ -150,7 +169,6 @@ def test_classify_cli_takes_the_access_options(secured, keyring_path, certs, tmp
 
 def test_locustfile_takes_the_access_options(secured, keyring_path, certs, tmp_path):
     """Load tests run against a locked-down server too: API key file + gRPC TLS CA."""
-    from test_loadtest_locust import locust
     key_file = tmp_path / "api-key"
     key_file.write_text(API_KEY + "\n")
     access_args = ["--triton-api-key-file", str(key_file), "--triton-tls-ca", str(certs["ca"])]
