@@ -1,0 +1,1 @@
+../../../../gateway/grpc_message.lua
