@@ -1,8 +1,6 @@
 """The encrypted pipeline on a real tritonserver, over real gRPC and HTTP sockets."""
 from __future__ import annotations
 
-import asyncio
-import os
 import uuid
 
 import numpy as np
@@ -13,13 +11,15 @@ from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from clients.classify import PipelineClient
+from clients.evaluate import reference
 from rtinfer import audit, envelope
 from rtinfer.server import TritonServer
 
-from conftest import require_model
+from conftest import REPO, require_model
+from helpers import (BAD_ENVELOPES, CATS, batch_stats, expect_rejected, records_for, send_mixed,  # noqa: F401
+                     signed_trail, tampered)  # (BAD_ENVELOPES ... tampered: re-exported, other modules import them here)
 
 PROTOCOLS = ["grpc", "http"]
-CATS = range(281, 286)
 
 
 def url(server, protocol):
@@ -32,10 +32,6 @@ def client(request, server, keys):
                        client_id=f"tester-{request.param}")
     yield c
     c.close()
-
-
-def records_for(audit_dir, request_id):
-    return [r for r in audit.read_records(audit_dir) if r.get("request_id") == request_id]
 
 
 def test_chelsea_is_a_cat_and_coffee_is_espresso(client, audit_dir):
@@ -65,49 +61,6 @@ def test_audit_never_holds_plaintext(client, audit_dir):
     res = client.classify(image, top_k=1)
     text = "\n".join(f.read_text() for f in audit.audit_files(audit_dir))
     assert res.request_id in text and image.hex()[:64] not in text
-
-
-def expect_rejected(client, sealed, fragment, reason, audit_dir):
-    """Rejected with INVALID_ARGUMENT / 400, a message saying what was wrong, audited, no traceback."""
-    rid = uuid.uuid4().hex
-    with pytest.raises(InferenceServerException) as info:
-        client.infer_envelope(sealed, request_id=rid)
-    msg, status = info.value.message(), str(info.value.status())
-    assert fragment in msg, msg
-    assert "Traceback" not in msg and ".py" not in msg
-    assert "k9" not in msg and "pipeline_onnx" not in msg  # no key ids or served pipelines before authentication
-    assert status in ("StatusCode.INVALID_ARGUMENT", "400"), status
-    [rec] = records_for(audit_dir, rid)
-    assert rec["event"] == "rejected" and rec["reason"] == reason and rec["stage"] == "preprocess"
-    return rec
-
-
-def tampered(sealed: bytes) -> bytes:
-    b = bytearray(sealed)
-    b[-30] ^= 0xFF
-    return bytes(b)
-
-
-BAD_ENVELOPES = {
-    "tampered": (lambda c, k: tampered(c.seal(samples.photo("coffee"))), "authentication failed", "auth_failed"),
-    "wrong key": (lambda c, k: envelope.seal(b"x" * 100, k.key("k2"), key_id="k1", client_id=c.client_id,
-                                             pipeline="pipeline"), "authentication failed", "auth_failed"),
-    "unknown key": (lambda c, k: envelope.seal(b"x", os.urandom(32), key_id="k9", client_id=c.client_id,
-                                               pipeline="pipeline"), "authentication failed", "unknown_key"),
-    "truncated": (lambda c, k: c.seal(samples.photo("coffee"))[:20], "envelope truncated", "truncated"),
-    "wrong pipeline": (lambda c, k: envelope.seal(samples.photo("coffee"), k.key("k1"), key_id="k1",
-                                                  client_id=c.client_id, pipeline="other_service"),
-                       "authentication failed", "wrong_pipeline"),
-    "wrong client": (lambda c, k: envelope.seal(samples.photo("coffee"), k.key("k1"), key_id="k1",
-                                                client_id="somebody-else", pipeline="pipeline"),
-                     "does not match the envelope's sealed client id", "client_mismatch"),
-    "corrupt image": (lambda c, k: c.seal(samples.photo("coffee")[:3000]), "could not be decoded", "bad_image"),
-    "not an image": (lambda c, k: c.seal(b"GIF89a definitely not a photo"), "not a JPEG or PNG", "bad_image"),
-    "decompression bomb": (lambda c, k: c.seal(__import__("test_imaging")._png_header_only(60_000, 60_000)),
-                           "more than the limit", "too_many_pixels"),
-    "oversized": (lambda c, k: c.seal(b"\0" * (8 * 1024 * 1024 + 1)), "more than the limit of 8388608",
-                  "too_large"),
-}
 
 
 @pytest.mark.parametrize("case", list(BAD_ENVELOPES))
@@ -173,64 +126,55 @@ def test_wrong_dtype_and_shape_rejected_by_triton(server, protocol):
     c.close()
 
 
-def batch_stats(server, model):
-    c = grpcclient.InferenceServerClient(server.grpc_url)
-    stats = c.get_inference_statistics(model, as_json=True)["model_stats"][0]
-    c.close()
-    return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", [])}
+MIXED = ("chelsea", "coffee", "astronaut", "rocket")  # four photos with four different answers
 
 
-def send_mixed(make_client, id_prefix: str, n: int = 24) -> list:
-    """``n`` concurrent requests, chelsea and coffee alternating, every third tampered (its refusal checked);
-    per request the result. ``make_client()`` makes an aio PipelineClient (they bind to the running loop)."""
-    images = [samples.photo("chelsea"), samples.photo("coffee")]
-
-    async def run():
-        client = make_client()
-
-        async def one(i):
-            sealed = client.seal(images[i % 2])
-            kwargs = client.request(tampered(sealed) if i % 3 == 0 else sealed, 1, f"{id_prefix}-{i}")
-            try:
-                return client.result(kwargs, await client.client.infer(**kwargs))
-            except InferenceServerException as exc:
-                return exc
-        try:
-            return await asyncio.gather(*(one(i) for i in range(n)))
-        finally:
-            await client.close()
-
-    results = asyncio.run(run())
-    for i, res in enumerate(results):
-        if i % 3 == 0:
-            assert isinstance(res, InferenceServerException) and "authentication failed" in res.message()
-        else:
-            assert not isinstance(res, Exception), res
-    return results
+@pytest.fixture(scope="module")
+def offline_top1(tmp_path_factory) -> dict[str, int]:
+    """Each mixed photo's top-1 from the served classifier file, offline (ONNX Runtime, the same crop)."""
+    d = tmp_path_factory.mktemp("mixed-photos")
+    files = []
+    for name in MIXED:
+        files.append(d / f"{name}.jpg")
+        files[-1].write_bytes(samples.photo(name))
+    logits = reference(REPO / "classifier_onnx" / "1" / "model.onnx", files)
+    return {name: int(row.argmax()) for name, row in zip(MIXED, logits)}
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_mixed_batch_good_requests_succeed(server, keys, audit_dir, protocol):
-    """Concurrent requests, every third one tampered: dynamic batching groups them, only bad ones fail."""
+def test_mixed_batch_good_requests_succeed(server, keys, audit_dir, protocol, offline_top1):
+    """Concurrent requests, every third one tampered: dynamic batching groups them, only bad ones fail,
+    and each good one gets its own photo's answer (an answer handed to another row of the batch fails)."""
+    assert offline_top1["coffee"] == 967 and offline_top1["chelsea"] in CATS, offline_top1
+    assert len(set(offline_top1.values())) == len(MIXED), f"the photos must differ in their answers: {offline_top1}"
     before = batch_stats(server, "preprocess")
     results = send_mixed(lambda: PipelineClient(url(server, protocol), protocol=protocol, aio=True,
                                                 key=keys.key("k1"), key_id="k1", client_id="batcher"),
-                         f"mix-{protocol}")
-    for i, res in enumerate(results):
-        if i % 3:
-            assert res.predictions[0].index == (967 if i % 2 else 285) or res.predictions[0].index in CATS
+                         f"mix-{protocol}", photos=MIXED)
     after = batch_stats(server, "preprocess")
     grouped = sum(after.get(b, 0) - before.get(b, 0) for b in after if b > 1)
     assert grouped > 0, f"no preprocess execution batched more than one request: {before} -> {after}"
-    for i in range(24):
+    for i, res in enumerate(results):
         [rec] = records_for(audit_dir, f"mix-{protocol}-{i}")
-        assert rec["event"] == ("rejected" if i % 3 == 0 else "served")
+        if i % 3 == 0:
+            assert rec["event"] == "rejected"
+            continue
+        photo = MIXED[i % len(MIXED)]
+        got = res.predictions[0].index
+        assert got == offline_top1[photo], f"request {i} sent {photo}, got class {got}: {offline_top1}"
+        assert rec["event"] == "served" and rec["top1"]["index"] == got and rec["hash"] == res.audit_ref, (i, rec)
 
 
-def test_audit_trail_verifies_after_all_requests(server, audit_dir):
-    for f in audit.audit_files(audit_dir):
-        rep = audit.verify_file(f)
-        assert rep.ok, (f, rep)
+def test_audit_trail_verifies_after_all_requests(server, keys, audit_dir, signing_key):
+    """The session's trail (this test's own requests first, so it is never empty): every link, every
+    signed checkpoint checked with the public key, a record for each of these requests."""
+    rids = []
+    for protocol in PROTOCOLS:
+        c = PipelineClient(url(server, protocol), protocol=protocol, key=keys.key("k1"), key_id="k1",
+                           client_id=f"trail-{protocol}")
+        rids.append(c.classify(samples.photo("coffee"), top_k=1).request_id)
+        c.close()
+    signed_trail(audit_dir, signing_key[1], rids)
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -240,7 +184,7 @@ def test_several_envelopes_in_one_request_refused(server, keys, audit_dir, proto
                             client_id="batch-sender")
     kwargs = client.request(client.seal(samples.photo("coffee")), 1, uuid.uuid4().hex)
     two = [client.seal(samples.photo("coffee")), client.seal(samples.photo("chelsea"))]
-    kwargs["inputs"][0] = client._m.InferInput("ENVELOPE", [2, 1], "BYTES")
+    kwargs["inputs"][0] = (grpcclient if protocol == "grpc" else httpclient).InferInput("ENVELOPE", [2, 1], "BYTES")
     kwargs["inputs"][0].set_data_from_numpy(np.array(two, dtype=np.object_).reshape(2, 1))
     with pytest.raises(InferenceServerException) as info:
         client.client.infer(**kwargs)
