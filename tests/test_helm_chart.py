@@ -68,7 +68,10 @@ def values_of(name: str) -> dict:
 def render(chart, values: dict) -> list[dict]:
     manifests = chart.render(values=values, name=RELEASE, namespace=NAMESPACE)
     objects = []
+    assert any(path.endswith("/NOTES.txt") and text.strip() for path, text in manifests.items())
     for path, text in sorted(manifests.items()):
+        if path.endswith("/NOTES.txt"):  # printed after install, not applied (helm template leaves it out)
+            continue
         for doc in yaml.safe_load_all(text):
             if doc:
                 doc.setdefault("metadata", {})
@@ -691,3 +694,28 @@ def test_chart_versions():
     assert meta["appVersion"] == project
     assert meta["kubeVersion"] == f">={KUBE_VERSIONS[0]}.0-0"
     assert helm_python.helm_sdk_version().startswith("v")
+
+
+def test_every_option_renders_valid_objects(chart):
+    """The options the values files leave off: TLS and mutual TLS at the gateway, the inference and
+    admin keys, a rate limit, a model repository volume, model parameters, no autoscaling."""
+    values = {"gateway": {"tls": {"secretName": "gw-tls", "clientCaSecretName": "gw-ca"}, "rateLimit": 50,
+                          "service": {"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.0/8"]}},
+              "secrets": {"apiKey": {"secretName": "k"}, "apiKeyDigests": {"secretName": "d"},
+                          "adminKey": {"secretName": "a"}, "auditSigningKey": {"secretName": ""}},
+              "triton": {"modelRepository": {"source": "volume", "claimName": "models"},
+                         "modelParameters": {"postprocess": {"audit_fsync": "batch"}}},
+              "autoscaling": {"enabled": False}, "networkPolicy": {"gatewayFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}
+    objects = render(chart, values)
+    for obj in objects:
+        validate_k8s(obj, KUBE_VERSIONS[0])
+    gw = container(pod_spec(one(objects, "Deployment")), "gateway")
+    env = env_of(gw)
+    assert env["GW_TLS_PEM"] == "/run/rtinfer/gateway-tls/server.pem" and env["GW_RATE_LIMIT"] == "50"
+    assert "tcpSocket" in gw["readinessProbe"]  # the kubelet has no client certificate
+    spec = pod_spec(one(objects, "StatefulSet", TRITON))
+    assert "RTINFER_AUDIT_SIGNING_KEY" not in env_of(container(spec, "triton"))
+    prepare = container(spec, "prepare-repository")
+    assert json.loads(prepare["command"][4]) == {"postprocess": {"audit_fsync": "batch"}}
+    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in spec["volumes"]
+    assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]

@@ -84,14 +84,20 @@ backend triton_metrics
       containerPort: {{ $g.ports.grpc }}
     - name: metrics
       containerPort: {{ $g.ports.metrics }}
-  # ready when it can reach a ready Triton pod (through its own policy: /v2/health/ready is open)
+  # ready when it can reach a ready Triton pod (through its own policy: /v2/health/ready is open);
+  # with mutual TLS the kubelet has no client certificate: ready when it listens
   readinessProbe:
+    {{- if $g.tls.clientCaSecretName }}
+    tcpSocket:
+      port: {{ .http }}
+    {{- else }}
     httpGet:
       path: /v2/health/ready
       port: {{ .http }}
       {{- if $g.tls.secretName }}
       scheme: HTTPS
       {{- end }}
+    {{- end }}
     periodSeconds: 5
     failureThreshold: 2
     timeoutSeconds: 2
