@@ -5,7 +5,6 @@ Counted: requests sent, answered, audited, lost (answered but not audited): lost
 """
 from __future__ import annotations
 
-import json
 import threading
 import time
 import uuid
@@ -16,10 +15,10 @@ from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from clients.classify import PipelineClient
-from rtinfer import audit, checkpoint, envelope
-from rtinfer.server import TritonServer
+from rtinfer import envelope
 
 from conftest import model_repository_with, require_model
+from helpers import records_by_request, start_server, verify_all  # noqa: F401 (re-exported: other modules import them here)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 STAGE_PARAMS = {"audit_max_bytes": "30000", "audit_checkpoint_interval_s": "1"}
@@ -27,9 +26,7 @@ KINDS = ("good", "tampered", "replayed", "expired", "garbage", "good")
 EXPECTED_REASON = {"tampered": "auth_failed", "replayed": "replayed", "expired": "expired", "garbage": "bad_format"}
 
 
-def start(repo, keyring_path, audit_dir, signing_key, work):
-    return TritonServer(repo, keyring=str(keyring_path), audit_dir=str(audit_dir),
-                        audit_signing_key=str(signing_key[0]), workdir=work).start()
+start = start_server  # the old name (other modules import it here)
 
 
 class Load:
@@ -38,6 +35,7 @@ class Load:
     def __init__(self, server, keys, clients=4, per_client=None, stop_after=None):
         self.server, self.keys, self.clients, self.per_client = server, keys, clients, per_client
         self.outcomes: dict[str, tuple[str, str]] = {}  # request id -> (kind, "served" | reason | "no answer")
+        self.served: dict[str, tuple[str, bytes]] = {}  # request id -> (client id, envelope) of each good one served
         self.sent = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -77,6 +75,8 @@ class Load:
                 outcome = "served"
                 if kind == "good":
                     last_good = data
+                    with self.lock:
+                        self.served[rid] = (c.client_id, data)
             except InferenceServerException as exc:
                 outcome = EXPECTED_REASON.get(kind, "error") \
                     if str(exc.status()) in ("400", "StatusCode.INVALID_ARGUMENT") else "no answer"
@@ -105,14 +105,6 @@ class Load:
             return {rid: o for rid, o in self.outcomes.items() if o[1] != "no answer"}
 
 
-def records_by_request(audit_dir):
-    out: dict[str, list] = {}
-    for r in audit.read_records(audit_dir):
-        if r.get("request_id"):
-            out.setdefault(r["request_id"], []).append(r)
-    return out
-
-
 def check_answered_are_audited(load, audit_dir):
     """Every answered request has exactly one record saying what the client was told. Returns the counts."""
     recs = records_by_request(audit_dir)
@@ -129,16 +121,6 @@ def check_answered_are_audited(load, audit_dir):
     assert all(len(recs.get(rid, [])) <= 1 for rid in unanswered)
     return dict(sent=load.sent, answered=len(answered), audited=sum(rid in recs for rid in load.outcomes),
                 lost=len(lost), in_flight_at_kill=len(unanswered))
-
-
-def verify_all(audit_dir, signing_key, allow_torn=False):
-    public = checkpoint.load_public(signing_key[1])
-    result = audit.verify_path(audit_dir, public=public)
-    for chain, reports in result.items():
-        for rep in reports:
-            assert rep.ok, (chain, rep)
-            assert allow_torn or not rep.torn_tail, (chain, rep)
-    return result
 
 
 @pytest.fixture(scope="module")
@@ -189,19 +171,29 @@ def test_sigkill_during_load_then_restart_loses_nothing(repo, keyring_path, keys
     torn = sum(r.torn_tail for reps in before.values() for r in reps)
     heads = {c: reps[-1].next_seq for c, reps in before.items()}
 
-    srv = start(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton2")  # same audit trail
+    assert load.served, "no request was served before the kill"
+    replay_rid, (replay_client, replay_env) = list(load.served.items())[-1]  # the last answered before the kill
+    srv = start(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton2")  # same audit trail and store
     try:
         c = PipelineClient(srv.grpc_url, key=keys.key("k1"), key_id="k1", client_id="after-restart")
         for _ in range(5):
             assert c.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
-        replay_of = next(rid for rid, (k, o) in load.answered().items() if o == "served")
-        served_env = [r for r in audit.read_records(audit_dir) if r.get("request_id") == replay_of][0]
         c.close()
+        # the replay store survived the SIGKILL: an envelope served before it is refused after the restart
+        again = PipelineClient(srv.grpc_url, key=keys.key("k1"), key_id="k1", client_id=replay_client)
+        with pytest.raises(InferenceServerException) as info:
+            again.infer_envelope(replay_env, top_k=1, request_id="replayed-after-restart")
+        again.close()
     finally:
         srv.stop()
+    assert str(info.value.status()) == "StatusCode.INVALID_ARGUMENT", info.value
+    assert "already received (replay)" in info.value.message(), info.value.message()
     after = verify_all(audit_dir, signing_key)  # torn tails repaired, chains continued, all signed
     assert all(after[ch][-1].next_seq > heads[ch] for ch in heads if ch.startswith("postprocess"))
     assert all(reps[-1].unsigned == 0 for reps in after.values())
-    assert served_env["event"] == "served"
+    recs = records_by_request(audit_dir)
+    assert [r["event"] for r in recs[replay_rid]] == ["served"]  # the first time, before the kill
+    [rec] = recs["replayed-after-restart"]
+    assert (rec["event"], rec["reason"], rec["stage"]) == ("rejected", "replayed", "preprocess"), rec
     counts["torn_tails_at_kill"] = torn
     print(f"\nFAULT COUNTS sigkill: {counts}")
