@@ -719,3 +719,125 @@ def test_every_option_renders_valid_objects(chart):
     assert json.loads(prepare["command"][4]) == {"postprocess": {"audit_fsync": "batch"}}
     assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in spec["volumes"]
     assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
+
+
+class _StubDNS:
+    """A DNS server on loopback that answers every A query with 127.0.0.1 (the 'pods'), and every
+    other query with no answer: what the headless Service's DNS gives the gateway, on this machine."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.names: list[str] = []
+        self.running = True
+        import threading
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        while self.running:
+            try:
+                query, peer = self.sock.recvfrom(4096)
+            except OSError:
+                continue
+            labels, i = [], 12
+            while query[i]:
+                labels.append(query[i + 1:i + 1 + query[i]].decode())
+                i += 1 + query[i]
+            qtype = int.from_bytes(query[i + 1:i + 3], "big")
+            question = query[12:i + 5]
+            self.names.append(".".join(labels))
+            answer = (b"\xc0\x0c" + (1).to_bytes(2, "big") + (1).to_bytes(2, "big") + (5).to_bytes(4, "big")
+                      + (4).to_bytes(2, "big") + socket.inet_aton("127.0.0.1")) if qtype == 1 else b""
+            header = query[:2] + b"\x81\x80" + b"\x00\x01" + (b"\x00\x01" if answer else b"\x00\x00") + b"\x00\x00\x00\x00"
+            self.sock.sendto(header + question + answer, peer)
+
+    def close(self):
+        self.running = False
+        self.thread.join(2)
+        self.sock.close()
+
+
+def test_the_rendered_gateway_finds_pods_by_dns_and_routes_only_the_pipeline(chart, tmp_path):
+    """The rendered gateway (haproxy.cfg + kubernetes.cfg) under the real HAProxy: it resolves the
+    headless Service's name (here from a stub DNS server instead of the cluster's, the one line
+    changed), health-checks the 'pod' on /v2/health/ready, forwards the pipeline's inference and
+    refuses a composing model before any pod sees it."""
+    import http.server
+    import threading
+    import urllib.error
+    import urllib.request
+    seen = []
+
+    class Pod(http.server.BaseHTTPRequestHandler):
+        def _answer(self, code, body):
+            self.send_response(code)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            seen.append(("GET", self.path))
+            self._answer(200 if self.path == "/v2/health/ready" else 404, b"")
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers.get("content-length", 0)))
+            seen.append(("POST", self.path))
+            self._answer(200, b'{"from":"pod"}')
+
+        def log_message(self, *args):
+            pass
+
+    pod = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Pod)
+    threading.Thread(target=pod.serve_forever, daemon=True).start()
+    pod_port = pod.server_address[1]
+    objects = render(chart, {"triton": {"ports": {"http": pod_port, "grpc": free_port()}}})
+    cont, data = gateway_parts(objects)
+    for name, text in data.items():
+        (tmp_path / name).write_text(text)
+    dns = _StubDNS()
+    cfg = data["kubernetes.cfg"]
+    assert cfg.count("parse-resolv-conf") == 1
+    (tmp_path / "kubernetes.cfg").write_text(cfg.replace("parse-resolv-conf", f"nameserver stub 127.0.0.1:{dns.port}"))
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    env = {**os.environ, **{k: v for k, v in env_of(cont).items() if isinstance(v, str)}}
+    env.update(GW_DIR=str(tmp_path), GW_STATS_SOCKET=str(tmp_path / "admin.sock"),
+               GW_HTTP_BIND=f"127.0.0.1:{http_port}", GW_GRPC_BIND=f"127.0.0.1:{grpc_port}",
+               GW_METRICS_BIND=f"127.0.0.1:{metrics_port}")
+    argv = cont["command"][2].replace("exec ", "", 1).replace("/etc/rtinfer/gateway", str(tmp_path)).split()
+    log = open(tmp_path / "haproxy.log", "wb")
+    proc = subprocess.Popen([haproxy_binary(), *argv[1:]], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+    def call(method, path, port=http_port, body=None):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method=method,
+                                     headers={"content-type": "application/json"} if body is not None else {})
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, resp.read()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read()
+        except OSError:
+            return None, b""
+
+    try:
+        deadline = time.monotonic() + 20
+        while call("GET", "/v2/health/ready")[0] != 200:  # resolved, checked up (rise 2), routed
+            assert proc.poll() is None, (tmp_path / "haproxy.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "haproxy.log").read_text()
+            time.sleep(0.2)
+        assert f"{RELEASE}-triton.{NAMESPACE}.svc.cluster.local" in dns.names
+        before = len([s for s in seen if s[0] == "POST"])
+        assert call("POST", "/v2/models/pipeline/infer", body=b"{}") == (200, b'{"from":"pod"}')
+        status, body = call("POST", "/v2/models/preprocess/infer", body=b"{}")
+        assert status == 403 and b"gateway" in body
+        assert [s for s in seen if s[0] == "POST"][before:] == [("POST", "/v2/models/pipeline/infer")]
+        assert call("GET", "/metrics", port=metrics_port)[0] == 404  # scraped from the pods, not here
+        assert call("GET", "/gateway/metrics", port=metrics_port)[0] == 200
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+        dns.close()
+        pod.shutdown()
