@@ -263,9 +263,10 @@ def test_the_acl_user_may_run_only_what_the_stages_need(real_redis):
 
 
 def test_redis_that_hangs_refuses_within_the_timeout_and_recovers(real_redis):
-    """SIGSTOP: the kernel still accepts connections, Redis answers nothing. Each admit gives up after its
-    50 ms timeout (not retried), and the same guard works again once Redis answers: no restart."""
-    g = real_guard(real_redis)
+    """SIGSTOP: the kernel still accepts connections, Redis answers nothing. Each admit gives up after one
+    timeout (300 ms here; not retried: that would take two), and the same guard works again once Redis
+    answers: no restart."""
+    g = real_guard(real_redis, timeout_ms=300)
     assert g.admit([("k1", os.urandom(12), now_ms())]) == [None]
     real_redis.pause()
     try:
@@ -273,7 +274,7 @@ def test_redis_that_hangs_refuses_within_the_timeout_and_recovers(real_redis):
             t0 = time.monotonic()
             with pytest.raises(Unavailable, match="Timeout"):
                 g.admit([("k1", os.urandom(12), now_ms())])
-            assert time.monotonic() - t0 < 0.5
+            assert 0.25 < time.monotonic() - t0 < 0.5
     finally:
         real_redis.resume()
     assert g.admit([("k1", os.urandom(12), now_ms())]) == [None]
