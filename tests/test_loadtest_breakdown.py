@@ -4,8 +4,14 @@ cuts the request's critical path into segments that add up to what the client me
 from __future__ import annotations
 
 import json
+import time
 
+from clients import samples
+from clients.classify import PipelineClient
 from loadtest import breakdown
+from rtinfer.server import TritonServer
+
+from conftest import require_model
 
 
 def _trace(rid: str, base: int, tid: int, late_output: dict | None = None) -> list[dict]:
@@ -65,3 +71,33 @@ def test_incomplete_trace_is_left_out():
     row = {"request_id": "x", "path": "p", "t0": 0, "t1": 1}
     assert breakdown.segments(row, {"ensemble": {"GRPC_WAITREAD_END": 1}}) is None
     assert breakdown.summarize([row], {}) == {}
+
+
+def test_a_trace_written_by_a_real_tritonserver_is_read_and_cut(keyring_path, keys, tmp_path):
+    """The format above, checked against the real thing: a server started with bench's trace flags, tracing
+    turned on through Triton's trace API (as ``make bench`` does), one request sent; the file Triton
+    writes on exit is read by the real parser and cut into segments that add up to what the client measured."""
+    require_model()
+    trace_file = tmp_path / "trace.json"
+    with TritonServer(keyring=str(keyring_path), audit_dir=str(tmp_path / "audit"), workdir=tmp_path / "triton",
+                      extra_args=breakdown.trace_args(trace_file)) as srv:
+        c = PipelineClient(srv.grpc_url, key=keys.key("k1"), key_id="k1", client_id="tracer")
+        c.classify(samples.photo("coffee"), top_k=1)  # warm: the first request loads lazily, untraced
+        kwargs = c.request(c.seal(samples.photo("coffee")), 1, "traced-1")
+        breakdown.set_tracing(srv.http_url, True)
+        t0 = time.monotonic_ns()
+        c.result(kwargs, c.client.infer(**kwargs))
+        t1 = time.monotonic_ns()
+        breakdown.set_tracing(srv.http_url, False)
+        c.close()
+    traces = breakdown.read_traces(trace_file)  # written when the server stops
+    assert set(traces) == {"traced-1"}, sorted(traces)
+    trace = traces["traced-1"]
+    assert set(trace) >= {"ensemble", *breakdown.STEPS}, sorted(trace)
+    row = {"request_id": "traced-1", "path": "grpc", "t0": t0, "t1": t1}
+    seg = breakdown.segments(row, trace)
+    assert seg is not None, trace  # every stamp the cut needs is in the real file
+    assert all(v >= 0 for v in seg.values()), seg  # Triton's stamps and the client's share one clock
+    assert abs(sum(v for k, v in seg.items() if k != "total") - seg["total"]) < 1e-6
+    assert {f"{step} execute" for step in breakdown.STEPS} <= set(seg)
+    assert breakdown.summarize([row], traces)["grpc"]["n"] == 1
