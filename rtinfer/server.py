@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # Parameters naming the models a BLS model calls: explicit model control loads an ensemble's steps,
 # not these, so the launcher loads them too (the cascade's cloud_model only without a remote cloud).
 BLS_PARAMS = ("edge_model", "cloud_model")
+# A replica's id in a fleet (its audit records name it; the gateway names its server by it).
+REPLICA_ID_ENV = "RTINFER_REPLICA_ID"
 WHEEL = Path(pytriton.__file__).resolve().parent / "tritonserver"
 LIBS = WHEEL.parent.parent / "nvidia_pytriton.libs"
 
@@ -147,7 +149,7 @@ class TritonServer(Endpoints):
                  keyring: str | None = None, audit_dir: str | None = None, config_name: str | None = "auto",
                  audit_signing_key: str | None = None, api_key: str = "", admin_key: str = "",
                  tls_cert: str | None = None, tls_key: str | None = None, tls_client_ca: str | None = None,
-                 host: str = "127.0.0.1", extra_args=(), env: dict | None = None,
+                 host: str = "127.0.0.1", extra_args=(), env: dict | None = None, replica_id: str | None = None,
                  workdir: str | os.PathLike = ROOT / "build" / "triton", log_file: str | None = None):
         self.model_repository = Path(model_repository).resolve()
         self.config_name = ("cpu" if not has_gpu() else None) if config_name == "auto" else config_name
@@ -171,6 +173,9 @@ class TritonServer(Endpoints):
             self.env["RTINFER_AUDIT_DIR"] = str(Path(audit_dir).resolve())
         if audit_signing_key:
             self.env["RTINFER_AUDIT_SIGNING_KEY"] = str(Path(audit_signing_key).resolve())
+        self.replica_id = replica_id
+        if replica_id:
+            self.env[REPLICA_ID_ENV] = replica_id
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
@@ -190,8 +195,11 @@ class TritonServer(Endpoints):
         return cmd + self.extra_args
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
+        """Start (or start again, after stop or kill: same ports, audit directory and log, appended)."""
+        if self.running():
+            raise RuntimeError("tritonserver is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_file, "wb")
+        log = open(self.log_file, "ab" if self.proc is not None else "wb")  # a restart appends
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=server_env(self.env), start_new_session=True,
                                      preexec_fn=_die_with_parent)
@@ -225,6 +233,9 @@ class TritonServer(Endpoints):
 
     def stop(self, timeout: float = 20.0) -> None:
         stop_process(self.proc, signal.SIGINT, timeout)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
 
     def kill(self, timeout: float = 15.0) -> None:
         """SIGKILL the server and its backend stubs (its process group): a crash, for fault tests."""

@@ -15,6 +15,10 @@
 --                                    messages over <max> bytes.
 --   lua.rtinfer_refuse <reason>      refuse the request for <reason>.
 --   lua.rtinfer_reply                answer a refused request (HTTP or gRPC status) and end it.
+--   lua.rtinfer_metrics_route        metrics port: /metrics (the first replica's Triton metrics) or
+--                                    /replicas/<id>/metrics (backend replica_<id>), else refused.
+--   lua.rtinfer_grpc_answer          (http-response) count a gRPC answer by replica and status.
+--   lua.rtinfer_replica_metrics      (service) those counts in Prometheus' text format.
 --
 -- A refusal only records its reason in txn.refused (the first one wins; the access log
 -- prints it); haproxy.cfg answers with lua.rtinfer_reply, after the request body is in
@@ -186,3 +190,85 @@ end, 1)
 core.register_action("rtinfer_reply", {"http-req"}, function(txn)
   reply(txn)
 end, 0)
+
+-- ---------------------------------------------------------------- replicas
+
+-- Metrics port: Triton's /metrics of the first replica, or of the replica a path names. A replica id is
+-- the name of its server (rtinfer/gateway.py checks the names): only the backends that exist are routed.
+core.register_action("rtinfer_metrics_route", {"http-req"}, function(txn)
+  local path = txn.sf:path()
+  if path == "/metrics" then
+    return
+  end
+  local id = path and path:match("^/replicas/([%w_.-]+)/metrics$")
+  if id ~= nil and core.backends["replica_" .. id] ~= nil then
+    txn:set_var("txn.metrics_backend", "replica_" .. id)
+    return
+  end
+  refuse(txn, "route_not_allowed")
+end, 0)
+
+-- gRPC answers per replica and status. Triton answers a failed unary call "trailers-only": the status
+-- is in the response headers, so it is seen here; an answer that carries a message has its status in
+-- the trailers (OK for every Triton answer with a message) and is counted as OK. Servers and codes are
+-- a fixed set: the series are bounded. One Lua state shared by all threads (lua-load): no lost counts.
+local GRPC_CODES = {[0] = "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+  "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+  "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED"}
+local grpc_answers = {}  -- replica -> status -> count
+
+core.register_action("rtinfer_grpc_answer", {"http-res"}, function(txn)
+  local replica = txn.sf:srv_name()
+  if replica == nil or replica == "" then
+    return
+  end
+  local raw = txn.sf:res_fhdr("grpc-status")
+  local status = "OK"
+  if raw ~= nil and raw ~= "" then
+    local code = raw:match("^%d+$") and tonumber(raw)
+    status = (code and GRPC_CODES[code]) or "other"
+    txn:set_var("txn.grpc_status", status)
+  end
+  local counts = grpc_answers[replica]
+  if counts == nil then
+    counts = {}
+    grpc_answers[replica] = counts
+  end
+  counts[status] = (counts[status] or 0) + 1
+end, 0)
+
+core.register_service("rtinfer_replica_metrics", "http", function(applet)
+  local lines = {
+    "# HELP rtinfer_gateway_grpc_answers_total gRPC answers from each replica by status (trailers-only "
+      .. "answers carry the refusal's status; an answer with a message counts as OK)",
+    "# TYPE rtinfer_gateway_grpc_answers_total counter",
+  }
+  local replicas = {}
+  local grpc = core.backends["triton_grpc"]
+  for replica in pairs(grpc and grpc.servers or {}) do  -- every replica has a series from the start
+    if grpc_answers[replica] == nil then
+      grpc_answers[replica] = {OK = 0}
+    end
+  end
+  for replica in pairs(grpc_answers) do
+    replicas[#replicas + 1] = replica
+  end
+  table.sort(replicas)
+  for _, replica in ipairs(replicas) do
+    local statuses = {}
+    for status in pairs(grpc_answers[replica]) do
+      statuses[#statuses + 1] = status
+    end
+    table.sort(statuses)
+    for _, status in ipairs(statuses) do
+      lines[#lines + 1] = string.format('rtinfer_gateway_grpc_answers_total{replica="%s",grpc_status="%s"} %d',
+                                        replica, status, grpc_answers[replica][status])
+    end
+  end
+  local body = table.concat(lines, "\n") .. "\n"
+  applet:set_status(200)
+  applet:add_header("content-type", "text/plain; version=0.0.4")
+  applet:add_header("content-length", tostring(#body))
+  applet:start_response()
+  applet:send(body)
+end)
