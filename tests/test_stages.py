@@ -242,7 +242,7 @@ def test_a_context_signed_with_a_key_the_checker_has_not_reloaded_yet_is_served(
                          ctx_store=replay.ReplayGuard(tmp_path / "ctx.db", window_s=60, future_skew_s=5))
     sealed = envelope.seal(samples.photo("coffee"), KEY, key_id="k1", client_id="alice", pipeline="pipeline")
     [accepted] = pre.run([Request(sealed, "good")])
-    assert isinstance(accepted, Accepted) and signer.current not in checker._keys  # the window, reproduced
+    assert isinstance(accepted, Accepted) and signer.current not in checker.all()  # the window, reproduced
     body = {k: v for k, v in json.loads(accepted.context).items() if k != "mac"}
     forged = audit_context.seal({**body, "request_id": "forged", "client_id": "victim"}, os.urandom(32))
     _, refs = post.run(np.zeros((2, 1000), np.float32), [accepted.context, forged], ["good", "forged"])
