@@ -17,7 +17,7 @@ from clients.classify import PipelineClient
 from conftest import BOUND_CLIENTS, BOUND_KEY_ID, settled
 from rtinfer import audit, envelope, keyring, metrics, replay
 from rtinfer.preprocess import Preprocessor, Request
-from test_metrics import parse, value
+from helpers import metric_value as value, parse_metrics as parse
 
 PHOTO = samples.photo("coffee")
 
