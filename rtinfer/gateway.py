@@ -144,6 +144,25 @@ class Gateway(Endpoints):
     def replica_metrics_url(self, replica_id: str) -> str:
         return f"http://{self.host}:{self.metrics_port}/replicas/{replica_id}/metrics"
 
+    def scrape_config(self) -> str:
+        """Prometheus scrape_configs for this gateway (written beside its log as prometheus-scrape.yml):
+        HAProxy's exporter (per replica: servers named by replica id), the gateway's gRPC answers per
+        replica, and each replica's Triton metrics through /replicas/<id>/metrics with ``instance`` and
+        ``replica`` set to the replica id (one address, so the label tells the series apart)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        target = f'["{host}:{self.metrics_port}"]'
+        lines = ["scrape_configs:",
+                 "  - job_name: gateway", "    metrics_path: /gateway/metrics",
+                 f"    static_configs: [{{targets: {target}}}]",
+                 "  - job_name: gateway_replicas", "    metrics_path: /gateway/replicas/metrics",
+                 f"    static_configs: [{{targets: {target}}}]",
+                 "  - job_name: triton", "    static_configs:"]
+        for r in self.replicas:
+            lines.append(f"      - {{targets: {target}, labels: {{replica: {r.id}, "
+                         f"__metrics_path__: /replicas/{r.id}/metrics}}}}")
+        lines += ["    relabel_configs:", "      - {source_labels: [replica], target_label: instance}"]
+        return "\n".join(lines) + "\n"
+
     @property
     def tls(self) -> bool:
         return bool(self.tls_cert)
@@ -179,6 +198,7 @@ class Gateway(Endpoints):
         """haproxy with deploy/gateway/haproxy.cfg and the replicas' backends written beside the log."""
         backends = self.workdir / "replicas.cfg"
         backends.write_text(replicas_config(self.replicas))
+        (self.workdir / "prometheus-scrape.yml").write_text(self.scrape_config())
         return [haproxy_binary(), "-db", "-f", str(CONFIG_DIR / "haproxy.cfg"), "-f", str(backends)]
 
     def start(self, timeout: float = 15.0) -> "Gateway":
@@ -341,7 +361,8 @@ def main(argv=None) -> int:
                   f"  metrics {server.metrics_url}  log {server.log_file}", flush=True)
         if fleet.n > 1:
             print(f"fleet: {fleet.n} replicas, replay store {fleet.redis_url}; per-replica metrics "
-                  f"{gateway.replica_metrics_url('<id>')}, HAProxy runtime API {gateway.stats_socket}; "
+                  f"{gateway.replica_metrics_url('<id>')} (Prometheus: {gateway.workdir / 'prometheus-scrape.yml'}), "
+                  f"HAProxy runtime API {gateway.stats_socket}; "
                   f"kill -HUP {os.getpid()}: rolling restart", flush=True)
         try:
             while gateway.proc.poll() is None:

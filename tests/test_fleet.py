@@ -313,6 +313,40 @@ def test_the_gateway_balances_per_request_and_shows_each_replica(fleet, keys):
     assert "replica=r1" in gw.log_text() and "replica=r2" in gw.log_text()
 
 
+def test_prometheus_scrapes_each_replica_through_the_gateway(fleet, tmp_path):
+    """The scrape config the gateway writes (prometheus-scrape.yml) run by a real Prometheus: HAProxy's
+    exporter, the gRPC answers per replica, and each replica's Triton metrics labelled with its id."""
+    import json
+    from rtinfer.prometheus import binary
+    from rtinfer.server import free_port
+    gw = fleet.gateway
+    cfg = tmp_path / "prometheus.yml"
+    cfg.write_text("global: {scrape_interval: 1s, scrape_timeout: 1s}\n" + (gw.workdir / "prometheus-scrape.yml").read_text())
+    subprocess.run([binary("promtool"), "check", "config", str(cfg)], check=True, capture_output=True, timeout=60)
+    port = free_port()
+    proc = subprocess.Popen([binary(), f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    want = {("gateway", "127.0.0.1:%d" % gw.metrics_port), ("gateway_replicas", "127.0.0.1:%d" % gw.metrics_port),
+            ("triton", "r1"), ("triton", "r2")}
+    seen, deadline = set(), time.monotonic() + 60
+    try:
+        while seen != want and time.monotonic() < deadline:
+            time.sleep(0.5)
+            try:
+                body = json.loads(scrape(f"http://127.0.0.1:{port}/api/v1/query?query=up%3D%3D1"))
+                seen = {(r["metric"]["job"], r["metric"]["instance"]) for r in body["data"]["result"]}
+                per_replica = json.loads(scrape(f"http://127.0.0.1:{port}/api/v1/query?query="
+                                                "nv_inference_request_success%7Bmodel%3D%22pipeline%22%7D"))
+            except (OSError, ValueError):
+                continue
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert seen == want, seen
+    assert {r["metric"].get("replica") for r in per_replica["data"]["result"]} == {"r1", "r2"}, per_replica
+
+
 # ------------------------------------------------------------------ Redis down
 
 @pytest.mark.slow
