@@ -28,7 +28,7 @@ DISTILL_KEEP ?=
 QAT_STEPS ?=
 
 .PHONY: venv engines engines-quick bench-engines keys haproxy prometheus redis serve serve-direct demo test loadtest bench \
-        bench-gateway clean evaluate observe serve-edge-cloud cascade-curve \
+        bench-gateway bench-fleet clean evaluate observe serve-edge-cloud cascade-curve \
         protobuf-oracle fuzz-gateway test-distill
 
 venv: $(STAMP)
@@ -95,13 +95,23 @@ SERVE_COMMON = --model-repository model_repository --keyring $(KEYRING) --audit-
 	  $(if $(API_KEY_FILE),--api-key-file $(API_KEY_FILE)) $(if $(ADMIN_KEY_FILE),--admin-key-file $(ADMIN_KEY_FILE)) \
 	  $(if $(TLS_CERT),--tls-cert $(TLS_CERT) --tls-key $(TLS_KEY)) $(if $(TLS_CLIENT_CA),--tls-client-ca $(TLS_CLIENT_CA))
 
+# REPLICAS=N (N > 1, docs/scaling.md): N Triton replicas behind the gateway, balanced per request, ids
+# r1..rN on TRITON_*_PORT + 10 (i - 1), audit directories $(FLEET_AUDIT_DIR)/<id> (verify the fleet with
+# python -m rtinfer.audit verify $(FLEET_AUDIT_DIR)), one Redis in build/redis started with them as the
+# shared replay store (installed by `make redis` when missing). REPLICAS=1: one Triton, SQLite, no Redis.
+# kill -HUP <pid of python -m rtinfer.gateway>: rolling restart (each replica drained, restarted, re-enabled).
+REPLICAS        ?= 1
+FLEET_AUDIT_DIR ?= build/audit-fleet
+FLEET = $(filter-out 0 1,$(REPLICAS))
+
 # The gateway in front of Triton: only the pipeline is reachable, on both protocols.
-serve: engines keys haproxy
+serve: engines keys haproxy $(if $(FLEET),redis)
 	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
 	$(PY) -m rtinfer.gateway $(SERVE_COMMON) --host $(GATEWAY_HOST) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 	  --triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
-	  --triton-metrics-port $(TRITON_METRICS_PORT) $(if $(RATE_LIMIT),--rate-limit $(RATE_LIMIT))
+	  --triton-metrics-port $(TRITON_METRICS_PORT) $(if $(RATE_LIMIT),--rate-limit $(RATE_LIMIT)) \
+	  --replicas $(REPLICAS) $(if $(FLEET),--audit-dir $(FLEET_AUDIT_DIR))
 
 # Development only: the embedded server without the gateway (every loaded model reachable).
 serve-direct: engines keys
@@ -180,6 +190,17 @@ OBSERVE_OUT  ?= build/observe
 OBSERVE_ARGS ?=
 observe: engines haproxy prometheus
 	$(PY) -m rtinfer.observe --out $(OBSERVE_OUT) $(OBSERVE_ARGS)
+
+# The fleet's costs (docs/scaling.md "Measured"), one run: one client's p50 with the Redis replay store vs
+# SQLite (two servers, requests interleaved), and saturated throughput through the gateway with 1 vs 2
+# replicas (alternating rounds of BENCH_FLEET_SECONDS). JSON, table and plot in build/bench-fleet/.
+BENCH_FLEET_REQUESTS ?= 300
+BENCH_FLEET_SECONDS  ?= 15
+BENCH_FLEET_ROUNDS   ?= 2
+BENCH_FLEET_CLIENTS  ?= 8
+bench-fleet: engines keys haproxy redis
+	$(PY) -m loadtest.fleet_bench --keyring $(KEYRING) --requests $(BENCH_FLEET_REQUESTS) \
+	  --seconds $(BENCH_FLEET_SECONDS) --rounds $(BENCH_FLEET_ROUNDS) --clients $(BENCH_FLEET_CLIENTS) --out build/bench-fleet
 
 # One client's latency through the gateway vs straight to Triton (interleaved), gRPC and HTTP.
 GATEWAY_REQUESTS ?= 300
