@@ -5,7 +5,8 @@ The edge re-seals the image bytes with its own service key (``rtinfer.envelope``
 travels encrypted too (top-k of all 1000 classes, i.e. the whole distribution). Each escalation
 has a deadline (``client_timeout`` per attempt, retries only while time is left) and a
 circuit breaker (``rtinfer.routing.Breaker``): when the cloud is slow, down or refuses, the
-row gets ``None`` and the cascade returns the edge answer as ``edge_fallback``. Without a CA it refuses
+row gets a ``CloudMiss`` saying why, and the cascade returns the edge answer as ``edge_fallback`` with
+that reason in its audit record (``cloud_error``). Without a CA it refuses
 to start (``rtinfer.access.require_tls``): a plaintext channel would hand the API key to anyone on the path.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 
 from clients.classify import PipelineClient
 from rtinfer import access, routing
-from rtinfer.cascade import CloudAnswer
+from rtinfer.cascade import CloudAnswer, CloudMiss
 
 NUM_CLASSES = 1000
 
@@ -52,7 +53,13 @@ class CloudLeg:
 
     def ask(self, plaintext: bytes, request_id: str) -> CloudAnswer | None:
         """One escalated image: the cloud's distribution, or None (deadline, errors, breaker open)."""
+        answer = self.answer(plaintext, request_id)
+        return answer if isinstance(answer, CloudAnswer) else None
+
+    def answer(self, plaintext: bytes, request_id: str) -> CloudAnswer | CloudMiss:
+        """``ask``, saying why when there is no answer (``CloudMiss``: the cascade's audit records it)."""
         deadline = routing.Deadline.start(self.deadline_s, self.clock)
+        why = "no attempt"
         t0 = time.perf_counter()
         for n in range(self.attempts):
             # the deadline before the breaker: a half-open trial taken for a call that never starts would
@@ -60,16 +67,17 @@ class CloudLeg:
             timeout = routing.next_timeout(deadline, n, self.attempts, self.min_attempt_s)
             if timeout is None:
                 self.last_errors.append("deadline spent")
-                return None
+                return CloudMiss("deadline spent" if n == 0 else f"deadline spent after: {why}")
             with self.lock:
                 if not self.breaker.allow():
                     self.last_errors.append("breaker open")
-                    return None
+                    return CloudMiss("breaker open" if n == 0 else f"breaker open after: {why}")
             try:
                 kwargs = self.client.request(self.client.seal(plaintext), NUM_CLASSES, f"{request_id}.cloud{n}")
                 result = self.client.result(kwargs, self.client.client.infer(**kwargs, client_timeout=timeout))
             except Exception as exc:  # noqa: BLE001 - any failure of the cloud means: fall back
-                self.last_errors.append(f"{type(exc).__name__}: {str(exc)[:200]}")
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+                self.last_errors.append(why)
                 with self.lock:
                     self.breaker.failure()
                 continue
@@ -79,15 +87,15 @@ class CloudLeg:
             for p in result.predictions:
                 probs[p.index] = p.score
             return CloudAnswer(probs, self.model_id, (time.perf_counter() - t0) * 1e3)
-        return None
+        return CloudMiss(why)
 
-    def __call__(self, rows) -> list[CloudAnswer | None]:
+    def __call__(self, rows) -> list[CloudAnswer | CloudMiss]:
         """The cascade's ``cloud`` callable: accepted rows (their image bytes and audit context) in order,
         asked concurrently, so a batch waits for its slowest escalation, not for their sum."""
         asks = [(row.plaintext, str(json.loads(row.context).get("request_id", ""))) for row in rows]
         if len(asks) <= 1:
-            return [self.ask(*a) for a in asks]
-        return list(self.pool.map(lambda a: self.ask(*a), asks))
+            return [self.answer(*a) for a in asks]
+        return list(self.pool.map(lambda a: self.answer(*a), asks))
 
     def close(self):
         self.pool.shutdown(wait=False)

@@ -29,10 +29,17 @@ class CloudAnswer:
     ms: float
 
 
-# edge(images uint8 [n,224,224,3]) -> logits [n,1000]; cloud(accepted rows) -> per row a CloudAnswer or None
-# (None: the cloud could not answer in time; the edge answer is returned as edge_fallback).
+@dataclass
+class CloudMiss:
+    """Why the cloud gave no answer for one escalated row ("breaker open", "deadline spent", the last
+    call's error): the edge answers it as edge_fallback, and the served record says why (``cloud_error``)."""
+    why: str
+
+
+# edge(images uint8 [n,224,224,3]) -> logits [n,1000]; cloud(accepted rows) -> per row a CloudAnswer, or a
+# CloudMiss or None (the cloud could not answer in time; the edge answer is returned as edge_fallback).
 EdgeFn = Callable[[np.ndarray], np.ndarray]
-CloudFn = Callable[[list[Accepted]], list["CloudAnswer | None"]]
+CloudFn = Callable[[list[Accepted]], list["CloudAnswer | CloudMiss | None"]]
 
 
 class Cascade:
@@ -69,8 +76,10 @@ class Cascade:
                            "models": {"edge": self.edge_model, "cloud": self.cloud_model,
                                       "classifier": self.edge_model}})
         for k, ans in zip(up, answers):
-            if ans is None:
+            if ans is None or isinstance(ans, CloudMiss):
                 routes[k]["route"] = routing.EDGE_FALLBACK
+                if isinstance(ans, CloudMiss):
+                    routes[k]["cloud_error"] = str(ans.why)[:200]
                 continue
             final[k] = np.log(np.clip(np.asarray(ans.probs, np.float64), 1e-30, None)).astype(np.float32)
             routes[k].update(route=routing.CLOUD, cloud_ms=round(ans.ms, 3))

@@ -6,7 +6,7 @@ import numpy as np
 
 from clients import samples
 from rtinfer import audit, envelope, routing
-from rtinfer.cascade import Cascade, CloudAnswer
+from rtinfer.cascade import Cascade, CloudAnswer, CloudMiss
 from rtinfer.guard import Refusal
 from rtinfer.keyring import Keyring
 from rtinfer.postprocess import Postprocessor
@@ -45,21 +45,24 @@ def requests(n, tamper=()):
 
 def test_routes_per_row_and_the_cloud_answer_replaces_the_edge_one(tmp_path):
     cascade, writer = make(tmp_path)
-    edge = lambda x: np.stack([logits_with_top(0.9, 1), logits_with_top(0.2, 2), logits_with_top(0.3, 3)])  # noqa: E731
+    edge = lambda x: np.stack([logits_with_top(0.9, 1), logits_with_top(0.2, 2), logits_with_top(0.3, 3),  # noqa: E731
+                               logits_with_top(0.25, 5)])
     asked = []
 
     def cloud(rows):
         asked.extend(rows)
-        return [CloudAnswer(np.eye(1000)[7] * 0.8 + 0.2 / 1000, "big/1@bb", 5.0), None]
-    out = cascade.run(requests(3), [{}] * 3, edge, cloud)
+        return [CloudAnswer(np.eye(1000)[7] * 0.8 + 0.2 / 1000, "big/1@bb", 5.0), CloudMiss("breaker open"), None]
+    out = cascade.run(requests(4), [{}] * 4, edge, cloud)
     writer.close()
-    assert len(asked) == 2 and all(r.plaintext == samples.photo("coffee") for r in asked)
-    assert [int(np.argmax(o[0])) for o in out] == [1, 7, 3]
+    assert len(asked) == 3 and all(r.plaintext == samples.photo("coffee") for r in asked)
+    assert [int(np.argmax(o[0])) for o in out] == [1, 7, 3, 5]
     recs = {r["request_id"]: r for r in audit.read_records(tmp_path)}
-    assert [recs[f"r{i}"]["route"] for i in range(3)] == ["edge", "cloud", "edge_fallback"]
+    assert [recs[f"r{i}"]["route"] for i in range(4)] == ["edge", "cloud", "edge_fallback", "edge_fallback"]
     assert recs["r1"]["models"]["classifier"] == "big/1@bb" and recs["r2"]["models"]["classifier"] == "edge/1@aa"
+    assert recs["r2"]["cloud_error"] == "breaker open"  # why the cloud did not answer, when the cloud says
+    assert all("cloud_error" not in recs[f"r{i}"] for i in (0, 1, 3))
     assert abs(recs["r0"]["confidence"] - 0.9) < 1e-5 and recs["r0"]["stage"] == "cascade"
-    assert all(recs[f"r{i}"]["models"]["edge"] == "edge/1@aa" for i in range(3))
+    assert all(recs[f"r{i}"]["models"]["edge"] == "edge/1@aa" for i in range(4))
 
 
 def test_a_failing_cloud_falls_back_and_a_failing_edge_is_refused_retryable_audited(tmp_path):
