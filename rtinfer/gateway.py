@@ -168,10 +168,10 @@ class Gateway(Endpoints):
         return bool(self.tls_cert)
 
     def _private(self, name: str, data: bytes) -> Path:
+        """0600 from the first byte, also when the file is left from an earlier run on this port with a wider
+        mode (O_CREAT's mode applies to new files only): access.write_private narrows it before writing."""
         path = self.workdir / name
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        access.write_private(path, data)
         return path
 
     def environment(self) -> dict:

@@ -248,6 +248,24 @@ def test_api_key_file_holds_only_sha256_digests_and_is_0600(gateway, gated_trito
             assert got == 401 and refused
 
 
+def test_key_files_left_with_a_wider_mode_are_narrowed_to_0600(gated_triton, certs, tmp_path):
+    """`make serve` reuses build/gateway/gateway-<port>: a key file left there readable by others (an older
+    version, a copy, a chmod) must not stay so. O_CREAT's 0600 applies to new files only."""
+    from rtinfer.server import free_port
+    port = free_port()
+    left = tmp_path / f"gateway-{port}"
+    left.mkdir()
+    for name in ("api-keys.sha256", "server.pem"):
+        (left / name).write_text("left from an earlier run\n")
+        (left / name).chmod(0o644)
+    with Gateway.in_front_of(gated_triton, http_port=port, api_keys=[GATED_API_KEY], tls_cert=str(certs["server"]),
+                             tls_key=str(certs["server-key"]), workdir=tmp_path) as gw:
+        assert gw.workdir == left
+        for name in ("api-keys.sha256", "server.pem"):
+            assert (left / name).stat().st_mode & 0o777 == 0o600, (name, oct((left / name).stat().st_mode))
+        assert (left / "api-keys.sha256").read_text() == key_digest(GATED_API_KEY) + "\n"
+
+
 # ------------------------------------------------------------------ a repeated API key over gRPC
 
 @pytest.mark.parametrize("values", [[GATED_API_KEY, GATED_API_KEY], [GATED_API_KEY, "wrong-key"],
