@@ -6,7 +6,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from build_engines import paths
+from build_engines import evaluate, images, paths
 from build_engines.hashing import sha256_file
 
 FP16 = paths.FP16_DIR / "model.onnx"
@@ -29,7 +29,26 @@ def test_io_contract_is_uint8_input_and_fp32_logits(model):
     man = json.loads((model.parent / "manifest.json").read_text())
     assert man["sha256"] == sha256_file(model)
     assert man["inputs"] == [{"name": "input", "dtype": "uint8", "shape": ["batch", 224, 224, 3]}]
-    assert man["figures"]["top1_agreement"] >= 0.0
+
+
+@pytest.fixture(scope="module")
+def eval_reference():
+    """The evaluation split and the FP32 original's answers on it (what the build scored against)."""
+    x = images.to_batch(np.load(paths.IMAGES_DIR / "eval.npy"))
+    y = np.load(paths.IMAGES_DIR / "eval_labels.npy")
+    return x, evaluate.Reference(evaluate.run(paths.SOURCE_DIR / "model.onnx", x), y if len(y) else None)
+
+
+def test_recorded_fidelity_is_what_the_file_gives_and_within_budget(model, eval_reference):
+    """The figures the manifest records for this lower-precision file are re-measured on the evaluation
+    split (ONNX Runtime, as the build measured them) and the file meets the build's quality budget."""
+    x, ref = eval_reference
+    fig = json.loads((model.parent / "manifest.json").read_text())["figures"]
+    got = evaluate.score(model, x, ref)
+    assert got["quality_basis"] == fig["quality_basis"]
+    for key in ("quality", "top1_agreement", "top5_overlap"):
+        assert got[key] == pytest.approx(fig[key], abs=0.005), key
+    assert got["quality"] >= fig["budget"], (got["quality"], fig["budget"])
 
 
 def test_fp16_weights_are_fp16():
