@@ -19,22 +19,16 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from clients.evaluate import reference
-from rtinfer import audit, envelope, imaging, routing
+from rtinfer import envelope, imaging, routing
 from rtinfer.postprocess import softmax
 from rtinfer.server import TritonServer
 
 from conftest import REPO, require_model, settled
-from test_pipeline_server import batch_stats, records_for, send_mixed, tampered
+from helpers import (batch_stats, cascade_policy, png_header_only, records_for, send_mixed, signed_trail,  # noqa: F401
+                     tampered)  # (cascade_policy: re-exported, other modules import it here)
 
 EDGE, BIG = REPO / "classifier_onnx" / "1" / "model.onnx", REPO / "classifier_big" / "1" / "model.onnx"
 MODELS = ("pipeline", "cascade", "classifier_big")
-
-
-def cascade_policy() -> routing.Policy:
-    """The decision this host's cascade config makes (the test follows the configured default)."""
-    text = (REPO / "cascade" / "configs" / "cpu.pbtxt").read_text()
-    param = {k: v for k, v in re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', text)}
-    return routing.Policy(param["confidence_metric"], float(param["threshold"]))
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +63,17 @@ def candidates() -> dict[str, bytes]:
     return out
 
 
-def offline(tmp_path, photos: dict[str, bytes]):
-    """Both classifiers offline on the same bytes, each under its own crop (224 / 260)."""
+def photo_files(tmp_path, photos: dict[str, bytes]) -> list:
     files = []
     for name, data in photos.items():
         files.append(tmp_path / f"{name}.jpg")
         files[-1].write_bytes(data)
+    return files
+
+
+def offline(tmp_path, photos: dict[str, bytes]):
+    """Both classifiers offline on the same bytes, each under its own crop (224 / 260)."""
+    files = photo_files(tmp_path, photos)
     return softmax(reference(EDGE, files, 224)), softmax(reference(BIG, files, 260))
 
 
@@ -111,7 +110,6 @@ def test_confident_images_stay_on_the_edge_uncertain_ones_escalate(cascade_serve
 
 def bad_envelopes(c: PipelineClient, keys) -> dict:
     """name -> envelope sealed for ``c.pipeline`` with one thing wrong (as test_pipeline_server's cases)."""
-    from test_imaging import _png_header_only
     p = c.pipeline
     return {
         "tampered": tampered(c.seal(samples.photo("coffee"))),
@@ -124,7 +122,7 @@ def bad_envelopes(c: PipelineClient, keys) -> dict:
                                       client_id="somebody-else", pipeline=p),
         "corrupt image": c.seal(samples.photo("coffee")[:3000]),
         "not an image": c.seal(b"GIF89a definitely not a photo"),
-        "decompression bomb": c.seal(_png_header_only(60_000, 60_000)),
+        "decompression bomb": c.seal(png_header_only(60_000, 60_000)),
         "oversized": c.seal(b"\0" * (8 * 1024 * 1024 + 1)),
     }
 
@@ -173,12 +171,14 @@ def test_one_bad_request_in_a_cascade_batch_fails_alone(cascade_server, keys):
         assert rec["event"] == ("rejected" if i % 3 == 0 else "served")
 
 
-def test_cascade_audit_chain_verifies(cascade_server):
-    files = [f for f in audit.audit_files(cascade_server.audit_dir) if f.name.startswith("cascade_")]
-    assert files
-    for f in audit.audit_files(cascade_server.audit_dir):
-        rep = audit.verify_file(f)
-        assert rep.ok, (f, rep)
+def test_cascade_audit_chain_verifies(cascade_server, keys, signing_key):
+    """The module server's trail (this test's own requests first, so it is never empty): every link, every
+    signed checkpoint checked with the public key, the cascade's chain holding these requests."""
+    c = client(cascade_server, keys)
+    rids = [c.classify(samples.photo(name), top_k=1).request_id for name in ("coffee", "chelsea")]
+    c.close()
+    signed_trail(cascade_server.audit_dir, signing_key[1], rids, chains=("cascade",))
+    assert all(r["stage"] == "cascade" for rid in rids for r in records_for(cascade_server.audit_dir, rid))
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
@@ -221,9 +221,14 @@ def test_the_gpu_hosts_edge_model_serves_the_installed_files(tmp_path):
     assert np.allclose(got, want, atol=1e-3)
 
 
-def test_routes_are_counted_on_the_metrics_port(cascade_server, keys):
+def test_routes_are_counted_on_the_metrics_port(cascade_server, keys, tmp_path):
     """rtinfer_cascade_routes_total{route} (every route's series exists at zero) grows with the answers."""
     import urllib.request
+    photos = {name: samples.photo(name) for name in samples.SKIMAGE_PHOTOS}
+    escalate, conf = cascade_policy().decide(softmax(reference(EDGE, photo_files(tmp_path, photos), 224)))
+    order = np.argsort(conf)  # measured, as the test above: the least confident escalates, the most stays
+    unsure, sure = list(photos)[order[0]], list(photos)[order[-1]]
+    assert escalate[order[0]] and not escalate[order[-1]], dict(zip(photos, conf.round(3)))
 
     def counts():
         text = urllib.request.urlopen(cascade_server.metrics_url, timeout=10).read().decode()
@@ -232,8 +237,8 @@ def test_routes_are_counted_on_the_metrics_port(cascade_server, keys):
     before = counts()
     assert set(before) == {routing.EDGE, routing.CLOUD, routing.EDGE_FALLBACK}, before
     c = client(cascade_server, keys)
-    for name in ("coffee", "astronaut"):  # measured: confident, and unsure (test above)
-        c.classify(samples.photo(name), top_k=1)
+    for name in (sure, unsure):
+        c.classify(photos[name], top_k=1)
     c.close()
     after = settled(counts)
     assert after[routing.EDGE] - before[routing.EDGE] == 1 and after[routing.CLOUD] - before[routing.CLOUD] == 1
