@@ -22,7 +22,7 @@ from rtinfer import audit, keyring, routing
 from rtinfer.server import TritonServer, free_port, repository_with
 
 from conftest import REPO, require_model
-from test_pipeline_server import records_for
+from helpers import records_for
 from rtinfer.access import loopback_certs as make_ca_and_server_cert
 
 CLOUD_API_KEY = "cloud-infer-7d1f"
@@ -109,7 +109,6 @@ def test_cloud_answers_killed_cloud_falls_back_breaker_recovers(setup, keys, tmp
             while len(results) < killed_after and any(t.is_alive() for t in threads):
                 time.sleep(0.02)
             cloud.kill()
-            t_kill = time.monotonic()
             for t in threads:
                 t.join(timeout=300)
             assert not any(t.is_alive() for t in threads) and not errors, errors
@@ -123,10 +122,12 @@ def test_cloud_answers_killed_cloud_falls_back_breaker_recovers(setup, keys, tmp
             assert routes[-6:] == [routing.EDGE_FALLBACK] * 6, routes
             fallbacks = [rec for rec in recs if rec["route"] == routing.EDGE_FALLBACK]
             assert all(f["models"]["classifier"] == f["models"]["edge"] for f in fallbacks)
-            # the breaker is open: the last fallbacks did not wait for a deadline each
-            late = [rec["timing_ms"]["total"] for rec in recs[-3:]]
-            assert max(late) < 2000, late
-            assert results[-1][0] - t_kill < 60
+            assert all(f.get("cloud_error") for f in fallbacks), fallbacks  # each fallback says why
+            assert not any("cloud_error" in rec for rec in recs if rec["route"] == routing.CLOUD)
+            # the breaker opened after cloud_breaker_failures failures: the last fallbacks did not ask the
+            # dead cloud and wait for a deadline each (a half-open trial that fails reopens it at once)
+            assert all(f["cloud_error"].startswith("breaker open") for f in fallbacks[-3:]), \
+                [f["cloud_error"] for f in fallbacks]
 
             # 3. the cloud comes back on the same address: the breaker lets a trial through and closes
             cloud = start_cloud(setup, cloud_audit)
