@@ -189,7 +189,7 @@ def plot(prom: Prometheus, start: float, end: float, marks: dict[str, float], pa
 def run(out: Path, *, clean_s: float, surge_s: float, attack_s: float, compress: float, users: int,
         wait: tuple[float, float], model_repository: Path = ROOT / "model_repository") -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    ring = keyring.write_new(out / "keyring.json", key_ids=("k1", "old"))
+    ring = keyring.write_new(out / "keyring.json", key_ids=("k1", "old"), clients={"k1": [CLIENT], "old": [CLIENT]})
     keyring.retire_key(ring, "old", grace_s=0)  # rotated away: envelopes sealed with it are refused
     keys = keyring.Keyring.load(ring)
     signing = out / "audit-signing.pem"
