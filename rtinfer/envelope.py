@@ -121,7 +121,7 @@ def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
                         seal_response=fields.get("sr") == 1)
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
         raise RejectedRequest("bad_format", "envelope header is not valid: it needs string 'kid', 'cid', 'aud' "
-                              "and an integer 'ts' (unix ms, 0 to 2^53)") from None
+                              "and an integer 'ts' (unix ms, 0 to 2^53 - 1)") from None
     aad = envelope[:start + hlen]
     nonce = envelope[start + hlen:start + hlen + NONCE_LEN]
     return header, aad, nonce, envelope[start + hlen + NONCE_LEN:]
