@@ -84,7 +84,7 @@ def test_header_fields_must_have_their_types(header):
 
 
 # ---------------------------------------------------------------- ts at the edges of exact JSON integers
-# docs/formats.md "Envelope format": "ts must be an integer from 0 to 2^53 (anything else is bad_format)"; the code
+# docs/formats.md "Envelope format": "ts must be an integer from 0 to 2^53 - 1" (anything else is bad_format); the code
 # (envelope.MAX_TS_MS) reads it as 0 <= ts < 2^53. 2^53 is where JSON numbers stop being exact for a
 # reader that holds them as doubles (JavaScript, many JSON libraries): 2^53 + 1 reads as 2^53 there.
 # So 2^53 is refused too: a value one reader would take for its neighbour never opens. The envelopes
