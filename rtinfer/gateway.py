@@ -125,7 +125,7 @@ class Gateway(Endpoints):
         self.rate_limit = int(rate_limit)
         self.workdir = Path(workdir) / f"gateway-{self.http_port}"
         self.log_file = Path(log_file) if log_file else self.workdir / "haproxy.log"
-        self.stats_socket = self.workdir / "admin.sock"
+        self.stats_socket = self.workdir.absolute() / "admin.sock"  # haproxy reads a relative one as host:port
         self.proc: subprocess.Popen | None = None
 
     @classmethod

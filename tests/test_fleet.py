@@ -18,7 +18,9 @@ module: each test leaves it as it found it (replicas UP, Redis running).
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -119,9 +121,10 @@ def check_interval_bound() -> float:
 
 class Load:
     """``clients`` clients through the gateway (half gRPC, half HTTP), each sending freshly sealed photos one
-    at a time until stopped or ``max_per_client``; every request's outcome and times are recorded."""
+    at a time until stopped or ``max_per_client`` (after a refusal or failure, 50 ms later); every request's
+    outcome and times are recorded."""
 
-    def __init__(self, gateway, keys, clients: int = 4, max_per_client: int = 400):
+    def __init__(self, gateway, keys, clients: int = 4, max_per_client: int = 1500):
         self.gateway, self.keys, self.clients, self.max_per_client = gateway, keys, clients, max_per_client
         self.requests: dict[str, dict] = {}  # request id -> {envelope, t0, t1, outcome}
         self.lock = threading.Lock()
@@ -146,6 +149,8 @@ class Load:
                 outcome = classify_error(exc)
             with self.lock:
                 rec.update(t1=time.monotonic(), outcome=outcome)
+            if outcome != "served":
+                time.sleep(0.05)  # a client backs off before it seals a new envelope and tries again
         try:
             c.close()
         except Exception:  # noqa: BLE001
@@ -448,3 +453,69 @@ def test_rolling_restart_under_load_fails_no_request(fleet, keys, signing_key):
         assert any(recs[q][0]["_dir"] == rid for q, r in load.requests.items() if r["t0"] > t), rid
     out = fleet_verify(fleet, signing_key)
     print(f"\nFLEET rolling restart: {counts}, steps {steps}\n{out[-400:]}")
+
+
+# ------------------------------------------------------------------ what `make serve REPLICAS=2` runs
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+@pytest.mark.slow
+def test_serve_command_with_two_replicas_rolls_on_sighup_and_stops_on_sigterm(keyring_path, keys, tmp_path):
+    """`python -m rtinfer.gateway --replicas 2` (make serve REPLICAS=2): Redis and two replicas behind the gateway
+    on loopback, served on both protocols; SIGHUP restarts the replicas one by one; SIGTERM stops all four."""
+    require_model()
+    require_haproxy()
+    require_redis()
+    from rtinfer.server import free_port
+    ports = {name: free_port() for name in ("http", "grpc", "metrics")}
+    cmd = [sys.executable, "-m", "rtinfer.gateway", "--replicas", "2", "--model", "pipeline",
+           "--keyring", str(keyring_path), "--audit-dir", str(tmp_path / "audit"),
+           *(x for name, port in ports.items() for x in (f"--{name}-port", str(port)))]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read_until(fragment: str, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if fragment in line:
+                return line
+        raise AssertionError(f"no {fragment!r} in the output:\n{''.join(lines)[-3000:]}")
+
+    try:
+        read_until("gateway ready")
+        for rid in ("r1", "r2"):
+            assert re.search(rf"replica {rid} behind it on loopback: HTTP 127\.0\.0\.1:\d+\s+gRPC 127\.0\.0\.1:\d+",
+                             read_until(f"replica {rid} behind it"))
+        assert "replay store redis://" in read_until("kill -HUP")
+        for protocol in ("grpc", "http"):
+            c = client(type("T", (), {"grpc_url": f"127.0.0.1:{ports['grpc']}",
+                                      "http_url": f"127.0.0.1:{ports['http']}"})(), protocol, keys, "serve")
+            assert c.classify(samples.photo("coffee"), top_k=1).predictions[0].index == 967
+            c.close()
+        children = children_of(proc.pid)
+        assert len(children) == 4, children  # redis-server, two tritonservers, haproxy
+        proc.send_signal(signal.SIGHUP)
+        read_until("rolling restart: r1 back UP")
+        read_until("rolling restart: r2 back UP")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(90) == 0
+        assert not any(os.path.exists(f"/proc/{pid}") for pid in children)  # stopped and reaped
+        assert sorted(p.name for p in (tmp_path / "audit").iterdir() if p.is_dir()) == ["r1", "r2"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
