@@ -13,10 +13,11 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from build_engines import tensorrt_engines as te
-from build_engines import tensorrt_gpu, tensorrt_progress
-from build_engines.tensorrt_onnx import has_2to4_sparse_weights, is_2to4_sparse
-from build_engines.tensorrt_profile import TensorProfile, load_config, profile_from_config
+from build_engines.tensorrt import engines as te
+from build_engines.tensorrt import gpu as trt_gpu
+from build_engines.tensorrt import progress as trt_progress
+from build_engines.tensorrt.onnx_checks import has_2to4_sparse_weights, is_2to4_sparse
+from build_engines.tensorrt.opt_profile import TensorProfile, load_config, profile_from_config
 from build_engines.uint8_front import add_front
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"
@@ -134,7 +135,7 @@ def _stub_tensorrt(strongly_typed: bool) -> types.ModuleType:
 
 def test_skipped_without_gpu(monkeypatch, capsys, onnx_pair, repo, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", _stub_tensorrt(True))
-    monkeypatch.setattr(tensorrt_gpu, "probe", lambda ordinal=0: None)
+    monkeypatch.setattr(trt_gpu, "probe", lambda ordinal=0: None)
     assert te.build_all(*onnx_pair, repo, work=tmp_path / "work") == []
     assert capsys.readouterr().out.splitlines() == [te.skip_line("no CUDA GPU found")]
     assert plans(tmp_path) == []
@@ -151,7 +152,7 @@ def test_skipped_on_tensorrt_without_strong_typing(monkeypatch, capsys, onnx_pai
 def test_gpu_probe_agrees_with_the_driver():
     """No device node: no GPU. A device node: the probe must find it (a probe that returns None on a GPU
     host would skip every engine build there) and read a plausible compute capability."""
-    gpu = tensorrt_gpu.probe()
+    gpu = trt_gpu.probe()
     if not Path("/dev/nvidia0").exists():
         assert gpu is None
         return
@@ -252,18 +253,18 @@ def test_sparse_weights_choice(tmp_path, repo, onnx_pair, monkeypatch):
 
 
 def test_rebuild_key_tracks_inputs(tmp_path, repo, onnx_pair):
-    gpu = tensorrt_gpu.Gpu("NVIDIA A10", "8.6")
+    gpu = trt_gpu.Gpu("NVIDIA A10", "8.6")
     job = te.plan_jobs(*onnx_pair, repo)[0]
     key = te.stage_inputs(job, "10.3.0", gpu)
     assert te.stage_inputs(job, "10.3.0", gpu) == key
     assert te.stage_inputs(job, "10.4.0", gpu) != key
-    assert te.stage_inputs(job, "10.3.0", tensorrt_gpu.Gpu("NVIDIA H100", "9.0")) != key
+    assert te.stage_inputs(job, "10.3.0", trt_gpu.Gpu("NVIDIA H100", "9.0")) != key
     tiny_classifier(onnx_pair[0], kind="fp16", sparse=True)   # new ONNX bytes, same path
     assert te.stage_inputs(job, "10.3.0", gpu) != key
 
 
 def test_per_architecture_names(tmp_path, repo, onnx_pair):
-    gpu = tensorrt_gpu.Gpu("NVIDIA L4", "8.9")
+    gpu = trt_gpu.Gpu("NVIDIA L4", "8.9")
     assert te.file_names(gpu, per_cc=False) == ("model.plan", "manifest.json")
     assert te.file_names(gpu, per_cc=True) == ("model_sm89.plan", "manifest_sm89.json")
     job = te.plan_jobs(*onnx_pair, repo, gpu=gpu, per_cc=True)[1]
@@ -300,7 +301,7 @@ def test_engine_io_check(repo, onnx_pair):
 
 
 def test_no_progress_monitor_on_old_tensorrt():
-    assert tensorrt_progress.monitor(types.SimpleNamespace(), "m") is None
+    assert trt_progress.monitor(types.SimpleNamespace(), "m") is None
 
 
 # --- real builds (GPU hosts with TensorRT) ----------------------------------------------------
@@ -310,7 +311,7 @@ def test_builds_real_engines(capsys, onnx_pair, repo, tmp_path):
     import tensorrt as trt
     manifests = te.build_all(*onnx_pair, repo, work=tmp_path / "work")
     assert [m["model"] for m in manifests] == list(TRT_MODELS)
-    gpu = tensorrt_gpu.probe()
+    gpu = trt_gpu.probe()
     for m in manifests:
         plan = repo / m["model"] / "1" / "model.plan"
         assert m["sha256"] == te.sha256_file(plan) and m["size_bytes"] == plan.stat().st_size > 0

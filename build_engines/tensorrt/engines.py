@@ -24,15 +24,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths, tensorrt_gpu, tensorrt_progress
-from .hashing import code_hash, sha256_file, sha256_json
-from .stages import run_stage
-from .tensorrt_onnx import check_io, has_2to4_sparse_weights
-from .tensorrt_profile import TensorProfile, dtype_name, load_config, profile_from_config
+from .. import paths
+from ..hashing import code_hash, sha256_file, sha256_json
+from ..stages import run_stage
+from . import gpu as gpu_info
+from . import progress
+from .gpu import Gpu
+from .onnx_checks import check_io, has_2to4_sparse_weights
+from .opt_profile import TensorProfile, dtype_name, load_config, profile_from_config
 
 MODELS = {"classifier_trt_fp16": "fp16", "classifier_trt_int8": "int8"}
 SKIP_HINT = "build on a GPU host inside the Triton container"
-CODE = ("tensorrt_engines", "tensorrt_profile", "tensorrt_onnx", "tensorrt_progress", "tensorrt_gpu")
+# This subpackage's modules (code_hash names them by path): editing any of them rebuilds the engines.
+CODE = ("tensorrt/engines", "tensorrt/opt_profile", "tensorrt/onnx_checks", "tensorrt/progress", "tensorrt/gpu")
 # TensorRT DataType names -> Triton data types, to check the built engine against the config.
 TRT_TO_TRITON = {"FLOAT": "TYPE_FP32", "HALF": "TYPE_FP16", "BF16": "TYPE_BF16", "INT8": "TYPE_INT8",
                  "UINT8": "TYPE_UINT8", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64", "BOOL": "TYPE_BOOL"}
@@ -68,13 +72,13 @@ def availability():
         return None, None, "TensorRT not installed"
     if not hasattr(getattr(trt, "NetworkDefinitionCreationFlag", None), "STRONGLY_TYPED"):
         return None, None, f"TensorRT {getattr(trt, '__version__', '?')} cannot build strongly typed networks"
-    gpu = tensorrt_gpu.probe()
+    gpu = gpu_info.probe()
     if gpu is None:
         return None, None, "no CUDA GPU found"
     return trt, gpu, None
 
 
-def file_names(gpu: tensorrt_gpu.Gpu | None, per_cc: bool) -> tuple[str, str]:
+def file_names(gpu: Gpu | None, per_cc: bool) -> tuple[str, str]:
     """(plan, manifest) names in the version directory: Triton's default name, or one per architecture."""
     if per_cc:
         if gpu is None:
@@ -94,7 +98,7 @@ def _sparse_choice(onnx_path: Path, override: bool | None) -> bool:
     return has_2to4_sparse_weights(onnx_path)
 
 
-def plan_jobs(onnx_fp16: Path, onnx_int8: Path, repo: Path, *, gpu: tensorrt_gpu.Gpu | None = None,
+def plan_jobs(onnx_fp16: Path, onnx_int8: Path, repo: Path, *, gpu: Gpu | None = None,
               per_cc: bool = False, sparse_weights: bool | None = None,
               extra: dict[str, tuple[str, Path]] | None = None) -> list[Job]:
     """Read each model's Triton config, derive its profile and check its ONNX against it.
@@ -117,7 +121,7 @@ def plan_jobs(onnx_fp16: Path, onnx_int8: Path, repo: Path, *, gpu: tensorrt_gpu
     return jobs
 
 
-def stage_inputs(job: Job, trt_version: str, gpu: tensorrt_gpu.Gpu) -> dict:
+def stage_inputs(job: Job, trt_version: str, gpu: Gpu) -> dict:
     """Everything the engine's bytes depend on; a change in any of them rebuilds it."""
     return {"onnx_sha256": sha256_file(job.onnx), "profile": [p.as_dict() for p in job.profile], "io": job.io(),
             "tensorrt": trt_version, "gpu": [gpu.name, gpu.compute_capability], "strongly_typed": True,
@@ -178,7 +182,7 @@ def _source_weights_sha256(onnx_path: Path) -> str | None:
         return None
 
 
-def build_engine(trt, job: Job, gpu: tensorrt_gpu.Gpu, timing_cache: Path) -> dict:
+def build_engine(trt, job: Job, gpu: Gpu, timing_cache: Path) -> dict:
     """Parse, build, check and install one engine with its manifest; returns the manifest."""
     logger = trt.Logger(trt.Logger.VERBOSE if os.environ.get("TRT_VERBOSE") == "1" else trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -199,9 +203,9 @@ def build_engine(trt, job: Job, gpu: tensorrt_gpu.Gpu, timing_cache: Path) -> di
     config.add_optimization_profile(profile)
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
-    progress = tensorrt_progress.monitor(trt, job.model)
-    if progress is not None:
-        config.progress_monitor = progress
+    monitor = progress.monitor(trt, job.model)
+    if monitor is not None:
+        config.progress_monitor = monitor
 
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .tensorrt_profile import ONNX_ELEM_TYPE, dtype_name
+from .opt_profile import ONNX_ELEM_TYPE, dtype_name
 
 
 def _dims(vi) -> list:
