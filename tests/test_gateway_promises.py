@@ -294,10 +294,11 @@ def test_repeated_api_key_header_over_grpc_is_refused(gateway, gated_triton, key
 
 
 # ------------------------------------------------------------------ slow clients are cut off (timeouts)
-# haproxy.cfg: "timeout http-request 30s" (a request's headers), "wait-for-body time 30s" (a gRPC message),
+# haproxy.cfg: "timeout http-request 30s" (a request's headers), "wait-for-body time 30s" (a gRPC message, the
+# body of an accepted HTTP inference request),
 # "wait-for-body time 5s if refused" (the body of a refused HTTP request). Without them a client that keeps
 # trickling would be bounded only by "timeout client 300s", an idle timeout it resets with every byte. The
-# three slow clients run at once; each is given CAP_S before the test calls the promise broken.
+# four slow clients run at once; each is given CAP_S before the test calls the promise broken.
 
 CAP_S = 90.0
 
@@ -339,6 +340,17 @@ def refused_http_body_never_finished(gw) -> tuple[bytes, bool]:
     with socket.create_connection((gw.host, gw.http_port), timeout=10) as s:
         s.sendall(b"POST /v2/models/pipeline/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: wrong-key\r\n"
                   b"Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n" + b"\0" * 1000)
+        return read_until_closed(s, time.monotonic() + CAP_S)
+
+
+def accepted_http_body_never_finished(gw) -> tuple[bytes, bool]:
+    """A request the gateway accepts (right key, within the limit) whose body stops half-way: it never
+    reaches a replica, and it is cut off once the 30 s for its body are up (not held until the 120 s
+    server timeout)."""
+    with socket.create_connection((gw.host, gw.http_port), timeout=10) as s:
+        s.sendall(b"POST /v2/models/pipeline/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: "
+                  + GATED_API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100000\r\n\r\n" + b"{" * 1000)
         return read_until_closed(s, time.monotonic() + CAP_S)
 
 
@@ -398,7 +410,7 @@ def grpc_body_never_finished(gw) -> tuple[list, bool]:
 def test_slow_clients_are_cut_off(gateway, gated_triton):
     mark = len(gateway.log_text())
     probes = {"headers": slow_http_headers, "refused_body": refused_http_body_never_finished,
-              "grpc_body": grpc_body_never_finished}
+              "accepted_body": accepted_http_body_never_finished, "grpc_body": grpc_body_never_finished}
     results: dict = {}
     threads = [threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, f(gateway))) for n, f in probes.items()]
     for t in threads:
@@ -425,6 +437,10 @@ def test_slow_clients_are_cut_off(gateway, gated_triton):
     reply, closed = results["refused_body"]
     assert closed and reply.startswith(b"HTTP/1.1 408"), reply[:300]
     assert 5_000 <= logged(r'"POST /v2/models/pipeline/infer HTTP/1.1" .*refused=api_key_wrong') < 30_000
+    # an accepted request whose body stops half-way: cut off after its 30 s, never forwarded (no replica)
+    reply, closed = results["accepted_body"]
+    assert closed and reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert 30_000 <= logged(r'"POST /v2/models/pipeline/infer HTTP/1.1" .*refused=- replica=<NOSRV>') < 60_000
     # a gRPC message that never ends: the stream is answered (HTTP 408, END_STREAM) and nothing is forwarded
     frames, ended = results["grpc_body"]
     assert ended and (HEADERS, END_HEADERS) in frames and frames[-1][1] & END_STREAM, frames
