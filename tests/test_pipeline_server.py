@@ -12,7 +12,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from clients.evaluate import reference
-from rtinfer import audit, envelope
+from rtinfer import audit, envelope, labels
 from rtinfer.server import TritonServer
 
 from conftest import REPO, require_model
@@ -47,6 +47,19 @@ def test_chelsea_is_a_cat_and_coffee_is_espresso(client, audit_dir):
         assert rec["client_id"] == client.client_id and rec["key_id"] == "k1"
         assert rec["top1"]["index"] == res.predictions[0].index
         assert set(rec["timing_ms"]) >= {"preprocess", "classifier_incl_queues", "postprocess", "total"}
+
+
+def test_labels_are_the_standard_imagenet_names(client, audit_dir):
+    """The label file (Triton's classification extension), a sealed answer (postprocess's strings) and the
+    audit record all name classes as every ImageNet tool does: chelsea is a "tabby" or a "tiger cat"."""
+    photo = samples.photo("chelsea")
+    clear = client.classify(photo, top_k=5)
+    sealed = client.infer_envelope(client.seal(photo, seal_response=True), top_k=5)
+    for res in (clear, sealed):
+        assert [p.label for p in res.predictions] == [labels.names()[p.index] for p in res.predictions]
+        assert res.predictions[0].label in {"tabby", "tiger cat", "Persian cat", "Siamese cat", "Egyptian cat"}
+    [rec] = records_for(audit_dir, clear.request_id)
+    assert rec["top1"]["label"] == clear.predictions[0].label
 
 
 def test_png_and_second_key(server, keys, audit_dir):
