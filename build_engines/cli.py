@@ -52,7 +52,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--distill-keep", type=_floats, default=[],
                     help="more points, each block keeping this fraction of its expanded channels (uniform cut)")
     ap.add_argument("--distill-size", type=int, default=224, help="training resolution (the teacher sees 224)")
-    ap.add_argument("--distill-mix", type=float, default=0.0, help="mixup and cutmix probability each (0.25 measured worse)")
+    ap.add_argument("--distill-mix", type=float, default=0.0,
+                    help="mixup and cutmix probability each (0.25 measured worse)")
     ap.add_argument("--distill-views", type=int, default=4, help="augmented views per photo in the teacher cache")
     ap.add_argument("--distill-alpha", type=float, default=0.0,
                     help="weight of the hard-label CE term (labeled photos only); the rest is the teacher's KL")

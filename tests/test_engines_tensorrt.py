@@ -13,9 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from build_engines.tensorrt import engines as te
-from build_engines.tensorrt import gpu as trt_gpu
-from build_engines.tensorrt import progress as trt_progress
+from build_engines.tensorrt import engines as te, gpu as trt_gpu, progress as trt_progress
 from build_engines.tensorrt.onnx_checks import has_2to4_sparse_weights, is_2to4_sparse
 from build_engines.tensorrt.opt_profile import TensorProfile, load_config, profile_from_config
 from build_engines.uint8_front import add_front

@@ -11,7 +11,8 @@ engine and the server agree on batch sizes by construction.
 Where TensorRT or a GPU is missing (CPU hosts) the stage prints one line and
 returns. Engines are rebuilt only when the ONNX, the profile, TensorRT, the GPU
 or this code changes. Set TRT_ENGINES_PER_CC=1 to name plans per GPU architecture
-(``model_sm86.plan``) for a repository shared by several GPU types; see docs/gpu.md "Several GPU types sharing one repository".
+(``model_sm86.plan``) for a repository shared by several GPU types; see
+docs/gpu.md "Several GPU types sharing one repository".
 TRT_SPARSE_WEIGHTS=1/0 forces the sparse-weights tactic on/off (default: on when
 the ONNX has 2:4-sparse Conv weights). TRT_VERBOSE=1 shows TensorRT's own log.
 """
@@ -27,8 +28,7 @@ from pathlib import Path
 from .. import paths
 from ..hashing import code_hash, sha256_file, sha256_json
 from ..stages import run_stage
-from . import gpu as gpu_info
-from . import progress
+from . import gpu as gpu_info, progress
 from .gpu import Gpu
 from .onnx_checks import check_io, has_2to4_sparse_weights
 from .opt_profile import TensorProfile, dtype_name, load_config, profile_from_config
