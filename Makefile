@@ -99,7 +99,7 @@ SERVE_COMMON = --model-repository model_repository --keyring $(KEYRING) --audit-
 # r1..rN on TRITON_*_PORT + 10 (i - 1), audit directories $(FLEET_AUDIT_DIR)/<id> (verify the fleet with
 # python -m rtinfer.audit verify $(FLEET_AUDIT_DIR)), one Redis in build/redis started with them as the
 # shared replay store (installed by `make redis` when missing). REPLICAS=1: one Triton, SQLite, no Redis.
-# kill -HUP <pid of python -m rtinfer.gateway>: rolling restart (each replica drained, restarted, re-enabled).
+# kill -HUP <pid of python -m rtinfer.launch.gateway>: rolling restart (each replica drained, restarted, re-enabled).
 REPLICAS        ?= 1
 FLEET_AUDIT_DIR ?= build/audit-fleet
 FLEET = $(filter-out 0 1,$(REPLICAS))
@@ -107,7 +107,7 @@ FLEET = $(filter-out 0 1,$(REPLICAS))
 # The gateway in front of Triton: only the pipeline is reachable, on both protocols.
 serve: engines keys haproxy $(if $(FLEET),redis)
 	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
-	$(PY) -m rtinfer.gateway $(SERVE_COMMON) --host $(GATEWAY_HOST) \
+	$(PY) -m rtinfer.launch.gateway $(SERVE_COMMON) --host $(GATEWAY_HOST) \
 	  --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT) \
 	  --triton-http-port $(TRITON_HTTP_PORT) --triton-grpc-port $(TRITON_GRPC_PORT) \
 	  --triton-metrics-port $(TRITON_METRICS_PORT) $(if $(RATE_LIMIT),--rate-limit $(RATE_LIMIT)) \
@@ -116,7 +116,7 @@ serve: engines keys haproxy $(if $(FLEET),redis)
 # Development only: the embedded server without the gateway (every loaded model reachable).
 serve-direct: engines keys
 	$(if $(AUDIT_SIGNING_KEY),$(PY) -m rtinfer.checkpoint keygen $(AUDIT_SIGNING_KEY))
-	$(PY) -m rtinfer.server $(SERVE_COMMON) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+	$(PY) -m rtinfer.launch.server $(SERVE_COMMON) --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
 
 demo: engines-quick keys
 	$(PY) -m clients.demo --keyring $(KEYRING) --audit-dir $(AUDIT_DIR)
@@ -144,7 +144,7 @@ fuzz-gateway: $(STAMP) protobuf-oracle
 # The cascade (docs/cascade.md "Remote cloud"): an edge and a cloud Triton on loopback (cloud: gRPC + TLS, its own
 # inference key, the edge's service key in its keyring); the edge's gRPC/HTTP on GRPC_PORT/HTTP_PORT.
 serve-edge-cloud: engines keys
-	$(PY) -m rtinfer.edge_cloud --keyring $(KEYRING) --edge-grpc-port $(GRPC_PORT) --edge-http-port $(HTTP_PORT)
+	$(PY) -m rtinfer.launch.edge_cloud --keyring $(KEYRING) --edge-grpc-port $(GRPC_PORT) --edge-http-port $(HTTP_PORT)
 
 # The cascade's trade-off on the labeled photos: top-1, share escalated (offline, every threshold) and
 # latency through a real server (a few thresholds); chooses the threshold on the choose split.
@@ -189,7 +189,7 @@ bench: engines keys haproxy
 OBSERVE_OUT  ?= build/observe
 OBSERVE_ARGS ?=
 observe: engines haproxy prometheus
-	$(PY) -m rtinfer.observe --out $(OBSERVE_OUT) $(OBSERVE_ARGS)
+	$(PY) -m rtinfer.launch.observe --out $(OBSERVE_OUT) $(OBSERVE_ARGS)
 
 # The fleet's costs (docs/scaling.md "Measured"), one run: one client's p50 with the Redis replay store vs
 # SQLite (two servers, requests interleaved), and saturated throughput through the gateway with 1 vs 2

@@ -54,14 +54,14 @@ def stage_source(weights_sha: str) -> Path:
 
 def stage_images(args) -> tuple:
     """uint8 crops (+ labels when the folder has them) for choosing (calib/search) and confirming (eval)."""
-    from rtinfer import labeled
+    from rtinfer import labeled_photos
     if args.labeled_dir:
-        files, labels = labeled.find(args.labeled_dir)
+        files, labels = labeled_photos.find(args.labeled_dir)
         if labels is None:
             raise SystemExit(f"{args.labeled_dir}: not every image is named by an ImageNet wnid "
                              "(<wnid>_*.JPEG or <wnid>/*.JPEG); use --calib-dir/--eval-dir for unlabeled folders")
-        calib_files, calib_y = labeled.select(files, labels, "choose")
-        eval_files, eval_y = labeled.select(files, labels, "confirm")
+        calib_files, calib_y = labeled_photos.select(files, labels, "choose")
+        eval_files, eval_y = labeled_photos.select(files, labels, "confirm")
     else:
         calib_y = eval_y = None
         calib_files = images.folder_images(args.calib_dir) if args.calib_dir else images.packaged_photos()
@@ -142,8 +142,8 @@ class Data:
         trains on (labeled builds); without labels the whole search split (in-sample, said so)."""
         if self.calib_y is None:
             return self.search, self.search_ref, "search split (unlabeled: the training photos' own crops)"
-        from rtinfer import labeled
-        m = np.array([labeled.choose_part(int(y)) == "pick" for y in self.calib_y])
+        from rtinfer import labeled_photos
+        m = np.array([labeled_photos.choose_part(int(y)) == "pick" for y in self.calib_y])
         return self.calib[m], self.search_ref[m], "pick classes (half of the choose split, never trained on)"
 
 
@@ -179,10 +179,10 @@ def training_photos(args, split: str = "choose") -> tuple:
     """What training may learn from: a labeled split (``choose``, or its ``fit`` half for a stage
     that picks among its results on the other half; never the confirm classes) or the calibration
     folder, plus the bundled photos, unlabeled (-1)."""
-    from rtinfer import labeled
+    from rtinfer import labeled_photos
     if args.labeled_dir:
-        files, labels = labeled.find(args.labeled_dir)
-        files, labels = labeled.select(files, labels, split)
+        files, labels = labeled_photos.find(args.labeled_dir)
+        files, labels = labeled_photos.select(files, labels, split)
         labels = [int(y) for y in labels]
     else:
         files = images.folder_images(args.calib_dir) if args.calib_dir else []
@@ -650,11 +650,11 @@ def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
 
 def stage_big(args) -> None:
     """EfficientNet-Lite2 for the cascade's cloud leg (build_engines.big_model): export, FP16 ONNX, figures."""
-    from rtinfer import labeled
+    from rtinfer import labeled_photos
     from . import big_model
     if args.labeled_dir:
-        files, labels = labeled.find(args.labeled_dir)
-        splits = {s: labeled.select(files, labels, s) for s in ("choose", "confirm")}
+        files, labels = labeled_photos.find(args.labeled_dir)
+        splits = {s: labeled_photos.select(files, labels, s) for s in ("choose", "confirm")}
     else:
         photos = images.packaged_photos()
         splits = {"choose": (photos, None), "confirm": (photos, None)}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rtinfer import imaging, labeled
+from rtinfer import imaging, labeled_photos
 
 from . import paths, runtime
 
@@ -46,11 +46,11 @@ def evaluate(models: dict, files: list[Path], labels: np.ndarray, crops, drafts)
             ref = None
             for name, path in models.items():
                 logits = runtime.logits(runtime.session(path), imaging.normalize(x))
-                acc = labeled.accuracy(logits, labels)
+                acc = labeled_photos.accuracy(logits, labels)
                 ref = logits if ref is None else ref
                 row = {"model": name, "path": str(path), "crop": crop, "jpeg_draft": draft,
                        "decode_ms": round(ms, 2), **acc,
-                       "vs_first_points": 100 * (acc["top1_accuracy"] - labeled.accuracy(ref, labels)["top1_accuracy"]),
+                       "vs_first_points": 100 * (acc["top1_accuracy"] - labeled_photos.accuracy(ref, labels)["top1_accuracy"]),
                        "agreement_with_first": float(np.mean(ref.argmax(1) == logits.argmax(1)))}
                 rows.append(row)
                 print(f"  {name:28s} crop {crop:6s} draft {str(draft):5s} top-1 {acc['top1_accuracy']:.2%} "
@@ -91,7 +91,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m build_engines.accuracy", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="labeled photos (<wnid>_*.JPEG or <wnid>/*.JPEG)")
-    ap.add_argument("--split", choices=labeled.SPLITS, default="confirm",
+    ap.add_argument("--split", choices=labeled_photos.SPLITS, default="confirm",
                     help="the build chooses on 'choose' and confirms on 'confirm' (default)")
     ap.add_argument("--model", action="append", default=[], metavar="NAME=PATH",
                     help="model to evaluate (repeatable; default: original, installed and the build's candidates)")
@@ -99,10 +99,10 @@ def main(argv=None) -> None:
     ap.add_argument("--draft", nargs="+", default=["on"], choices=["on", "off"], help="JPEG decode at reduced scale")
     ap.add_argument("--out", type=Path, default=paths.BUILD.parent / "accuracy")
     args = ap.parse_args(argv)
-    files, labels = labeled.find(args.data)
+    files, labels = labeled_photos.find(args.data)
     if labels is None:
         raise SystemExit(f"{args.data}: images must be named by ImageNet wnid to be scored")
-    files, labels = labeled.select(files, labels, args.split)
+    files, labels = labeled_photos.select(files, labels, args.split)
     models = dict(m.split("=", 1) for m in args.model) if args.model else default_models()
     print(f"[accuracy] {len(files)} photos ({args.split} split of {args.data}), {len(models)} models", flush=True)
     rows = evaluate(models, files, labels, args.crop, [d == "on" for d in args.draft])

@@ -38,7 +38,7 @@ def compare(ref: np.ndarray, cand: np.ndarray, labels: np.ndarray | None = None)
            "mean_kl": mean_kl(ref, cand), "n_images": int(len(ref))}
     if labels is None:
         return out | {"quality": out["top1_agreement"], "quality_basis": "agreement"}
-    from rtinfer.labeled import accuracy
+    from rtinfer.labeled_photos import accuracy
     mine, orig = accuracy(cand, labels), accuracy(ref, labels)
     return out | mine | {"original_top1_accuracy": orig["top1_accuracy"],
                          "quality": 1.0 + mine["top1_accuracy"] - orig["top1_accuracy"], "quality_basis": "accuracy"}

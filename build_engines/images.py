@@ -1,6 +1,6 @@
 """Deterministic calibration and evaluation image sets.
 
-Labeled photos (``--labeled-dir``, ImageNet names, see rtinfer.labeled) are split by class:
+Labeled photos (``--labeled-dir``, ImageNet names, see rtinfer.labeled_photos) are split by class:
 the build chooses on one half and confirms on the other. Without them, the source is
 real colour photos shipped in scikit-image's `data/` and matplotlib's `grace_hopper.jpg`,
 expanded with seeded random crops and flips; the two splits use different seeds and are
@@ -21,7 +21,7 @@ from .preprocess import to_uint8
 
 SKIMAGE_PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
                   "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg"]
-from rtinfer.labeled import IMAGE_EXTS  # noqa: E402  (what the server accepts: JPEG, PNG)
+from rtinfer.labeled_photos import IMAGE_EXTS  # noqa: E402  (what the server accepts: JPEG, PNG)
 CALIB_SEED, EVAL_SEED = 1001, 2002
 
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from clients.classify import PipelineClient
 from clients.evaluate import reference
-from rtinfer import keyring, labeled, routing
+from rtinfer import keyring, labeled_photos, routing
+from rtinfer.launch.server import ROOT, TritonServer, repository_with
 from rtinfer.postprocess import softmax
-from rtinfer.server import ROOT, TritonServer, repository_with
 
 REPO = ROOT / "model_repository"
 EDGE, BIG = REPO / "classifier_onnx" / "1" / "model.onnx", REPO / "classifier_big" / "1" / "model.onnx"
@@ -47,7 +47,7 @@ def combine(small: np.ndarray, big: np.ndarray, labels: np.ndarray, metric: str,
     pred = np.where(escalate, big.argmax(1), small.argmax(1))
     hits = int(np.sum(pred == labels))
     return {"metric": metric, "threshold": threshold, "top1": hits / len(labels),
-            "top1_ci95": labeled.wilson(hits, len(labels)), "escalated": float(escalate.mean()), "n": len(labels)}
+            "top1_ci95": labeled_photos.wilson(hits, len(labels)), "escalated": float(escalate.mean()), "n": len(labels)}
 
 
 def grid(small, big, labels) -> list[dict]:
@@ -86,7 +86,7 @@ def served(files: list[Path], labels: np.ndarray, metric: str, threshold: float,
     hits = int(np.sum(np.array(pred) == labels))
     lat_a = np.array(lat)
     return {"metric": metric, "threshold": threshold, "served_top1": hits / len(labels),
-            "served_top1_ci95": labeled.wilson(hits, len(labels)), "mean_ms": float(lat_a.mean()),
+            "served_top1_ci95": labeled_photos.wilson(hits, len(labels)), "mean_ms": float(lat_a.mean()),
             "p50_ms": float(np.percentile(lat_a, 50)), "p99_ms": float(np.percentile(lat_a, 99)),
             "escalated_served": sum(r in (routing.CLOUD, routing.EDGE_FALLBACK) for r in routes[warmup:]) / len(files),
             "routes": {k: routes[warmup:].count(k) for k in (routing.EDGE, routing.CLOUD, routing.EDGE_FALLBACK)},
@@ -159,10 +159,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-serve", action="store_true", help="offline figures only (no latency)")
     p.add_argument("--extra-thresholds", type=float, nargs="*", default=[], help="also serve these (chosen metric)")
     args = p.parse_args(argv)
-    files, labels = labeled.find(args.data)
+    files, labels = labeled_photos.find(args.data)
     if labels is None:
         raise SystemExit(f"{args.data}: photos must be named by ImageNet wnid")
-    split = {s: labeled.select(files, labels, s) for s in ("choose", "confirm")}
+    split = {s: labeled_photos.select(files, labels, s) for s in ("choose", "confirm")}
     rows = {}
     for s, (f, y) in split.items():
         small, big = logits(f)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from clients import classify, samples
 from rtinfer import audit
-from rtinfer.server import TritonServer
+from rtinfer.launch.server import TritonServer
 
 
 def main(argv=None) -> int:

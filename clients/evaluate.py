@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from clients.classify import DEFAULT_PORTS, PipelineClient
-from rtinfer import imaging, keyring, labeled
+from rtinfer import imaging, keyring, labeled_photos
 
 CLIENT_ID = "evaluate"  # sealed with the newest key that may claim it (rtinfer.keyring: clients)
 
@@ -55,7 +55,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="labeled photos (<wnid>_*.JPEG or <wnid>/*.JPEG)")
-    p.add_argument("--split", choices=labeled.SPLITS, default="confirm")
+    p.add_argument("--split", choices=labeled_photos.SPLITS, default="confirm")
     p.add_argument("--url", help="a running server (default: start one on free loopback ports)")
     p.add_argument("--protocol", choices=["grpc", "http"], default="grpc")
     p.add_argument("--keyring", default="build/keys/keyring.json", help="its newest active key seals the photos")
@@ -64,14 +64,14 @@ def main(argv=None) -> int:
     p.add_argument("--reference", type=Path, help="ONNX model to score side by side (e.g. the original FP32)")
     p.add_argument("--out", type=Path, default=Path("build/accuracy/served.json"))
     args = p.parse_args(argv)
-    files, labels = labeled.find(args.data)
+    files, labels = labeled_photos.find(args.data)
     if labels is None:
         raise SystemExit(f"{args.data}: images must be named by ImageNet wnid to be scored")
-    files, labels = labeled.select(files, labels, args.split)
+    files, labels = labeled_photos.select(files, labels, args.split)
     with ExitStack() as stack:
         url, ring_path = args.url, Path(args.keyring)
         if url is None:
-            from rtinfer.server import TritonServer
+            from rtinfer.launch.server import TritonServer
             work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rtinfer-eval-")))
             if not ring_path.exists():
                 ring_path = keyring.write_new(work / "keyring.json")
@@ -87,13 +87,13 @@ def main(argv=None) -> int:
     failed = sum(t is None for t in top5)
     ranked = np.array([t if t is not None else [-1] * 5 for t in top5], dtype=np.int64)
     out = {"data": str(args.data), "split": args.split, "pipeline": args.pipeline, "protocol": args.protocol,
-           "failed_requests": failed, "seconds": round(elapsed, 1), "served": labeled.accuracy(ranked, labels)}
+           "failed_requests": failed, "seconds": round(elapsed, 1), "served": labeled_photos.accuracy(ranked, labels)}
     print(f"[evaluate] served pipeline, {len(files)} photos ({args.split}): top-1 {out['served']['top1_accuracy']:.2%} "
           f"[{out['served']['top1_ci95'][0]:.1%}, {out['served']['top1_ci95'][1]:.1%}], top-5 "
           f"{out['served']['top5_accuracy']:.2%}, {failed} failed, {elapsed:.0f} s", flush=True)
     if args.reference:
         logits = reference(args.reference, files)
-        out["reference"] = {"model": str(args.reference), **labeled.accuracy(logits, labels)}
+        out["reference"] = {"model": str(args.reference), **labeled_photos.accuracy(logits, labels)}
         out["gap_points"] = 100 * (out["served"]["top1_accuracy"] - out["reference"]["top1_accuracy"])
         out["agreement_with_reference"] = float(np.mean(ranked[:, 0] == logits.argmax(1)))
         print(f"[evaluate] reference {args.reference}: top-1 {out['reference']['top1_accuracy']:.2%}; "

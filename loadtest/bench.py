@@ -46,7 +46,8 @@ from loadtest.bare_ort import BareOrt
 from loadtest.payloads import PHOTOS, Sealer, photos
 from rtinfer import imaging
 from rtinfer.keyring import Keyring
-from rtinfer.server import ROOT, free_port, server_env
+from rtinfer.launch.process import free_port
+from rtinfer.launch.server import ROOT, server_env
 
 MODEL = ROOT / "model_repository" / "classifier_onnx" / "1" / "model.onnx"
 ARMS = ("ort", "ort_decode", "ort_batched", "pipeline_grpc", "pipeline_http", "fastapi")

@@ -34,10 +34,10 @@ from clients import samples
 from clients.classify import PipelineClient
 from loadtest import loadgen, target
 from loadtest.gateway_overhead import summary, timed_calls
-from rtinfer.fleet import Fleet
 from rtinfer.keyring import Keyring
-from rtinfer.redis_server import RedisServer
-from rtinfer.server import ROOT, TritonServer
+from rtinfer.launch.fleet import Fleet
+from rtinfer.launch.redis_server import RedisServer
+from rtinfer.launch.server import ROOT, TritonServer
 
 PIPELINE_MODELS = ("pipeline", "preprocess", "classifier_onnx", "postprocess")
 

@@ -19,9 +19,9 @@ import numpy as np
 from clients import samples
 from clients.classify import PipelineClient
 from loadtest import target
-from rtinfer.gateway import Gateway
 from rtinfer.keyring import Keyring
-from rtinfer.server import ROOT, TritonServer
+from rtinfer.launch.gateway import Gateway
+from rtinfer.launch.server import ROOT, TritonServer
 
 
 def timed_calls(clients: dict[str, PipelineClient], image: bytes, n: int) -> dict[str, list[float]]:

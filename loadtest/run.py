@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from loadtest import metrics, plots, slo, target
-from rtinfer.server import ROOT
+from rtinfer.launch.server import ROOT
 
 HERE = Path(__file__).resolve().parent
 

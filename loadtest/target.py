@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtinfer import keyring
-from rtinfer.server import ROOT, TritonServer
+from rtinfer.launch.server import ROOT, TritonServer
 
 
 @dataclass
@@ -48,7 +48,7 @@ def serve(out: Path, keyring_path: Path, *, grpc: str = "", http: str = "", metr
             yield Target(srv.grpc_url, srv.http_url, srv.metrics_url, srv.proc.pid,
                          triton_grpc=srv.grpc_url, triton_http=srv.http_url)
             return
-        from rtinfer.gateway import Gateway
+        from rtinfer.launch.gateway import Gateway
         with Gateway.in_front_of(server=srv, workdir=out / "gateway") as gw:
             print(f"gateway ready: gRPC {gw.grpc_url} HTTP {gw.http_url}", flush=True)
             yield Target(gw.grpc_url, gw.http_url, srv.metrics_url, srv.proc.pid, gw.proc.pid,

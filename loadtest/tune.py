@@ -26,7 +26,7 @@ from pathlib import Path
 from loadtest import cpu, loadgen, metrics, target
 from loadtest.bench import MODEL, Arms, model_info
 from rtinfer.keyring import Keyring
-from rtinfer.server import ROOT, TritonServer
+from rtinfer.launch.server import ROOT, TritonServer
 
 # variant -> model -> {field: value}; "instances", "intra", "preferred" (list), "delay_us"
 VARIANTS: dict[str, dict[str, dict]] = {
@@ -111,6 +111,7 @@ def one_client(servers: dict[str, TritonServer], key: bytes, n: int) -> dict[str
     server is idle while another answers and drifting load hits all alike."""
     import numpy as np
     import tritonclient.grpc as grpcclient
+
     from loadtest.bare_ort import BareOrt
     from loadtest.payloads import Sealer
     bare = BareOrt(str(MODEL), os.cpu_count() or 1, True)

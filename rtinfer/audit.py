@@ -94,7 +94,8 @@ def chains(path: str | os.PathLike) -> dict[str, list[Path]]:
     return {c: [f for _, f in sorted(v)] for c, v in sorted(out.items())}
 
 
-def _now_iso() -> str:
+def now_iso() -> str:
+    """Now, UTC, to the millisecond: the ``time`` of every audit record and checkpoint."""
     t = time.time()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
 
@@ -237,7 +238,7 @@ class AuditWriter:
 
     def _checkpoint_lines(self) -> list[bytes]:
         present = sorted(set(chains(self.path.parent)) | {self.chain})
-        ckpt = self.signer.checkpoint(self.chain, self._seq - 1, self._head, _now_iso(), chains=present,
+        ckpt = self.signer.checkpoint(self.chain, self._seq - 1, self._head, now_iso(), chains=present,
                                       replica=self.replica, fleet=self.fleet)
         self._unsigned, self._last_ckpt = 0, time.monotonic()
         self.checkpoints += 1

@@ -2,7 +2,7 @@
 
 Pure logic behind ``model_repository/cascade/1/model.py``: the adapter passes in how to run
 the edge classifier and how to ask the cloud (the big model in this server through BLS, or
-another Triton over gRPC: ``clients.cloud``). Envelope checks, replay guard and rejection audit
+another Triton over gRPC: ``rtinfer.cloud_leg``). Envelope checks, replay guard and rejection audit
 are ``rtinfer.preprocess.Preprocessor``'s, the served record and sealed responses
 ``rtinfer.postprocess.Postprocessor``'s (the same code as the pipeline, writing to one audit
 chain per cascade instance); the decision is ``rtinfer.routing``'s.

@@ -26,15 +26,15 @@ import time
 import numpy as np
 
 from rtinfer import audit_context, envelope, metrics
-from rtinfer.audit import AuditWriter
+from rtinfer.audit import AuditWriter, now_iso
 from rtinfer.errors import RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
 from rtinfer.internal_key import InternalKeys, fingerprint
 from rtinfer.keyring import Keyring, KeyringSource
-from rtinfer.preprocess import _now_iso
 from rtinfer.replay import ReplayGuard
 
-MAX_TOP_K = 1000
+NUM_CLASSES = 1000  # ImageNet-1k: the width of LOGITS and PROBS (rtinfer.labels.names())
+MAX_TOP_K = NUM_CLASSES
 STORE_REASONS = {"expired": ("context_expired", "AUDIT_CTX is stale: made longer ago than its freshness window"),
                  "from_future": ("context_from_future", "AUDIT_CTX was made in the future"),
                  "replayed": ("context_replayed", "AUDIT_CTX was already used for a served or refused request")}
@@ -196,7 +196,7 @@ class Postprocessor:
                     "context_refused", "AUDIT_CTX refused"))))
 
     def _base(self, request_id: str, ctx: dict) -> dict:
-        return {"stage": self.stage, "time": _now_iso(), "request_id": str(request_id),
+        return {"stage": self.stage, "time": now_iso(), "request_id": str(request_id),
                 "client_id": ctx.get("client_id"), "key_id": ctx.get("key_id"),
                 "envelope_sha256": ctx.get("envelope_sha256"), "pipeline": ctx.get("pipeline")}
 

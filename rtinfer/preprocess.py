@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from rtinfer import audit_context, envelope, imaging, metrics
-from rtinfer.audit import AuditWriter
+from rtinfer.audit import AuditWriter, now_iso
 from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
 from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
 from rtinfer.internal_key import InternalKeys
@@ -204,7 +204,7 @@ class Preprocessor:
     def rejection_record(self, req: Request, why: Refusal, started_ns: int) -> dict:
         """The audit record of a refused request (also the cascade's, when its edge model fails)."""
         rec = {
-            "event": "rejected", "stage": self.stage, "time": _now_iso(),
+            "event": "rejected", "stage": self.stage, "time": now_iso(),
             "request_id": str(req.request_id), "client_id": str(req.client_id), "key_id": None,
             "envelope_sha256": hashlib.sha256(req.envelope).hexdigest(), "envelope_bytes": len(req.envelope),
             "reason": why.reason, "message": why.detail, "retryable": why.retryable,
@@ -221,7 +221,3 @@ class Preprocessor:
             pass
         return rec
 
-
-def _now_iso() -> str:
-    t = time.time()
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"

@@ -89,7 +89,7 @@ class ReplayGuard:
                         except RejectedRequest as exc:
                             out.append(exc)
                             continue
-                        cur.execute("INSERT OR IGNORE INTO seen (id, ts) VALUES (?, ?)", (_nonce_id(key_id, nonce), ts))
+                        cur.execute("INSERT OR IGNORE INTO seen (id, ts) VALUES (?, ?)", (nonce_id(key_id, nonce), ts))
                         out.append(None if cur.rowcount == 1 else replayed())
                     cutoff = self.prune_before(now)
                     if time.monotonic() - self._pruned > self.prune_every_s:
@@ -127,7 +127,7 @@ class ReplayGuard:
         with self._lock:
             try:
                 with self._db:
-                    self._db.executemany("DELETE FROM seen WHERE id = ?", [(_nonce_id(k, n),) for k, n in items])
+                    self._db.executemany("DELETE FROM seen WHERE id = ?", [(nonce_id(k, n),) for k, n in items])
             except sqlite3.Error:
                 pass  # the store is failing: the client seals a new envelope to retry
 
@@ -157,5 +157,6 @@ def replayed() -> RejectedRequest:
                            "replay window")
 
 
-def _nonce_id(key_id: str, nonce: bytes) -> bytes:
+def nonce_id(key_id: str, nonce: bytes) -> bytes:
+    """The stored id of a (key id, nonce) pair (SQLite here, Redis in rtinfer.replay_redis)."""
     return key_id.encode() + b"\0" + nonce

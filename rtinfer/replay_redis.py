@@ -49,8 +49,14 @@ from redis.retry import Retry
 
 from rtinfer.errors import RejectedRequest, Unavailable
 from rtinfer.keyring import read_private
-from rtinfer.replay import (DEFAULT_FUTURE_SKEW_S, DEFAULT_PRUNE_MARGIN_S, DEFAULT_WINDOW_S, _nonce_id,
-                            check_window, replayed)
+from rtinfer.replay import (
+    DEFAULT_FUTURE_SKEW_S,
+    DEFAULT_PRUNE_MARGIN_S,
+    DEFAULT_WINDOW_S,
+    check_window,
+    nonce_id,
+    replayed,
+)
 
 PREFIX = "rtinfer:"  # the ACL user may touch only these keys (deploy/redis/)
 DEFAULT_TIMEOUT_MS = 50.0
@@ -79,7 +85,7 @@ class RedisReplayGuard:
         check_window(timestamp_ms, self.window_ms, self.skew_ms, now_ms)
 
     def key(self, key_id: str, nonce: bytes) -> bytes:
-        return self.prefix + _nonce_id(key_id, nonce).hex().encode()
+        return self.prefix + nonce_id(key_id, nonce).hex().encode()
 
     def admit(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None,
               windowed: bool = True) -> list[RejectedRequest | None]:

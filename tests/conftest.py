@@ -1,7 +1,7 @@
 """Shared fixtures: keys, and one real tritonserver per test session on free loopback ports.
 
-``model_repository_with`` (``rtinfer.server.repository_with``) builds a copy of the repository for servers that need other
-stage parameters (rotation size, replay window, ...): the stages are copied with their
+``model_repository_with`` (``rtinfer.launch.server.repository_with``) builds a copy of the repository for servers
+that need other stage parameters (rotation size, replay window, ...): the stages are copied with their
 ``parameters`` changed, every other model is a symlink to the real one.
 """
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from rtinfer import checkpoint, keyring
-from rtinfer.server import ROOT, TritonServer, repository_with as model_repository_with  # noqa: F401 (tests import it)
+# model_repository_with: tests import it from here
+from rtinfer.launch.server import ROOT, TritonServer, repository_with as model_repository_with  # noqa: F401
 
 REPO = ROOT / "model_repository"
 
@@ -76,7 +77,7 @@ GATED_API_KEY, GATED_ADMIN_KEY = "gw-infer-5c0e91aa", "gw-admin-3b7d20f4"
 
 
 def require_haproxy():
-    from rtinfer.gateway import GatewayUnavailable, haproxy_binary
+    from rtinfer.launch.gateway import GatewayUnavailable, haproxy_binary
     try:
         haproxy_binary()
     except GatewayUnavailable as exc:  # make test installs it first (make haproxy): a failure, not a skip

@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from rtinfer import audit, checkpoint, envelope, routing
-from rtinfer.server import ROOT, TritonServer
+from rtinfer.launch.server import ROOT, TritonServer
 
 CATS = range(281, 286)  # ImageNet's domestic cats (chelsea is one of them)
 ESPRESSO = 967  # coffee

@@ -9,7 +9,7 @@ from PIL import Image
 from build_engines import paths
 from clients import evaluate, samples
 from clients.classify import PipelineClient
-from rtinfer import labeled, labels
+from rtinfer import labeled_photos, labels
 
 CAT, ESPRESSO = 285, 967
 
@@ -25,11 +25,11 @@ def _labeled_folder(tmp_path):
 
 
 def test_labeled_folder_layouts(tmp_path):
-    files, y = labeled.find(_labeled_folder(tmp_path))
+    files, y = labeled_photos.find(_labeled_folder(tmp_path))
     assert [f.name for f in files] == ["n02124075_chelsea.jpg", "n02124075_chelsea_png.png", "coffee.jpg"]
     assert y.tolist() == [CAT, CAT, ESPRESSO]
-    assert labeled.split_of(CAT) == "choose" and labeled.split_of(ESPRESSO) == "confirm"
-    lo, hi = labeled.wilson(88, 100)
+    assert labeled_photos.split_of(CAT) == "choose" and labeled_photos.split_of(ESPRESSO) == "confirm"
+    lo, hi = labeled_photos.wilson(88, 100)
     assert 0.80 < lo < 0.88 < hi < 0.94
 
 

@@ -17,7 +17,7 @@ import pytest
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, checkpoint, stage_config
-from rtinfer.server import TritonServer
+from rtinfer.launch.server import TritonServer
 
 from conftest import require_model
 

@@ -16,14 +16,15 @@ import pytest
 
 from clients import samples
 from clients.classify import PipelineClient
-from clients.cloud import CloudLeg
 from clients.evaluate import reference
 from rtinfer import audit, keyring, routing
-from rtinfer.server import TritonServer, free_port, repository_with
+from rtinfer.access import loopback_certs as make_ca_and_server_cert
+from rtinfer.cloud_leg import CloudLeg
+from rtinfer.launch.process import free_port
+from rtinfer.launch.server import TritonServer, repository_with
 
 from conftest import REPO, require_model
 from helpers import records_for
-from rtinfer.access import loopback_certs as make_ca_and_server_cert
 
 CLOUD_API_KEY = "cloud-infer-7d1f"
 SERVICE_KEY_ID = "edge-svc"
@@ -145,7 +146,7 @@ def test_cloud_answers_killed_cloud_falls_back_breaker_recovers(setup, keys, tmp
 
 
 def test_wrong_service_key_is_refused_and_audited_by_the_cloud(setup, tmp_path):
-    """The edge's own cloud client (clients.cloud) with a key the cloud does not hold for that id."""
+    """The edge's own cloud client (rtinfer.cloud_leg) with a key the cloud does not hold for that id."""
     cloud_audit = tmp_path / "audit-cloud"
     cloud = start_cloud(setup, cloud_audit)
     try:

@@ -1,4 +1,4 @@
-"""The cascade's cloud leg (clients/cloud.py, what the edge's cascade model calls with a batch's escalated rows):
+"""The cascade's cloud leg (rtinfer/cloud_leg.py, what the edge's cascade model calls with a batch's escalated rows):
 two promises of docs/cascade.md that no other test exercised (issue 23, section 4), against a real cloud
 (tritonserver with gRPC over TLS, its inference key, and a keyring holding the edge's service key):
 
@@ -29,11 +29,11 @@ import pytest
 from PIL import Image
 
 from clients import samples
-from clients.cloud import CloudLeg
 from rtinfer import access, audit, keyring
 from rtinfer.cascade import CloudAnswer
+from rtinfer.cloud_leg import CloudLeg
+from rtinfer.launch.server import TritonServer
 from rtinfer.preprocess import Accepted
-from rtinfer.server import TritonServer
 
 from conftest import require_model
 from helpers import records_for, wait_until

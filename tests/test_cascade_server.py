@@ -20,12 +20,19 @@ from clients import samples
 from clients.classify import PipelineClient
 from clients.evaluate import reference
 from rtinfer import envelope, imaging, routing
+from rtinfer.launch.server import TritonServer
 from rtinfer.postprocess import softmax
-from rtinfer.server import TritonServer
 
 from conftest import REPO, require_model, settled
-from helpers import (batch_stats, cascade_policy, png_header_only, records_for, send_mixed, signed_trail,  # noqa: F401
-                     tampered)  # (cascade_policy: re-exported, other modules import it here)
+from helpers import (  # noqa: F401
+    batch_stats,
+    cascade_policy,
+    png_header_only,
+    records_for,
+    send_mixed,
+    signed_trail,
+    tampered,  # (cascade_policy: re-exported, other modules import it here)
+)
 
 EDGE, BIG = REPO / "classifier_onnx" / "1" / "model.onnx", REPO / "classifier_big" / "1" / "model.onnx"
 MODELS = ("pipeline", "cascade", "classifier_big")
@@ -185,8 +192,9 @@ def test_cascade_audit_chain_verifies(cascade_server, keys, signing_key):
 def test_gateway_exposes_the_cascade_and_refuses_its_classifiers(cascade_server, keys, protocol, tmp_path):
     """`make serve` exposes pipeline and cascade; the big classifier (raw tensors, no envelope, no audit)
     stays behind the gateway like the other composing models."""
+    from rtinfer.launch.gateway import Gateway
+
     from conftest import require_haproxy
-    from rtinfer.gateway import Gateway
     require_haproxy()
     with Gateway.in_front_of(cascade_server, model="pipeline,cascade", workdir=tmp_path) as gw:
         target = gw.grpc_url if protocol == "grpc" else gw.http_url

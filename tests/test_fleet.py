@@ -35,9 +35,9 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit
-from rtinfer.fleet import Fleet
-from rtinfer.gateway import CONFIG_DIR
-from rtinfer.server import ROOT
+from rtinfer.launch.fleet import Fleet
+from rtinfer.launch.gateway import CONFIG_DIR
+from rtinfer.launch.server import ROOT
 
 from conftest import require_haproxy, require_model
 
@@ -51,7 +51,7 @@ STORE_DOWN_REASONS = {"replay_store_unavailable"}
 
 
 def require_redis():
-    from rtinfer.redis_server import RedisUnavailable, redis_binary
+    from rtinfer.launch.redis_server import RedisUnavailable, redis_binary
     try:
         redis_binary()
     except RedisUnavailable as exc:  # make test installs it first (make redis): a failure, not a skip
@@ -322,8 +322,9 @@ def test_prometheus_scrapes_each_replica_through_the_gateway(fleet, tmp_path):
     """The scrape config the gateway writes (prometheus-scrape.yml) run by a real Prometheus: HAProxy's
     exporter, the gRPC answers per replica, and each replica's Triton metrics labelled with its id."""
     import json
-    from rtinfer.prometheus import binary
-    from rtinfer.server import free_port
+
+    from rtinfer.launch.process import free_port
+    from rtinfer.launch.prometheus import binary
     gw = fleet.gateway
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text("global: {scrape_interval: 1s, scrape_timeout: 1s}\n" + (gw.workdir / "prometheus-scrape.yml").read_text())
@@ -471,14 +472,14 @@ def children_of(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_serve_command_with_two_replicas_rolls_on_sighup_and_stops_on_sigterm(keyring_path, keys, tmp_path):
-    """`python -m rtinfer.gateway --replicas 2` (make serve REPLICAS=2): Redis and two replicas behind the gateway
-    on loopback, served on both protocols; SIGHUP restarts the replicas one by one; SIGTERM stops all four."""
+    """`python -m rtinfer.launch.gateway --replicas 2` (make serve REPLICAS=2): Redis and two replicas behind the
+    gateway on loopback, served on both protocols; SIGHUP restarts the replicas one by one; SIGTERM stops all four."""
     require_model()
     require_haproxy()
     require_redis()
-    from rtinfer.server import free_port
+    from rtinfer.launch.process import free_port
     ports = {name: free_port() for name in ("http", "grpc", "metrics")}
-    cmd = [sys.executable, "-m", "rtinfer.gateway", "--replicas", "2", "--model", "pipeline",
+    cmd = [sys.executable, "-m", "rtinfer.launch.gateway", "--replicas", "2", "--model", "pipeline",
            "--keyring", str(keyring_path), "--audit-dir", str(tmp_path / "audit"),
            *(x for name, port in ports.items() for x in (f"--{name}-port", str(port)))]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

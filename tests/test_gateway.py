@@ -28,8 +28,9 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access, audit
-from rtinfer.gateway import CONFIG_DIR, MAX_REQUEST_BYTES, Gateway
-from rtinfer.server import ROOT, free_port
+from rtinfer.launch.gateway import CONFIG_DIR, MAX_REQUEST_BYTES, Gateway
+from rtinfer.launch.process import free_port
+from rtinfer.launch.server import ROOT
 
 from conftest import GATED_ADMIN_KEY, GATED_API_KEY, require_haproxy
 from test_pipeline_server import BAD_ENVELOPES, CATS, expect_rejected, records_for
@@ -521,11 +522,12 @@ def children_of(pid: int) -> list[int]:
 
 
 def test_serve_command_puts_the_gateway_in_front_of_a_loopback_triton(keyring_path, keys, tmp_path):
-    """`python -m rtinfer.gateway` (make serve): Triton on 127.0.0.1 only, the gateway on the given
+    """`python -m rtinfer.launch.gateway` (make serve): Triton on 127.0.0.1 only, the gateway on the given
     ports; the pipeline served, a composing step refused; SIGTERM stops both."""
     require_haproxy()
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    cmd = [sys.executable, "-m", "rtinfer.gateway", "--keyring", str(keyring_path), "--audit-dir", str(tmp_path / "audit"),
+    cmd = [sys.executable, "-m", "rtinfer.launch.gateway", "--keyring", str(keyring_path),
+           "--audit-dir", str(tmp_path / "audit"),
            "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -20,8 +20,8 @@ import pytest
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access
-from rtinfer.gateway import Gateway
-from rtinfer.server import ROOT
+from rtinfer.launch.gateway import Gateway
+from rtinfer.launch.server import ROOT
 
 from conftest import GATED_API_KEY, require_haproxy
 from grpc_cases import field_bytes, varint

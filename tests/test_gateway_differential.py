@@ -26,9 +26,10 @@ import lupa.lua53 as lua53
 import pytest
 from tritonclient.grpc import service_pb2
 
+from rtinfer.launch.gateway import CONFIG_DIR, MAX_REQUEST_BYTES
+
 import grpc_cases
 import protobuf_oracle
-from rtinfer.gateway import CONFIG_DIR, MAX_REQUEST_BYTES
 
 READER = CONFIG_DIR / "grpc_message.lua"
 READER_BEFORE_FIX = Path(__file__).parent / "oracle" / "reader_before_fix.lua"

@@ -33,7 +33,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access
-from rtinfer.gateway import Gateway, key_digest
+from rtinfer.launch.gateway import Gateway, key_digest
 
 from conftest import GATED_API_KEY, require_haproxy
 from helpers import log_after, records_for
@@ -251,7 +251,7 @@ def test_api_key_file_holds_only_sha256_digests_and_is_0600(gateway, gated_trito
 def test_key_files_left_with_a_wider_mode_are_narrowed_to_0600(gated_triton, certs, tmp_path):
     """`make serve` reuses build/gateway/gateway-<port>: a key file left there readable by others (an older
     version, a copy, a chmod) must not stay so. O_CREAT's 0600 applies to new files only."""
-    from rtinfer.server import free_port
+    from rtinfer.launch.process import free_port
     port = free_port()
     left = tmp_path / f"gateway-{port}"
     left.mkdir()

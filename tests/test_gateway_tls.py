@@ -20,11 +20,11 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access
-from rtinfer.gateway import Gateway
+from rtinfer.access import loopback_certs as make_ca_and_server_cert, pem_key
+from rtinfer.launch.gateway import Gateway
 
 from conftest import GATED_API_KEY, require_haproxy
 from helpers import CATS, log_after, records_for
-from rtinfer.access import loopback_certs as make_ca_and_server_cert, pem_key
 
 PROTOCOLS = ["grpc", "http"]
 

@@ -6,9 +6,10 @@ import itertools
 import json
 import re
 
-from rtinfer import metrics, prometheus
-from rtinfer.observe import KEY_PANELS
-from rtinfer.server import ROOT
+from rtinfer import metrics
+from rtinfer.launch import prometheus
+from rtinfer.launch.observe import KEY_PANELS
+from rtinfer.launch.server import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "rtinfer-dashboard.json"
 RULES = "\n".join(p.read_text() for p in (ROOT / "deploy" / "prometheus" / "rules").glob("*.yml"))

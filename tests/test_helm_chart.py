@@ -8,7 +8,7 @@ strict the way the API server prunes (unknown fields fail where the CRD does not
 the gateway configuration the chart renders is checked by the real HAProxy (haproxy -c), the Redis
 configuration by a real redis-server with the stages' own client, and the two scripts the pods run
 (key_sync.py, prepare_repository.py) by running them. And the chart must agree with the rest of
-the project: Triton's arguments with rtinfer/server.py, the models with model_repository/, the
+the project: Triton's arguments with rtinfer/launch/server.py, the models with model_repository/, the
 gateway files with deploy/gateway/ byte for byte, the environment with rtinfer/stage_config.py.
 
 What cannot be checked here (no cluster): that pods schedule, pull, start and pass their probes,
@@ -35,8 +35,8 @@ import pytest
 import yaml
 
 from rtinfer import access, audit, checkpoint, internal_key, keyring, stage_config
-from rtinfer.gateway import haproxy_binary
-from rtinfer.server import model_params, repository_with, with_targets, TritonServer
+from rtinfer.launch.gateway import haproxy_binary
+from rtinfer.launch.server import TritonServer, model_params, repository_with, with_targets
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy" / "helm" / "rtinfer"
@@ -356,7 +356,7 @@ def test_gateway_routes_to_every_triton_pod(chart, rendered, values_name):
 
 @pytest.mark.parametrize("values_name", ["values.yaml", "values-gpu.yaml"])
 def test_triton_arguments_agree_with_server_py(chart, rendered, values_name, tmp_path):
-    """The arguments rtinfer/server.py gives tritonserver for the same models and config name, but
+    """The arguments rtinfer/launch/server.py gives tritonserver for the same models and config name, but
     its host-specific paths and addresses (and the NGC image's own backends)."""
     values = merged(chart, values_of(values_name))
     spec = pod_spec(one(rendered[values_name], "StatefulSet", TRITON))
@@ -554,7 +554,7 @@ def test_hpa_scales_on_queue_time_per_request(chart, rendered, values_name):
 # ---------------------------------------------------------------- Redis
 
 def test_redis_acl_is_redis_server_py(chart, rendered):
-    from rtinfer import redis_server
+    from rtinfer.launch import redis_server
     values = merged(chart, {})
     assert values["redis"]["aclRules"] == redis_server.ACL_RULES
     cm = one(rendered["values.yaml"], "ConfigMap", f"{RELEASE}-redis")["data"]
@@ -575,7 +575,9 @@ def test_redis_as_rendered_with_the_stages_client(rendered, tmp_path):
     import redis
     from redis.backoff import NoBackoff
     from redis.retry import Retry
-    from rtinfer import replay_redis, redis_server
+
+    from rtinfer import replay_redis
+    from rtinfer.launch import redis_server
     cm = one(rendered["values.yaml"], "ConfigMap", f"{RELEASE}-redis")["data"]
     port = free_port()
     dirs = {name: tmp_path / name for name in ("etc", "secret", "run", "data")}

@@ -9,7 +9,7 @@ import time
 from clients import samples
 from clients.classify import PipelineClient
 from loadtest import breakdown
-from rtinfer.server import TritonServer
+from rtinfer.launch.server import TritonServer
 
 from conftest import require_model
 

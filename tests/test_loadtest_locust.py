@@ -5,7 +5,7 @@ import csv
 import subprocess
 
 from rtinfer import keyring
-from rtinfer.server import ROOT
+from rtinfer.launch.server import ROOT
 
 from helpers import locust  # noqa: F401 (re-exported: other modules import it here)
 

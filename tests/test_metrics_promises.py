@@ -21,13 +21,12 @@ import types
 import urllib.request
 
 import numpy as np
-
 import pytest
 
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, keyring
-from rtinfer.server import TritonServer, repository_with
+from rtinfer.launch.server import TritonServer, repository_with
 
 from conftest import require_model, settled
 from helpers import ESPRESSO, REPO, metric_value, parse_metrics, records_for, wait_until

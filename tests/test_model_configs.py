@@ -269,7 +269,7 @@ def test_on_gpu_hosts_the_big_model_uses_the_gpu_and_the_edge_model_the_cpu():
 
 
 def test_cpu_host_cascade_loads_no_gpu_model():
-    from rtinfer.server import with_targets
+    from rtinfer.launch.server import with_targets
     loaded = with_targets(["cascade"], REPO, "cpu")
     assert loaded == ["cascade", "classifier_onnx", "classifier_big"]
     for model in loaded:

@@ -7,9 +7,10 @@ import json
 import re
 import subprocess
 
+from rtinfer.launch import observe, prometheus
+from rtinfer.launch.server import ROOT
+
 from conftest import require_haproxy, require_model
-from rtinfer import observe, prometheus
-from rtinfer.server import ROOT
 from helpers import promtool
 
 

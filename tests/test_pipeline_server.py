@@ -13,11 +13,19 @@ from clients import samples
 from clients.classify import PipelineClient
 from clients.evaluate import reference
 from rtinfer import audit, envelope, labels
-from rtinfer.server import TritonServer
+from rtinfer.launch.server import TritonServer
 
 from conftest import REPO, require_model
-from helpers import (BAD_ENVELOPES, CATS, batch_stats, expect_rejected, records_for, send_mixed,  # noqa: F401
-                     signed_trail, tampered)  # (BAD_ENVELOPES ... tampered: re-exported, other modules import them here)
+from helpers import (  # noqa: F401
+    BAD_ENVELOPES,
+    CATS,
+    batch_stats,
+    expect_rejected,
+    records_for,
+    send_mixed,
+    signed_trail,  # (BAD_ENVELOPES ... tampered: re-exported, other modules import them here)
+    tampered,
+)
 
 PROTOCOLS = ["grpc", "http"]
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from rtinfer import metrics
-from rtinfer.server import ROOT
+from rtinfer.launch.server import ROOT
 
 from helpers import promtool  # noqa: F401 (re-exported: other modules import it here)
 

@@ -14,8 +14,8 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, envelope, replay
+from rtinfer.launch.server import ROOT
 from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
-from rtinfer.server import ROOT
 
 NOW = 1_700_000_000_000
 
@@ -166,6 +166,7 @@ def test_a_locked_store_fails_fast_and_retryable(tmp_path):
     """Issue 14 (7): a store held by another writer stalled every request 30 s, then raised
     OperationalError out of the stage. Now: Unavailable after the short busy timeout, nothing recorded."""
     import sqlite3
+
     from rtinfer.errors import Unavailable
     g = replay.ReplayGuard(tmp_path / "r.db", busy_timeout_s=0.2)
     holder = sqlite3.connect(tmp_path / "r.db", isolation_level=None)

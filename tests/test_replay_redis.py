@@ -1,5 +1,5 @@
 """Shared replay protection on Redis (issue 21, 1): rtinfer.replay_redis on fakeredis (unit) and on a real
-redis-server (rtinfer.redis_server: ACL user, AOF, TLS), the stages on it, and a real tritonserver whose
+redis-server (rtinfer.launch.redis_server: ACL user, AOF, TLS), the stages on it, and a real tritonserver whose
 preprocess and postprocess use a Redis over TLS: replayed, Redis down (UNAVAILABLE, audited), Redis back."""
 from __future__ import annotations
 
@@ -25,11 +25,12 @@ from rtinfer import audit, audit_context, envelope, replay
 from rtinfer.errors import Unavailable
 from rtinfer.guard import Refusal
 from rtinfer.keyring import Keyring
+from rtinfer.launch.process import free_port
+from rtinfer.launch.redis_server import RedisServer, redis_binary
+from rtinfer.launch.server import TritonServer
 from rtinfer.postprocess import Postprocessor
 from rtinfer.preprocess import Accepted, Preprocessor, Request
-from rtinfer.redis_server import RedisServer, redis_binary
 from rtinfer.replay_redis import RedisReplayGuard, client_options
-from rtinfer.server import TritonServer, free_port
 from rtinfer.stage_config import StageConfig
 
 from conftest import REPO, model_repository_with, require_model

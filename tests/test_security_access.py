@@ -15,8 +15,10 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access, audit
-from rtinfer.access import loopback_certs as make_ca_and_server_cert, pem_key as _pem_key  # noqa: F401 (re-exported:
-from rtinfer.server import TritonServer                                                   # other modules import them here)
+
+# loopback_certs and pem_key are re-exported: other modules import them here
+from rtinfer.access import loopback_certs as make_ca_and_server_cert, pem_key as _pem_key  # noqa: F401
+from rtinfer.launch.server import TritonServer
 
 from conftest import require_model
 from helpers import locust, records_for

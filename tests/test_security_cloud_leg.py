@@ -15,9 +15,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from clients.cloud import CloudLeg
 from rtinfer import access, keyring, routing
-from rtinfer.server import TritonServer, free_port, repository_with
+from rtinfer.cloud_leg import CloudLeg
+from rtinfer.launch.process import free_port
+from rtinfer.launch.server import TritonServer, repository_with
 
 from conftest import require_model
 
@@ -131,7 +132,7 @@ def test_a_certificate_for_another_hostname_is_refused(tmp_path):
         assert "cascade" not in wrong.last_errors[-1]  # refused at the handshake, the server never saw it
         wrong.close()
         right = leg(f"localhost:{cloud.grpc_port}", tmp_path, tls_ca=str(tmp_path / "ca.pem"))
-        assert right.client.client.is_server_live(headers=right.client.headers)
+        assert right.client.is_server_live(headers=right.headers)
         right.close()
 
 

@@ -16,7 +16,7 @@ from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, keyring
 from rtinfer.errors import RejectedRequest
-from rtinfer.server import TritonServer
+from rtinfer.launch.server import TritonServer
 
 from conftest import require_model
 

@@ -194,7 +194,7 @@ end, 0)
 -- ---------------------------------------------------------------- replicas
 
 -- Metrics port: Triton's /metrics of the first replica, or of the replica a path names. A replica id is
--- the name of its server (rtinfer/gateway.py checks the names): only the backends that exist are routed.
+-- the name of its server (rtinfer/launch/gateway.py checks the names): only the backends that exist are routed.
 core.register_action("rtinfer_metrics_route", {"http-req"}, function(txn)
   local path = txn.sf:path()
   if path == "/metrics" then

@@ -23,10 +23,9 @@ from starlette.concurrency import run_in_threadpool
 
 from rtinfer import audit, labels
 from rtinfer.keyring import Keyring
+from rtinfer.launch.server import ROOT
 from rtinfer.postprocess import Postprocessor
-from rtinfer.preprocess import Accepted, Preprocessor
-from rtinfer.preprocess import Request as StageRequest
-from rtinfer.server import ROOT
+from rtinfer.preprocess import Accepted, Preprocessor, Request as StageRequest
 
 MODEL = Path(os.environ.get("BASELINE_MODEL", ROOT / "model_repository" / "classifier_onnx" / "1" / "model.onnx"))
 PIPELINE = "pipeline"  # the audience clients seal for: the same envelopes as the product

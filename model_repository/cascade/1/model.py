@@ -1,7 +1,7 @@
 """Triton adapter for the cascade (BLS); the logic is rtinfer.cascade, the decisions rtinfer.routing.
 
 Runs the edge classifier through BLS; escalates to the big classifier in this server (BLS)
-or, when ``cloud_url`` is set, to another Triton over gRPC (``clients.cloud``). Never raises
+or, when ``cloud_url`` is set, to another Triton over gRPC (``rtinfer.cloud_leg``). Never raises
 out of ``execute()`` (rtinfer.guard): one request can only fail itself."""
 import time
 
@@ -33,8 +33,8 @@ class TritonPythonModel:
         edge_id = stage_config.classifier_ids(f"e={self.edge_name}/{p('edge_model_file')}".rstrip("/"), repo)["e"]
         self.cloud = None
         if p("cloud_url"):
-            from clients.cloud import CloudLeg
             from rtinfer.access import flag, read_secret
+            from rtinfer.cloud_leg import CloudLeg
             from rtinfer.keyring import Keyring, resolve_path
             ring = Keyring.load(resolve_path(p("cloud_keyring")))
             self.cloud = CloudLeg(

@@ -1,6 +1,6 @@
 {{/*
 Kubernetes' replicas.cfg: deploy/gateway/haproxy.cfg is used unchanged and takes its backends from a
-second file (haproxy -f haproxy.cfg -f <backends>), as rtinfer/gateway.py writes one per fleet on
+second file (haproxy -f haproxy.cfg -f <backends>), as rtinfer/launch/gateway.py writes one per fleet on
 one host. Here the servers are the Triton pods: server-template slots filled from DNS (the headless
 Service lists the ready pods), each request balanced by the policy of haproxy.cfg's "defaults
 replicas" (leastconn per request, health checks on /v2/health/ready, a request re-sent only when

@@ -7,7 +7,7 @@ except the models PARAMETERS_JSON ({model: {parameter: value}}) names, whose con
 configs/*.pbtxt are rewritten with those string parameters (every other file still a symlink).
 A parameter that is not in a config exactly once, a model that is not in SRC or a value that
 cannot be written into a pbtxt string stops the pod: a setting the stages never see must not pass
-for one they use. The same rewrite as rtinfer.server.repository_with (the tests compare the two),
+for one they use. The same rewrite as rtinfer.launch.server.repository_with (the tests compare the two),
 without importing rtinfer (the NGC image's Python has the stages' dependencies, not the launcher's).
 """
 import json

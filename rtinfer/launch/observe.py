@@ -1,7 +1,7 @@
 """`make observe`: the service, a real Prometheus over it, clean load, then injected abuse; which alerts fired.
 
 Starts Triton on loopback with the gateway in front (inference key required), a Prometheus
-scraping both with the rules of deploy/prometheus/ time-compressed (``rtinfer.prometheus``:
+scraping both with the rules of deploy/prometheus/ time-compressed (``rtinfer.launch.prometheus``:
 every window and ``for:`` divided by ``--compress``, the intervals too), and runs phases:
 
   clean   Locust users of client ``alice`` through the gateway (both protocols): no alert may fire;
@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from rtinfer import checkpoint, envelope, keyring
-from rtinfer.gateway import Gateway
-from rtinfer.prometheus import Prometheus
-from rtinfer.server import ROOT, TritonServer
+from rtinfer.launch.gateway import Gateway
+from rtinfer.launch.prometheus import Prometheus
+from rtinfer.launch.server import ROOT, TritonServer
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "rtinfer-dashboard.json"
 KEY_PANELS = ("Requests by client", "Refusals by reason", "Gateway refusals", "Stage steps p99",
@@ -187,7 +187,8 @@ def plot(prom: Prometheus, start: float, end: float, marks: dict[str, float], pa
 
 
 def run(out: Path, *, clean_s: float, surge_s: float, attack_s: float, compress: float, users: int,
-        wait: tuple[float, float], model_repository: Path = ROOT / "model_repository") -> dict:
+        wait: tuple[float, float], photo: bytes, model_repository: Path = ROOT / "model_repository") -> dict:
+    """``photo``: the image bytes (JPEG/PNG) the attack phase seals and sends."""
     out.mkdir(parents=True, exist_ok=True)
     ring = keyring.write_new(out / "keyring.json", key_ids=("k1", "old"), clients={"k1": [CLIENT], "old": [CLIENT]})
     keyring.retire_key(ring, "old", grace_s=0)  # rotated away: envelopes sealed with it are refused
@@ -203,8 +204,6 @@ def run(out: Path, *, clean_s: float, surge_s: float, attack_s: float, compress:
         print(f"surge skipped: the clean phase must give alice a baseline first "
               f"({BASELINE_S / compress + 20:.0f} s at --compress {compress:g})", flush=True)
         surge_s = 0
-    from clients import samples
-    photo = samples.photo("coffee")
     server = TritonServer(model_repository, keyring=str(ring), audit_dir=str(out / "audit"),
                           audit_signing_key=str(signing), api_key=api_key, workdir=out / "triton")
     with server:
@@ -260,8 +259,19 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
+def coffee_photo() -> bytes:
+    """scikit-image's coffee photo as JPEG bytes (the default ``--photo``)."""
+    import io
+
+    from PIL import Image
+    from skimage import data
+    buf = io.BytesIO()
+    Image.fromarray(data.coffee()).convert("RGB").save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rtinfer.observe", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rtinfer.launch.observe", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "build" / "observe"))
     p.add_argument("--clean-s", type=float, default=270.0, help="clean phase, seconds")
@@ -271,9 +281,12 @@ def main(argv=None) -> int:
     p.add_argument("--users", type=int, default=2, help="Locust users of the clean load")
     p.add_argument("--wait", type=float, nargs=2, default=(0.2, 0.6), metavar=("MIN", "MAX"),
                    help="seconds between a clean user's requests")
+    p.add_argument("--photo", type=Path,
+                   help="image (JPEG/PNG) the attack phase sends (default: scikit-image's coffee)")
     args = p.parse_args(argv)
     result = run(Path(args.out), clean_s=args.clean_s, surge_s=args.surge_s, attack_s=args.attack_s,
-                 compress=args.compress, users=args.users, wait=tuple(args.wait))
+                 compress=args.compress, users=args.users, wait=tuple(args.wait),
+                 photo=args.photo.read_bytes() if args.photo else coffee_photo())
     print(report(result))
     print(f"wrote {Path(args.out) / 'alerts.json'} and {Path(args.out) / 'observe.png'}")
     return 1 if result["missing"] or result["fired_when_clean"] else 0

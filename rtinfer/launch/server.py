@@ -4,7 +4,7 @@ We use only the wheel's binary and Python backend, not PyTriton's serving API.
 The launcher assembles a backend directory (the Python backend, the stub for the
 running interpreter, and our Python-based `onnxruntime` backend), sets the
 environment the stub needs, starts the server with explicit model control, and
-waits until the models are ready. ``python -m rtinfer.server`` serves until Ctrl-C.
+waits until the models are ready. ``python -m rtinfer.launch.server`` serves until Ctrl-C.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -24,8 +23,9 @@ from pathlib import Path
 import pytriton
 
 from rtinfer import access
+from rtinfer.launch.process import die_with_parent, free_port, stop_process
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Parameters naming the models a BLS model calls: explicit model control loads an ensemble's steps,
 # not these, so the launcher loads them too (the cascade's cloud_model only without a remote cloud).
 BLS_PARAMS = ("edge_model", "cloud_model")
@@ -37,12 +37,6 @@ LIBS = WHEEL.parent.parent / "nvidia_pytriton.libs"
 
 def has_gpu() -> bool:
     return Path("/dev/nvidia0").exists() and shutil.which("nvidia-smi") is not None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _install(src: Path, dst: Path) -> None:
@@ -63,26 +57,6 @@ def assemble_backends(target: Path) -> Path:
     _install(stub / "triton_python_backend_stub", target / "python" / "triton_python_backend_stub")
     _install(ROOT / "backends" / "onnxruntime" / "model.py", target / "onnxruntime" / "model.py")
     return target
-
-
-def stop_process(proc, sig: int, timeout: float) -> None:
-    """Ask a child started in its own process group to stop; after ``timeout`` kill the whole group."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it when the launching process dies (a killed test run
-    must not leave servers behind)."""
-    import ctypes
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def server_env(extra: dict | None = None) -> dict:
@@ -202,7 +176,7 @@ class TritonServer(Endpoints):
         log = open(self.log_file, "ab" if self.proc is not None else "wb")  # a restart appends
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=server_env(self.env), start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -282,7 +256,7 @@ def repository_with(target: Path, overrides: dict[str, dict[str, str]], repo: Pa
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rtinfer.server", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m rtinfer.launch.server", description=__doc__)
     p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     p.add_argument("--model", action="append", help="model to load (default: pipeline; its steps load with it)")
     p.add_argument("--http-port", type=int, default=8000)

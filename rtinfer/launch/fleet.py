@@ -1,15 +1,15 @@
 """N Triton replicas on loopback behind one gateway, sharing one Redis replay store (issue 21).
 
     fleet = Fleet(2, audit_root="build/audit", keyring=...)   # a context manager
-    fleet.gateway          # HAProxy in front (rtinfer.gateway.Gateway), balanced per request
-    fleet.servers          # the replicas (rtinfer.server.TritonServer), ids r1..rN
+    fleet.gateway          # HAProxy in front (rtinfer.launch.gateway.Gateway), balanced per request
+    fleet.servers          # the replicas (rtinfer.launch.server.TritonServer), ids r1..rN
     fleet.rolling_restart()
 
 What is per replica: its tritonserver process and ports, its replica id (``$RTINFER_REPLICA_ID``,
 named in its audit records and by the gateway's server), its audit directory ``<audit_root>/<id>``
 (its own hash chains and signed checkpoints). What is shared: the model repository, the keyring and
 internal key, the audit signing key, and the replay store (envelope nonces and audit-context MACs):
-one Redis (``rtinfer.redis_server.RedisServer``, started here unless ``redis_url`` names one), so an
+one Redis (``rtinfer.launch.redis_server.RedisServer``, started here unless ``redis_url`` names one), so an
 envelope admitted by one replica is refused ``replayed`` by every other.
 
 One replica is what ``make serve`` always ran: its audit directory is ``audit_root`` itself, it has no
@@ -21,8 +21,9 @@ import os
 import time
 from pathlib import Path
 
-from rtinfer.gateway import Gateway
-from rtinfer.server import ROOT, TritonServer, free_port
+from rtinfer.launch.gateway import Gateway
+from rtinfer.launch.process import free_port
+from rtinfer.launch.server import ROOT, TritonServer
 
 # What the stages read when their parameters are empty (rtinfer.stage_config)
 REPLAY_STORE_ENV, REDIS_PASSWORD_ENV, FLEET_ENV = ("RTINFER_REPLAY_STORE", "RTINFER_REDIS_PASSWORD_FILE",
@@ -107,7 +108,7 @@ class Fleet:
                              "another directory")
         try:
             if self.replay_store == "redis" and not self.redis_url:
-                from rtinfer.redis_server import RedisServer  # only fleets need it
+                from rtinfer.launch.redis_server import RedisServer  # only fleets need it
                 self.redis = RedisServer(self.workdir / "redis").start()
                 self.redis_url, self.redis_password_file = self.redis.url, self.redis.password_file
                 self.progress(f"redis on {self.redis_url} (replay store shared by {self.n} replicas)")

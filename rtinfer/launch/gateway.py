@@ -5,9 +5,9 @@ the composing steps included. The gateway is the only public listener; it expose
 pipelines (``pipeline`` and ``cascade`` by default, ``--model``: inference, health, their metadata and
 config, metrics) on HTTP and gRPC and
 refuses everything else, checks the inference key and logs every request and refusal.
-``python -m rtinfer.gateway`` starts Triton on internal loopback ports and the gateway on
+``python -m rtinfer.launch.gateway`` starts Triton on internal loopback ports and the gateway on
 the public ones, and serves until Ctrl-C (``make serve``); ``--replicas N`` starts N Triton
-replicas sharing one Redis replay store (rtinfer.fleet), balanced per request.
+replicas sharing one Redis replay store (rtinfer.launch.fleet), balanced per request.
 
 With several replicas, each is one server (named by its replica id) in each backend; HAProxy's
 runtime API (a 0600 Unix socket in the gateway's work directory) drains, re-enables or puts a
@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtinfer import access
-from rtinfer.server import ROOT, stop_process, Endpoints, TritonServer, _die_with_parent, free_port
+from rtinfer.launch.process import die_with_parent, free_port, stop_process
+from rtinfer.launch.server import ROOT, Endpoints, TritonServer
 
 CONFIG_DIR = ROOT / "deploy" / "gateway"
 HAPROXY_ENV = "RTINFER_HAPROXY"
@@ -84,7 +85,7 @@ def replicas_config(replicas: list[Replica]) -> str:
     """The backends of haproxy.cfg for these replicas (its "defaults replicas" section holds the policy):
     every replica is a server in triton_http (health-checked) and triton_grpc (tracking it); /metrics
     goes to the first replica, /replicas/<id>/metrics to each."""
-    lines = ["# written by rtinfer/gateway.py: the replicas behind deploy/gateway/haproxy.cfg", "",
+    lines = ["# written by rtinfer/launch/gateway.py: the replicas behind deploy/gateway/haproxy.cfg", "",
              "backend triton_http from replicas"]
     lines += [f"    server {r.id} {r.http} check" for r in replicas]
     lines += ["", "backend triton_grpc from replicas"]
@@ -210,7 +211,7 @@ class Gateway(Endpoints):
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(self.command(),
                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -307,8 +308,8 @@ class Gateway(Endpoints):
 
 
 def main(argv=None) -> int:
-    from rtinfer.fleet import Fleet  # fleet imports this module
-    p = argparse.ArgumentParser(prog="python -m rtinfer.gateway", description=__doc__)
+    from rtinfer.launch.fleet import Fleet  # fleet imports this module
+    p = argparse.ArgumentParser(prog="python -m rtinfer.launch.gateway", description=__doc__)
     p.add_argument("--model-repository", default=str(ROOT / "model_repository"))
     p.add_argument("--model", default="pipeline,cascade",
                    help="the models exposed, comma-separated (loaded with their steps and BLS targets)")

@@ -1,6 +1,6 @@
 """Launch a real ``redis-server`` for the fleet's shared replay store (tests, ``make serve REPLICAS=N``).
 
-Harness only, as ``rtinfer.server`` and ``rtinfer.gateway`` (the stages import
+Harness only, as ``rtinfer.launch.server`` and ``rtinfer.launch.gateway`` (the stages import
 ``rtinfer.replay_redis``, never this). ``deploy/redis/redis.conf`` holds the settings that
 matter (AOF ``everysec``, loopback, no eviction); this adds the port, the data directory,
 TLS when asked, and the ACL: the ``default`` user off, one user (``rtinfer``) allowed only
@@ -8,7 +8,7 @@ TLS when asked, and the ACL: the ``default`` user off, one user (``rtinfer``) al
 (the ACL file holds only its SHA-256). Everything lives in one directory, so ``stop()`` or
 ``kill()`` and ``start()`` again is a restart of the same Redis (its AOF) on the same port.
 
-``python -m rtinfer.redis_server --dir build/redis`` serves until Ctrl-C.
+``python -m rtinfer.launch.redis_server --dir build/redis`` serves until Ctrl-C.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 from rtinfer import access
-from rtinfer.server import ROOT, _die_with_parent, free_port, stop_process
+from rtinfer.launch.process import die_with_parent, free_port, stop_process
+from rtinfer.launch.server import ROOT
 
 CONF = ROOT / "deploy" / "redis" / "redis.conf"
 USER = "rtinfer"
@@ -114,6 +115,7 @@ class RedisServer:
     def client(self, **kwargs):
         """A client logged in as the stages' user (tests)."""
         import redis
+
         from rtinfer.replay_redis import client_options
         _, options = client_options(self.url, password_file=self.password_file, ca_file=self.ca_file,
                                     timeout_ms=kwargs.pop("timeout_ms", 1000))
@@ -123,7 +125,7 @@ class RedisServer:
         conf = self._configure()
         log = open(self.workdir / "redis.stdout", "ab")
         self.proc = subprocess.Popen([redis_binary(), str(conf)], stdout=log, stderr=subprocess.STDOUT,
-                                     cwd=self.workdir, start_new_session=True, preexec_fn=_die_with_parent)
+                                     cwd=self.workdir, start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         client = self.client()
@@ -179,7 +181,7 @@ class RedisServer:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rtinfer.redis_server", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m rtinfer.launch.redis_server", description=__doc__)
     p.add_argument("--dir", default=str(ROOT / "build" / "redis"), help="data, config, ACL and password file")
     p.add_argument("--port", type=int, default=6379)
     p.add_argument("--tls", action="store_true", help="TLS only (loopback certificates made in DIR/tls)")

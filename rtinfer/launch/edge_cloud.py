@@ -1,4 +1,5 @@
-"""`python -m rtinfer.edge_cloud` (`make serve-edge-cloud`): an edge and a cloud Triton on loopback, to try the cascade.
+"""`python -m rtinfer.launch.edge_cloud` (`make serve-edge-cloud`): an edge and a cloud Triton on loopback, to try
+the cascade.
 
 The cloud serves ``cascade`` as big-only (threshold above 1) with gRPC over TLS (a throwaway
 loopback CA, ``rtinfer.access.loopback_certs``) behind an inference key; its keyring holds the
@@ -17,7 +18,8 @@ import threading
 from pathlib import Path
 
 from rtinfer import access, keyring
-from rtinfer.server import ROOT, TritonServer, free_port, repository_with
+from rtinfer.launch.process import free_port
+from rtinfer.launch.server import ROOT, TritonServer, repository_with
 
 SERVICE_KEY_ID = "edge-svc"
 EDGE_CLIENT_ID = "edge-node"  # the only client id the service key may claim at the cloud
@@ -47,7 +49,7 @@ def prepare(work: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rtinfer.edge_cloud", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m rtinfer.launch.edge_cloud", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keyring", default=str(ROOT / "build" / "keys" / "keyring.json"), help="clients' keyring (edge)")
     p.add_argument("--work", type=Path, default=ROOT / "build" / "edge-cloud")

@@ -20,7 +20,8 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from rtinfer.server import ROOT, stop_process, _die_with_parent, free_port
+from rtinfer.launch.process import die_with_parent, free_port, stop_process
+from rtinfer.launch.server import ROOT
 
 CONFIG_DIR = ROOT / "deploy" / "prometheus"
 RULE_FILES = ("recording.yml", "alerts.yml", "anomaly.yml")
@@ -131,7 +132,7 @@ class Prometheus:
         self.proc = subprocess.Popen(
             [binary(), f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         log.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
