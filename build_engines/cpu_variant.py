@@ -74,7 +74,8 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
     for name, (path, precision) in (extra_int8 or {}).items():
         g = onnx.load(str(path))
         dequantized = {o for n in g.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-        fp32_layers = [n.name for n in g.graph.node if n.op_type in quantize.QUANTIZABLE and n.input[1] not in dequantized]
+        fp32_layers = [n.name for n in g.graph.node
+                       if n.op_type in quantize.QUANTIZABLE and n.input[1] not in dequantized]
         macs = cost.node_macs(g)
         graphs[f"{name}-ortopt"] = Path(path)
         int8_share[f"{name}-ortopt"] = 1 - sum(macs.get(n, 0) for n in fp32_layers) / sum(macs.values())
@@ -111,7 +112,8 @@ def build(source: Path, pruned: Path, out_dir: Path, calib_x, search_x, search_r
     shutil.copyfile(table[chosen]["path"], out_dir / "model.onnx")
     base_name = "unpruned" if chosen.startswith("unpruned") else "pruned"
     base_name = base_name if base_name in qlogs else next(iter(qlogs))
-    log = {"chosen": chosen, "rule": f"most accurate within budget among those with >= {MIN_INT8_SHARE:.0%} of MACs in INT8; "
+    log = {"chosen": chosen,
+           "rule": f"most accurate within budget among those with >= {MIN_INT8_SHARE:.0%} of MACs in INT8; "
                    "else most accurate within budget; budget and accuracy on the search (choose) split",
            "budget": budget, "candidates": table, "original_img_s": ips["original"],
            "quantization": qlogs[base_name], "quantization_all": qlogs}

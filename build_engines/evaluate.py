@@ -1,5 +1,4 @@
 """Run a candidate ONNX on an image set and score it against the reference logits."""
-from pathlib import Path
 
 import numpy as np
 

@@ -18,7 +18,8 @@ def sha256_json(obj) -> str:
 
 
 def code_hash(*module_names: str) -> str:
-    """Hash of the named build_engines modules' source (``train/loop`` for subpackages), so editing build code triggers a rebuild."""
+    """Hash of the named build_engines modules' source (``train/loop`` for subpackages), so editing build code
+    triggers a rebuild."""
     here = Path(__file__).resolve().parent
     h = hashlib.sha256()
     for name in sorted(set(module_names)):

@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import numpy_helper
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
 from . import cost, evaluate
 
@@ -223,5 +222,6 @@ def accuracy_aware(fp32: Path, work: Path, calib_x: np.ndarray, search_x: np.nda
     ends = ends_nodes(fp32)
     ends_model = work / f"{flavor.name}_ends_fp32.onnx"
     quantize(fp32, ends_model, calib_x, method[0], flavor, ends, work, rounding)
-    log["ends_fp32"] = {"fp32_layers": ends, "model": str(ends_model), "search": evaluate.score(ends_model, search_x, search_ref)}
+    log["ends_fp32"] = {"fp32_layers": ends, "model": str(ends_model),
+                        "search": evaluate.score(ends_model, search_x, search_ref)}
     return log, rounding

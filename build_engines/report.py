@@ -1,9 +1,9 @@
 """Fidelity report: every candidate next to the original, measured in one run.
 
 Per candidate: top-1/top-5 accuracy with 95 % intervals when the images are labeled, and
-top-1 agreement, top-5 overlap and mean KL against the original FP32 model on the evaluation split; parameters, GFLOPs, file size; CPU img/s at batch 1 and 8
-(ONNX Runtime, same threads, measured side by side). Written as JSON, a Markdown table
-and PNG charts, and printed on the console.
+top-1 agreement, top-5 overlap and mean KL against the original FP32 model on the evaluation split;
+parameters, GFLOPs, file size; CPU img/s at batch 1 and 8 (ONNX Runtime, same threads, measured side by side).
+Written as JSON, a Markdown table and PNG charts, and printed on the console.
 """
 import json
 from pathlib import Path
@@ -159,7 +159,8 @@ def distill_curve_chart(log: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     for split in ("confirm", "pick"):
         orig = 100 * pts[0][split].get("original_top1_accuracy", 1.0)
-        for ax, x_of, x0 in ((axes[0], lambda p: 100 * p["flops_reduction"], 0.0), (axes[1], lambda p: p["speedup_b8"], 1.0)):
+        for ax, x_of, x0 in ((axes[0], lambda p: 100 * p["flops_reduction"], 0.0),
+                             (axes[1], lambda p: p["speedup_b8"], 1.0)):
             ax.plot([x0], [orig], "*", ms=11, color=colors[split])
             for g, (name, members) in enumerate(groups.items()):
                 if not members:
@@ -180,7 +181,8 @@ def distill_curve_chart(log: dict, path: Path) -> None:
                          fontsize=7, xytext=(3, -10), textcoords="offset points")
     axes[0].set_xlabel("FLOPs removed (%)")
     axes[1].set_xlabel("batch-8 speed-up vs the original (measured side by side)")
-    axes[0].set_ylabel(("top-1 accuracy (%)" if labeled else "top-1 agreement with the original (%)") + "; star: original")
+    axes[0].set_ylabel(("top-1 accuracy (%)" if labeled else "top-1 agreement with the original (%)")
+                       + "; star: original")
     for ax in axes:
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6.5)
@@ -223,7 +225,8 @@ def write(rows: list[dict], out_dir: Path, stem: str, title: str, budget: float,
              if "top1_accuracy" in rows[0] else
              f"top-1 agreement >= {budget:.0%} on {rows[0]['n_images']} unlabeled evaluation images (agreement only: "
              "no labels, so no accuracy)")
-    md = [f"# {title}", "", f"Reference: `{rows[0]['name']}`; budget: {basis}. Throughput: ONNX Runtime CPU, same threads, candidates "
+    md = [f"# {title}", "",
+          f"Reference: `{rows[0]['name']}`; budget: {basis}. Throughput: ONNX Runtime CPU, same threads, candidates "
           "measured in interleaved rounds (median); the machine is shared, so trust the ratios (x b8).", "",
           table(rows)]
     (out_dir / f"{stem}.md").write_text("\n".join(md))

@@ -122,8 +122,8 @@ class PipelineClient:
             body = json.loads(envelope.open_response(sealed, self.key, request_envelope).plaintext)
             if body["request_id"] != kwargs["request_id"]:
                 raise ValueError("sealed response answers another request id")
-            return Result(kwargs["request_id"], [Prediction(float(s), int(i), lbl) for s, i, lbl in body["predictions"]],
-                          body["audit_ref"])
+            predictions = [Prediction(float(s), int(i), lbl) for s, i, lbl in body["predictions"]]
+            return Result(kwargs["request_id"], predictions, body["audit_ref"])
         return Result(kwargs["request_id"], parse_classes(response.as_numpy("PROBS")),
                       ref.decode() if isinstance(ref, bytes) else str(ref))
 
@@ -202,7 +202,7 @@ def main(argv=None) -> int:
         for img in images:
             try:
                 results.append(client.classify(img, top_k=args.top_k))
-            except Exception as exc:  # one bad image must not hide the others' results
+            except Exception as exc:  # noqa: BLE001 - one bad image must not hide the others' results
                 results.append(exc)
         client.close()
     status = 0

@@ -42,7 +42,8 @@ class CpuMeter:
         self.cores: dict[str, float] = {}
 
     def _snap(self) -> dict[str, float]:
-        snap = {"client": _tree_seconds(os.getpid(), children=False), "machine": _busy_seconds(), "wall": time.perf_counter()}
+        snap = {"client": _tree_seconds(os.getpid(), children=False), "machine": _busy_seconds(),
+                "wall": time.perf_counter()}
         snap.update({name: _tree_seconds(pid) for name, pid in self.servers.items()})
         return snap
 

@@ -61,7 +61,7 @@ def run(make_call: MakeCall, concurrency: int, *, workers: int | None = None, wa
                 return
             try:
                 images, err = call(), ""
-            except Exception as exc:  # a failed request is a result, not a crash of the generator
+            except Exception as exc:  # noqa: BLE001 - a failed request is a result, not a crash of the generator
                 images, err = 0, f"{type(exc).__name__}: {exc}"[:300]
             done = time.perf_counter()
             if start >= t["begin"] and done <= t["end"]:

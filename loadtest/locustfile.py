@@ -56,9 +56,12 @@ def _options(parser):
     group.add_argument("--wait-max", type=float, default=0.0, env_var="LOCUST_WAIT_MAX")
     group.add_argument("--triton-api-key-file", default="", env_var="LOCUST_TRITON_API_KEY_FILE",
                        help="file holding the inference API key (server started with --api-key-file)")
-    group.add_argument("--triton-tls-ca", default="", env_var="LOCUST_TRITON_TLS_CA", help="gRPC TLS: CA certificate (PEM)")
-    group.add_argument("--triton-tls-cert", default="", env_var="LOCUST_TRITON_TLS_CERT", help="gRPC mutual TLS: client cert")
-    group.add_argument("--triton-tls-key", default="", env_var="LOCUST_TRITON_TLS_KEY", help="gRPC mutual TLS: client key")
+    group.add_argument("--triton-tls-ca", default="", env_var="LOCUST_TRITON_TLS_CA",
+                       help="gRPC TLS: CA certificate (PEM)")
+    group.add_argument("--triton-tls-cert", default="", env_var="LOCUST_TRITON_TLS_CERT",
+                       help="gRPC mutual TLS: client cert")
+    group.add_argument("--triton-tls-key", default="", env_var="LOCUST_TRITON_TLS_KEY",
+                       help="gRPC mutual TLS: client key")
 
 
 class TritonFailure(Exception):

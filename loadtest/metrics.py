@@ -109,7 +109,8 @@ def breakdown(before: Snapshot, after: Snapshot, order=("preprocess", "classifie
 
 def markdown(stages: list[Stage]) -> str:
     head = ("| model | requests | failures | executions | avg batch | in model ms | queue ms | "
-            "compute input ms | compute infer ms | compute output ms |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+            "compute input ms | compute infer ms | compute output ms |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     rows = [f"| {s.model} | {s.requests} | {s.failures} | {s.executions} | {s.avg_batch:.2f} | {s.request_ms:.2f} | "
             f"{s.queue_ms:.2f} | {s.input_ms:.2f} | {s.infer_ms:.2f} | {s.output_ms:.2f} |" for s in stages]
     return "\n".join([head, *rows])

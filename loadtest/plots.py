@@ -7,7 +7,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 PARTS = (("queue_ms", "queue", "#d62728"), ("input_ms", "compute input", "#9467bd"),
          ("infer_ms", "compute infer", "#1f77b4"), ("output_ms", "compute output", "#2ca02c"))

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 PERCENTILES = {"p50_ms": "50%", "p95_ms": "95%", "p99_ms": "99%"}
 KNOWN = (*PERCENTILES, "error_rate")

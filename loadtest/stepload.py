@@ -64,7 +64,7 @@ class _Steps:
         for users in sorted(self.samples):
             times = sorted(self.samples[users])
             span = self.last[users] - self.first[users]
-            pct = lambda q: times[min(len(times) - 1, max(0, math.ceil(q * len(times)) - 1))]  # noqa: E731
+            pct = lambda q: times[min(len(times) - 1, max(0, math.ceil(q * len(times)) - 1))]
             out.append({"users": users, "requests": len(times), "errors": self.errors[users],
                         "seconds": round(span, 2), "throughput": round(len(times) / span, 2) if span > 0 else 0.0,
                         "p50_ms": round(pct(0.50), 2), "p95_ms": round(pct(0.95), 2), "p99_ms": round(pct(0.99), 2)})

@@ -180,7 +180,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         elif mode in _PLAIN_MODES:
             return img.convert("RGB")
         else:
-            raise _bad(f"image mode {mode} is not supported (8- or 16-bit grey, RGB, palette, CMYK, with or without alpha)")
+            raise _bad(f"image mode {mode} is not supported "
+                       "(8- or 16-bit grey, RGB, palette, CMYK, with or without alpha)")
         if img.mode == "RGBA":
             background = Image.new("RGBA", img.size, BACKGROUND + (255,))
             img = Image.alpha_composite(background, img)

@@ -24,11 +24,15 @@ class Options:
     plan: dict | None = None   # or the ONNX pruning stage's plan (block -> channels removed / "remove"), if given
     steps: int = 40            # optimizer steps (the budget); time_cap_s stops earlier on a slow machine
     batch: int = 32
-    size: int = 224            # training resolution: 160 (3x faster) taught the 224 px model worse than nothing (docs/engines.md "Distillation measured")
-    mix: float = 0.0           # mixup and cutmix probability each: 0.25 lowered held-out top-1 (docs/engines.md "Distillation measured")
+    # training resolution: 160 (3x faster) taught the 224 px model worse than nothing
+    # (docs/engines.md "Distillation measured")
+    size: int = 224
+    # mixup and cutmix probability each: 0.25 lowered held-out top-1 (docs/engines.md "Distillation measured")
+    mix: float = 0.0
     views: int = 4             # pool views per photo (the first is the served centre crop)
     lr: float = 1e-4           # 3e-4 with alpha 0.5 raised the trained classes but lowered the held-out ones
-    alpha: float = 0.0         # teacher term only by default: measured to generalise to held-out classes (docs/engines.md "Distillation measured")
+    # teacher term only by default: measured to generalise to held-out classes (docs/engines.md "Distillation measured")
+    alpha: float = 0.0
     tau: float = 2.0
     teacher: str = "lite0"     # or "lite2" (EfficientNet-Lite2 at 260 px, the cascade's big model; stage big)
     seed: int = 0

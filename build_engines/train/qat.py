@@ -30,7 +30,8 @@ class Options:
     size: int = 224            # training resolution (the teacher always sees 224)
     views: int = 4             # pool views per photo (shares the distill pool layout)
     lr: float = 1e-5           # the weights start where PTQ has them: small moves only
-    alpha: float = 0.0         # teacher term only: it generalised to held-out classes best (docs/engines.md "Distillation measured")
+    # teacher term only: it generalised to held-out classes best (docs/engines.md "Distillation measured")
+    alpha: float = 0.0
     tau: float = 1.0
     symmetric: bool = False    # True: int8 symmetric activations (the TensorRT flavour)
     reduce_range: bool = True  # 7-bit weights ([-64, 64]): what ORT's u8s8 kernels need on CPUs without VNNI

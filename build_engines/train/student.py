@@ -23,8 +23,10 @@ MULTIPLE = 8
 def load(weights_path: str | None = None) -> nn.Module:
     """EfficientNet-Lite0 with the pinned ImageNet weights, in eval mode."""
     from efficientnet_lite_pytorch import EfficientNet
+
     from ..source_model import weights_path as default_weights
-    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(weights_path or default_weights())).eval()
+    weights = str(weights_path or default_weights())
+    return EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights).eval()
 
 
 def prunable_blocks(model: nn.Module) -> list:

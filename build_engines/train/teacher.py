@@ -2,9 +2,9 @@
 
 Each view is a seeded random box of a photo (+ flip); the student's copy is stored at the training
 resolution, the teacher scores the same box at its own size (224 for Lite0, 260 for Lite2) through
-ONNX Runtime (its exported graph: faster than PyTorch here, and the very model the build measures against). The first views of every photo
-are the served centre crop itself, so the student also learns the test-time view. Labels ride
-along (-1 for unlabeled photos). Saved as one .npz, rebuilt only when its inputs change.
+ONNX Runtime (its exported graph: faster than PyTorch here, and the very model the build measures against).
+The first views of every photo are the served centre crop itself, so the student also learns the test-time view.
+Labels ride along (-1 for unlabeled photos). Saved as one .npz, rebuilt only when its inputs change.
 """
 import time
 from pathlib import Path
@@ -40,7 +40,8 @@ def build_pool(files: list, labels: list, teacher_onnx: Path, views: int, size: 
                 data = Path(f).read_bytes()
                 centre = imaging.preprocess(data)
                 pending_t.append(centre if teacher_size == IMAGE_SIZE else imaging.preprocess(data, size=teacher_size))
-                pending_s.append(np.asarray(Image.fromarray(centre).resize((size, size), Image.BICUBIC), dtype=np.uint8))
+                student_view = Image.fromarray(centre).resize((size, size), Image.BICUBIC)
+                pending_s.append(np.asarray(student_view, dtype=np.uint8))
             else:
                 box, flip = augment.random_box(*img.size, rng), bool(rng.random() < 0.5)
                 pending_t.append(augment.view(img, box, flip, teacher_size))
