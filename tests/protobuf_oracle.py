@@ -99,7 +99,7 @@ def upb_parse(rpc: str, body: bytes) -> list[bytes | None]:
     for cls in (getattr(service_pb2, MESSAGES[rpc]), _FRESH[rpc]):
         try:
             m = cls.FromString(body)
-        except Exception:  # DecodeError (and nothing else is expected)
+        except Exception:  # noqa: BLE001 - a parse failure (DecodeError; nothing else is expected)
             out.append(None)
             continue
         name = m.model_name if rpc == "ModelInfer" else (m.name if rpc == "ModelConfig" else "")

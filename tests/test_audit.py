@@ -97,7 +97,8 @@ def test_second_writer_on_same_file_refused(tmp_path):
 def test_cli_reports_first_broken_link(tmp_path):
     f = tmp_path / "a.jsonl"
     write(f, 5)
-    ok = subprocess.run([sys.executable, "-m", "rtinfer.audit", "verify", str(tmp_path)], capture_output=True, text=True)
+    ok = subprocess.run([sys.executable, "-m", "rtinfer.audit", "verify", str(tmp_path)],
+                        capture_output=True, text=True)
     assert ok.returncode == 0 and "5 records" in ok.stdout
     ls = lines(f)
     del ls[1]

@@ -1,5 +1,6 @@
-"""Guards on the cascade's measured figures (docs/cascade.md "Choosing the threshold"), from what `make engines` built on the labeled
-photos' held-out confirm split: Lite2's accuracy and fidelity, and the cascade at its configured default."""
+"""Guards on the cascade's measured figures (docs/cascade.md "Choosing the threshold"), from what `make engines`
+built on the labeled photos' held-out confirm split: Lite2's accuracy and fidelity, and the cascade at its
+configured default."""
 import json
 
 import numpy as np
@@ -45,7 +46,7 @@ def test_cascade_at_its_default_is_near_big_only_and_escalates_a_minority():
     small, big, y = confirm_split()
     escalate, _ = cascade_policy().decide(softmax(small))
     cascade = np.where(escalate, big.argmax(1), small.argmax(1))
-    acc = lambda pred: float(np.mean(pred == y))  # noqa: E731
+    acc = lambda pred: float(np.mean(pred == y))
     big_only, small_only, both = acc(big.argmax(1)), acc(small.argmax(1)), acc(cascade)
     assert big_only > small_only  # the big model is worth asking (measured 89.6 % vs 86.8 %)
     assert both >= big_only - 0.010, (both, big_only)  # goal 0.5 point on choose; 1 point of slack here

@@ -45,7 +45,7 @@ def requests(n, tamper=()):
 
 def test_routes_per_row_and_the_cloud_answer_replaces_the_edge_one(tmp_path):
     cascade, writer = make(tmp_path)
-    edge = lambda x: np.stack([logits_with_top(0.9, 1), logits_with_top(0.2, 2), logits_with_top(0.3, 3),  # noqa: E731
+    edge = lambda x: np.stack([logits_with_top(0.9, 1), logits_with_top(0.2, 2), logits_with_top(0.3, 3),
                                logits_with_top(0.25, 5)])
     asked = []
 

@@ -14,9 +14,10 @@ from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from clients.classify import PipelineClient
-from conftest import BOUND_CLIENTS, BOUND_KEY_ID, settled
 from rtinfer import audit, envelope, keyring, metrics, replay
 from rtinfer.preprocess import Preprocessor, Request
+
+from conftest import BOUND_CLIENTS, BOUND_KEY_ID, settled
 from helpers import metric_value as value, parse_metrics as parse
 
 PHOTO = samples.photo("coffee")
@@ -92,7 +93,7 @@ def test_unbound_ids_take_no_metric_label_slot(ring_file, stage):
         def __init__(self, name, description, kind):
             self.name = name
 
-        def Metric(self, labels, **_):  # noqa: N802 (Triton's name)
+        def Metric(self, labels, **_):  # Triton's name
             Family.seen.append((self.name, labels))
             return type("M", (), {"increment": lambda *a: None, "observe": lambda *a: None, "set": lambda *a: None})()
 

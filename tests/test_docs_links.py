@@ -135,7 +135,8 @@ def pointer_problems(path: Path) -> list[str]:
             for m in README_POINTER.finditer(line):
                 heading = m.group(1) or m.group(2)
                 if heading is None:
-                    out.append(f"{where}:{n}: a README pointer without a heading: point at docs/<file>.md \"<Heading>\"")
+                    out.append(f"{where}:{n}: a README pointer without a heading: "
+                               "point at docs/<file>.md \"<Heading>\"")
                 elif heading not in headings(ROOT / "README.md")[0]:
                     out.append(f"{where}:{n}: README has no heading {heading!r}")
     return out

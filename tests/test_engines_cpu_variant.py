@@ -77,7 +77,8 @@ def test_cpu_variant_is_the_build_choice(manifest, cpu_log):
     assert chosen in pool
     assert within[chosen]["choose_quality"] == max(v["choose_quality"] for v in pool.values())  # decided on choose
     assert all(v["choose_quality"] >= cpu_log["budget"] for v in within.values())
-    for key in ("speedup_b8", "quality", "top1_agreement", "int8_mac_share"):   # the manifest repeats the log, not another run
+    # the manifest repeats the log, not another run
+    for key in ("speedup_b8", "quality", "top1_agreement", "int8_mac_share"):
         assert manifest["figures"][key] == pytest.approx(within[chosen][key])
 
 
@@ -99,7 +100,8 @@ def test_int8_label_matches_the_file(manifest):
     build's side-by-side report, never asserted here: it varies run to run on shared machines.)"""
     share = int8_weight_share(MODEL)
     if manifest["figures"]["int8_mac_share"] >= cpu_variant.MIN_INT8_SHARE:
-        assert share >= 0.5, f"labelled INT8 ({manifest['figures']['int8_mac_share']:.2f} of MACs) but only {share:.2f} of weights are 8-bit"
+        mac_share = manifest["figures"]["int8_mac_share"]
+        assert share >= 0.5, f"labelled INT8 ({mac_share:.2f} of MACs) but only {share:.2f} of weights are 8-bit"
     assert int8_weight_share(paths.SOURCE_DIR / "model.onnx") == 0.0  # the check tells the FP32 original apart
 
 
@@ -113,8 +115,8 @@ def test_portable_file_for_gpu_hosts(manifest):
     assert graph.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.UINT8
     x = _eval_split()[0][:32]
     assert top1_agreement(evaluate.run(MODEL, x), evaluate.run(portable, x)) >= 0.97
-    from tritonclient.grpc import model_config_pb2
     from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
     default = text_format.Parse((paths.CPU_MODEL_DIR.parent / "config.pbtxt").read_text(),
                                 model_config_pb2.ModelConfig())
     assert default.default_model_filename == portable.name

@@ -3,8 +3,8 @@ vanish behind the budget's fallback to FP32 (it did once: full INT8 fell to 40-7
 nothing failed).
 
 Each INT8 file the build leaves is re-measured on the build's evaluation split and held to a floor
-set from measurement (docs/engines.md "INT8 calibration and its guard"), in the build's own basis: points of top-1 accuracy
-lost against the original with labeled photos, top-1 agreement with the bundled ones."""
+set from measurement (docs/engines.md "INT8 calibration and its guard"), in the build's own basis: points of
+top-1 accuracy lost against the original with labeled photos, top-1 agreement with the bundled ones."""
 import json
 from pathlib import Path
 

@@ -80,8 +80,8 @@ def test_a_few_qat_steps_learn_around_the_rounding_and_export_plain_fp32(photos,
 
 # Floors on the labeled confirm split (quality = 1 + top-1 points vs the original), a point or two under
 # what the build measured (docs/engines.md "QAT measured"); agreement floors for the bundled crops.
-# The TensorRT flavour is held to its floor in TensorRT's arithmetic (ORT without its CPU integer
-# kernels, whose s8s8 path saturates on AVX2 without VNNI: docs/engines.md "Why post-training INT8 lost accuracy on CPU").
+# The TensorRT flavour is held to its floor in TensorRT's arithmetic (ORT without its CPU integer kernels,
+# whose s8s8 path saturates on AVX2 without VNNI: docs/engines.md "Why post-training INT8 lost accuracy on CPU").
 FLOORS = {
     "accuracy": {"qat-int8-full": 0.98, "qat-int8-ends": 0.98, "int8-trt-qdq-qat": 0.98},
     "agreement": {"qat-int8-full": 0.60, "qat-int8-ends": 0.65, "int8-trt-qdq-qat": 0.60},
@@ -90,7 +90,8 @@ FLOORS = {
 
 def qat_files() -> dict:
     log = json.loads((paths.CPU_DIR / "cpu_log.json").read_text())
-    files = {name.removesuffix("-ortopt"): c["path"] for name, c in log["candidates"].items() if name.startswith("qat-")}
+    files = {name.removesuffix("-ortopt"): c["path"]
+             for name, c in log["candidates"].items() if name.startswith("qat-")}
     if not files:
         pytest.skip("this build ran without QAT (--qat-steps 0)")
     return files | {"int8-trt-qdq-qat": paths.BUILD / "qat" / "tensorrt_qdq.onnx"}

@@ -183,9 +183,11 @@ def test_profile_follows_the_config():
     unbatched = profile_from_config(_config(f'name: "m" max_batch_size: 0 {inp}'))
     assert unbatched[0].min == unbatched[0].opt == unbatched[0].max == (4, 5)
     with pytest.raises(ValueError, match="preferred_batch_size"):
-        profile_from_config(_config(f'name: "m" max_batch_size: 4 {inp} dynamic_batching {{ preferred_batch_size: 8 }}'))
+        profile_from_config(_config(f'name: "m" max_batch_size: 4 {inp} '
+                                    'dynamic_batching { preferred_batch_size: 8 }'))
     with pytest.raises(ValueError, match="fixed dims"):
-        profile_from_config(_config('name: "m" max_batch_size: 4 input [ { name: "x" data_type: TYPE_FP32 dims: [ -1 ] } ]'))
+        profile_from_config(_config('name: "m" max_batch_size: 4 '
+                                    'input [ { name: "x" data_type: TYPE_FP32 dims: [ -1 ] } ]'))
 
 
 # --- everything decided before TensorRT ---------------------------------------------------------

@@ -108,7 +108,8 @@ def test_ts_from_0_to_below_2_pow_53_opens(ts):
     assert opened.plaintext == b"image"
 
 
-@pytest.mark.parametrize("ts", [EXACT, EXACT + 1, -1, 2 ** 63, 2 ** 64 + 1], ids=["2^53", "2^53+1", "-1", "2^63", "2^64+1"])
+@pytest.mark.parametrize("ts", [EXACT, EXACT + 1, -1, 2 ** 63, 2 ** 64 + 1],
+                         ids=["2^53", "2^53+1", "-1", "2^63", "2^64+1"])
 def test_ts_at_or_above_2_pow_53_or_negative_is_bad_format(ts):
     sealed = envelope.seal(b"image", KEY, **META, timestamp_ms=ts)  # authentic: the AEAD would open it
     reason, msg = reason_of(sealed)

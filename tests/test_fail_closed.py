@@ -30,8 +30,7 @@ from rtinfer.errors import RejectedRequest
 from rtinfer.postprocess import result_mac
 
 from conftest import model_repository_with, require_model
-from helpers import (batch_stats, outcome, palette_png_trns_no_plte, records_by_request,  # noqa: F401 (outcome:
-                     start_server as start, verify_all)  # re-exported, other modules import it here)
+from helpers import batch_stats, outcome, palette_png_trns_no_plte, records_by_request, start_server, verify_all
 
 
 def send_batches(server, keys, bad: list[bytes], good_per_round: int, protocol="grpc", tag="batch",
@@ -104,7 +103,8 @@ def test_sealing_is_decided_by_the_sealed_header(server, keys, audit_dir, keyrin
                     outputs=[httpclient.InferRequestedOutput("PROBS", binary_data=True, class_count=3),
                              httpclient.InferRequestedOutput("AUDIT_REF", binary_data=True)])
     reply = out.as_numpy("AUDIT_REF").reshape(-1)[0]
-    assert reply.startswith(envelope.MAGIC) and all(b"espresso" not in bytes(p) for p in out.as_numpy("PROBS").reshape(-1))
+    assert reply.startswith(envelope.MAGIC)
+    assert all(b"espresso" not in bytes(p) for p in out.as_numpy("PROBS").reshape(-1))
     body = json.loads(envelope.open_response(reply, keys.key("k1"), sealed_req).plaintext)
     assert body["predictions"][0][1:] == [967, "espresso"]
     [rec] = records_by_request(audit_dir)["downgrade-1"]
@@ -240,7 +240,7 @@ def test_disk_full_and_locked_replay_store_under_load_then_restart(keyring_path,
     repo = model_repository_with(tmp_path / "repo", {s: {"audit_checkpoint_interval_s": "0.5"}
                                                      for s in ("preprocess", "postprocess")})
     audit_dir = tmp_path / "audit"
-    srv = start(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton")
+    srv = start_server(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton")
     try:
         load = MixedLoad(srv, keys)
         load.wait_for(30)
@@ -268,7 +268,7 @@ def test_disk_full_and_locked_replay_store_under_load_then_restart(keyring_path,
     check_every_answer_audited(load.outcomes, audit_dir)
     verify_all(audit_dir, signing_key)
 
-    srv = start(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton2")  # the same trail
+    srv = start_server(repo, keyring_path, audit_dir, signing_key, tmp_path / "triton2")  # the same trail
     try:
         c = PipelineClient(srv.grpc_url, key=keys.key("k1"), key_id="k1", client_id="after")
         for _ in range(3):

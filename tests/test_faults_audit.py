@@ -104,7 +104,8 @@ def test_rotation_continues_the_chain_across_files(tmp_path):
     assert all(r.ok for r in reports) and sum(r.records for r in reports) == 60
     seqs = [r["seq"] for r in audit.read_records(tmp_path)]
     assert sorted(seqs) == list(range(60))
-    out = subprocess.run([sys.executable, "-m", "rtinfer.audit", "verify", str(tmp_path)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "rtinfer.audit", "verify", str(tmp_path)],
+                         capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.count("OK") == len(files)
 
 
@@ -256,7 +257,8 @@ def test_file_size_limit_mid_batch_the_chain_continues(tmp_path, signer_files):
     assert rep.ok and not rep.torn_tail and rep.unsigned == 0, rep
     ids = [r["request_id"] for r in audit.read_records(f) if r["event"] == "served"]
     assert len(ids) == len(set(ids)) and ids[-1] == "after-7"  # no partial batch left, nothing twice
-    assert all(len([i for i in ids if i.startswith(f"{t}-")]) in (0, 8) for t in ["before", *[f"full{n}" for n in range(6)]])
+    assert all(len([i for i in ids if i.startswith(f"{t}-")]) in (0, 8)
+               for t in ["before", *[f"full{n}" for n in range(6)]])
     assert "small-0" in ids
     w = audit.AuditWriter(f, signer=checkpoint.Signer.load(priv))  # a restart continues
     w.append(recs(1, "restart"))

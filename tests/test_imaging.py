@@ -11,7 +11,7 @@ from clients import samples
 from rtinfer import imaging
 from rtinfer.errors import RejectedRequest
 
-from helpers import png_bytes as _png, png_chunk as _chunk, png_header_only as _png_header_only  # noqa: F401
+from helpers import png_bytes as _png, png_chunk as _chunk, png_header_only as _png_header_only
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:

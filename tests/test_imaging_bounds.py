@@ -55,7 +55,8 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
-def png(side: int, depth: int, ctype: int, trns: bool = False, *, row_filter: int = 0, idat: bytes | None = None) -> bytes:
+def png(side: int, depth: int, ctype: int, trns: bool = False, *, row_filter: int = 0,
+        idat: bytes | None = None) -> bytes:
     """A side x side PNG of zero samples, every row with ``row_filter`` (4, Paeth: the costliest to undo);
     ``idat``: these bytes instead of the pixels (a header-only image)."""
     channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[ctype]

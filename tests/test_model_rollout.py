@@ -18,7 +18,7 @@ class Family:
     def __init__(self, name, description, kind):
         self.name = name
 
-    def Metric(self, labels, **_):  # noqa: N802 - Triton's name
+    def Metric(self, labels, **_):  # Triton's name
         family = self
 
         class M:

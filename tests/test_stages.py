@@ -5,12 +5,12 @@ import os
 import numpy as np
 
 from rtinfer import audit, envelope
+from rtinfer.guard import Refusal
 from rtinfer.keyring import Keyring
 from rtinfer.postprocess import Postprocessor
-from rtinfer.guard import Refusal
 from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
 
-from helpers import palette_png_trns_no_plte  # noqa: F401 (re-exported: other modules import it here)
+from helpers import palette_png_trns_no_plte
 
 KEY = os.urandom(32)
 
@@ -208,6 +208,7 @@ def test_postprocess_refuses_unauthenticated_stale_replayed_or_misdirected_conte
 def test_crop_policy_is_chosen_per_pipeline(tmp_path):
     """`crop_by_pipeline`: the envelope's sealed audience picks the crop (centre by default)."""
     import io
+
     from PIL import Image
     arr = np.zeros((256, 768, 3), np.uint8)
     arr[:, :256] = (255, 0, 0)   # a red left third: cut away by the centre crop, kept by the squash
