@@ -26,10 +26,10 @@ import hashlib
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 from rtinfer.keyring import read_private
+from rtinfer.reloading import ReloadingFile
 
 ENV_VAR = "RTINFER_INTERNAL_KEY"
 FILE_NAME = "server-internal.key"
@@ -94,47 +94,30 @@ def rotate(path: str | os.PathLike) -> list[bytes]:
 
 
 class InternalKeys:
-    """The keys of the file, reloaded when it changes (checked at most every ``check_s``); a reload that
-    fails keeps the keys it had."""
+    """The keys of the file, reloaded when it changes (checked at most every ``check_s``; ``rtinfer.reloading``);
+    a reload that fails keeps the keys it had."""
 
     def __init__(self, path: str | os.PathLike, *, check_s: float = 1.0):
         self.path = Path(path)
-        self.check_s = check_s
-        self._keys = load_all(self.path)
-        self._stamp = self._stat()
-        self._checked = time.monotonic()
-        self._lock = threading.Lock()
-
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-            return st.st_ino, st.st_mtime_ns, st.st_size
-        except OSError:
-            return None
+        load_all(self.path)  # made on first start
+        self._file = ReloadingFile(self.path, read, check_s=check_s, on_error=_not_reloaded)
 
     def all(self, *, fresh: bool = False) -> list[bytes]:
         """The keys, current first; ``fresh``: look at the file now, whenever it was last looked at (a
         checker whose MAC did not check: the signer may have reloaded a rotated file first)."""
-        now = time.monotonic()
-        if fresh or now - self._checked >= self.check_s:
-            with self._lock:
-                self._checked = now
-                stamp = self._stat()
-                if stamp != self._stamp:
-                    self._stamp = stamp
-                    try:
-                        self._keys = read(self.path)
-                    except (OSError, ValueError) as exc:
-                        print(f"rtinfer.internal_key: not reloaded, keeping the previous keys: {exc}",
-                              file=sys.stderr, flush=True)
-        return self._keys
+        return self._file.get(fresh=fresh)
 
     @property
     def current(self) -> bytes:
         return self.all()[0]
 
     def __repr__(self) -> str:  # never show key material
-        return f"InternalKeys({self.path}, {[fingerprint(k) for k in self._keys]})"
+        return f"InternalKeys({self.path}, {[fingerprint(k) for k in self._file.value]})"
+
+
+def _not_reloaded(exc: Exception) -> None:
+    why = exc if isinstance(exc, (OSError, ValueError)) else type(exc).__name__
+    print(f"rtinfer.internal_key: not reloaded, keeping the previous keys: {why}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:

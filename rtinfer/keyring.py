@@ -32,12 +32,12 @@ import os
 import re
 import stat
 import sys
-import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
+from rtinfer.reloading import ReloadingFile
 
 ENV_VAR = "RTINFER_KEYRING"
 DEFAULT_KEY_ID = "k1"
@@ -244,7 +244,8 @@ def seconds(value, name: str = "time") -> float:
 
 
 class KeyringSource:
-    """The keyring of a file, reloaded when the file changes (checked at most every ``check_s``).
+    """The keyring of a file, reloaded when the file changes (checked at most every ``check_s``;
+    ``rtinfer.reloading``).
 
     A reload that fails (bad JSON, too-open mode) keeps the last good keyring and
     reports the error through ``on_error`` once per change: a botched edit must not
@@ -252,44 +253,27 @@ class KeyringSource:
 
     def __init__(self, path: str | os.PathLike, *, check_s: float = 1.0, on_error=None):
         self.path = Path(path)
-        self.check_s = check_s
         self.on_error = on_error or (lambda msg: print(f"rtinfer.keyring: {msg}", file=sys.stderr, flush=True))
-        self._lock = threading.Lock()
-        self._stamp = self._stat()
-        self._ring = Keyring.load(self.path)  # the first load must succeed
-        self._checked = time.monotonic()
-        self.reloads = 0
-        self.reload_errors = 0
+        self._file = ReloadingFile(self.path, Keyring.load, check_s=check_s, on_error=self._failed)
 
-    def _stat(self):
-        try:
-            st = os.stat(self.path)
-            return st.st_ino, st.st_mtime_ns, st.st_size, st.st_mode
-        except OSError:
-            return None
+    def _failed(self, exc: Exception) -> None:
+        # a KeyringError says what is wrong; anything else only its type (its message may quote the file)
+        why = exc if isinstance(exc, KeyringError) else type(exc).__name__
+        self.on_error(f"keyring not reloaded, keeping the previous keys: {why}")
+
+    @property
+    def reloads(self) -> int:
+        return self._file.reloads
+
+    @property
+    def reload_errors(self) -> int:
+        return self._file.reload_errors
 
     def current(self) -> Keyring:
-        now = time.monotonic()
-        if now - self._checked < self.check_s:
-            return self._ring
-        with self._lock:
-            self._checked = now
-            stamp = self._stat()
-            if stamp != self._stamp:
-                self._stamp = stamp
-                try:
-                    self._ring = Keyring.load(self.path)
-                    self.reloads += 1
-                except KeyringError as exc:
-                    self.reload_errors += 1
-                    self.on_error(f"keyring not reloaded, keeping the previous keys: {exc}")
-                except Exception as exc:  # noqa: BLE001 - whatever the file holds, the previous keys stay
-                    self.reload_errors += 1
-                    self.on_error(f"keyring not reloaded, keeping the previous keys: {type(exc).__name__}")
-            return self._ring
+        return self._file.get()
 
     def __repr__(self) -> str:
-        return f"KeyringSource({self.path}, {self._ring!r})"
+        return f"KeyringSource({self.path}, {self._file.value!r})"
 
 
 def save(path: str | os.PathLike, entries: dict[str, Entry]) -> Path:
