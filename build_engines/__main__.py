@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import cli, evaluate, images, paths, source_model
+from . import cli, evaluate, images, installed, paths, source_model
 from .hashing import code_hash, sha256_file
 from .install import MANIFEST as INSTALLED_MANIFEST, MODEL as INSTALLED_MODEL, PORTABLE as INSTALLED_PORTABLE, install
 from .manifest import write_manifest
@@ -148,7 +148,8 @@ class Data:
 
 
 def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
-    out, man, log_p = paths.PRUNED_DIR / "model.onnx", paths.PRUNED_DIR / "manifest.json", paths.PRUNED_DIR / "prune_log.json"
+    d = paths.PRUNED_DIR
+    out, man, log_p = d / "model.onnx", d / "manifest.json", d / "prune_log.json"
 
     def build():
         from . import prune, report
@@ -167,7 +168,8 @@ def stage_prune(src: Path, data: Data, args, weights_sha: str) -> Path:
         write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32", variant="pruned",
                        figures=figures, extra={"plan": log["chosen_plan"], "log": log_p.name})
         print(f"[prune] FLOPs -{figures['flops_reduction']:.1%}, eval quality "
-              f"{score['quality']:.2%} ({score['quality_basis']}), curve in {paths.PRUNED_DIR / 'prune_curve.png'}", flush=True)
+              f"{score['quality']:.2%} ({score['quality_basis']}), curve in {paths.PRUNED_DIR / 'prune_curve.png'}",
+              flush=True)
 
     run_stage("prune", paths.PRUNED_DIR, {"stage_code": own_code(stage_prune),
         "source": sha256_file(src), "images": data.sha, "budget": args.budget, "margin": args.margin,
@@ -240,6 +242,7 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
 
     def build():
         import shutil
+
         from . import report, throughput
         rows = [json.loads(p.with_name("point_log.json").read_text()) for p in points.values()]
         print(f"[distill] measuring {len(rows)} points and the original side by side (batch 1 and 8)", flush=True)
@@ -254,10 +257,15 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
                               "flops_reduction": row["flops_reduction"], "pick": sc["pick"], "confirm": sc["confirm"],
                               "speedup_b1": row["speedup_b1"], "speedup_b8": row["speedup_b8"]})
         picked = distill.pick_point(cands, args.budget)
-        handed = cands[picked if picked is not None else max(range(len(cands)), key=lambda i: cands[i]["pick"]["quality"])]
+        if picked is None:
+            picked_or_best = max(range(len(cands)), key=lambda i: cands[i]["pick"]["quality"])
+        else:
+            picked_or_best = picked
+        handed = cands[picked_or_best]
         shutil.copyfile(d / handed["file"], out)
         log = {"points": rows, "candidates": cands, "original_speed": speed["original"], "budget": args.budget,
-               "pick_basis": data.pick[2], "picked": cands[picked] if picked is not None else None, "handed_to_cpu": handed,
+               "pick_basis": data.pick[2], "picked": cands[picked] if picked is not None else None,
+               "handed_to_cpu": handed,
                "rule": "among every point, distilled or only pruned + refitted, the most FLOPs removed with quality "
                        ">= budget on the pick split; none: the most accurate there goes to the CPU stage, whose rule "
                        "rejects it"}
@@ -267,13 +275,15 @@ def stage_distill(src: Path, data: Data, args, weights_sha: str) -> Path | None:
         write_manifest(out, man, source_weights_sha256=weights_sha, precision="fp32",
                        variant="pruned-distilled" if handed["trained"] else "pruned-refit",
                        figures=score_figures(handed["confirm"]) | {
-                           "gflops": row["gflops"], "params": row["params"], "flops_reduction": handed["flops_reduction"],
+                           "gflops": row["gflops"], "params": row["params"],
+                           "flops_reduction": handed["flops_reduction"],
                            "speedup_b1": handed["speedup_b1"], "speedup_b8": handed["speedup_b8"]},
                        extra={"options": row["options"], "trained": handed["trained"], "steps_done": row["steps_done"],
                               "log": log_p.name, "within_budget": picked is not None})
         for c in cands:
             print(f"[distill] {distill.describe(c)}: FLOPs -{c['flops_reduction']:.1%}, pick quality "
-                  f"{c['pick']['quality']:.3f}, confirm {top1_cell(c['confirm'])}, batch 8 x{c['speedup_b8']:.2f}", flush=True)
+                  f"{c['pick']['quality']:.3f}, confirm {top1_cell(c['confirm'])}, batch 8 x{c['speedup_b8']:.2f}",
+                  flush=True)
         print(f"[distill] picked: {distill.describe(log['picked'])}; curve in {png}", flush=True)
 
     run_stage("distill", d, inputs, [out, man, log_p, png], build)
@@ -300,8 +310,8 @@ def stage_distill_point(src: Path, data: Data, args, name: str, spec: dict, pool
     out, log_p = d / "model.onnx", d / "point_log.json"
     inputs = {"stage_code": own_code(stage_distill_point), "pool": sha256_file(pool_p), "images": data.sha,
               "options": opts.key(), "code": code_hash(
-                  "graph_clean", "source_model", "manifest", "train/student", "train/loss", "train/loop", "train/export",
-                  "train/distill", "train/augment", *MEASURE_CODE)}
+                  "graph_clean", "source_model", "manifest", "train/student", "train/loss", "train/loop",
+                  "train/export", "train/distill", "train/augment", *MEASURE_CODE)}
 
     def build():
         from .cost import summary
@@ -314,7 +324,8 @@ def stage_distill_point(src: Path, data: Data, args, name: str, spec: dict, pool
         pick_x, pick_ref, _ = data.pick
 
         def scores(path):
-            return {"pick": evaluate.score(path, pick_x, pick_ref), "confirm": evaluate.score(path, data.eval, data.eval_ref),
+            return {"pick": evaluate.score(path, pick_x, pick_ref),
+                    "confirm": evaluate.score(path, data.eval, data.eval_ref),
                     "choose": evaluate.score(path, data.calib, data.search_ref)}
 
         log.update(scores(out), before_training=scores(start))
@@ -386,7 +397,8 @@ def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
 
         def scores(path, level="all"):
             sess = runtime.session(path, level=level)
-            return {k: fidelity.compare(ref.logits, runtime.logits(sess, x), ref.labels) for k, (x, ref) in splits.items()}
+            return {k: fidelity.compare(ref.logits, runtime.logits(sess, x), ref.labels)
+                    for k, (x, ref) in splits.items()}
 
         for name in QAT_FLAVOURS:
             o, flavor = opts[name], flavors[name]
@@ -406,10 +418,11 @@ def stage_qat(src: Path, data: Data, args, weights_sha: str) -> dict | None:
                         stale.unlink()
                     quantize.quantize(base_model, out, data.calib, "minmax", flavor, exclude, cache)
                 k = {"qat": scores(qat_file), "ptq": scores(ptq_file),
-                     "fakequant_vs_file": fidelity.compare(tlog["fakequant_logits"],
-                                                           evaluate.run(qat_file, data.eval)) if kind == "full" else None}
+                     "fakequant_vs_file": fidelity.compare(tlog["fakequant_logits"], evaluate.run(qat_file, data.eval))
+                     if kind == "full" else None}
                 if name == "tensorrt":   # TensorRT accumulates in int32: ORT without its CPU integer kernels
-                    k["qat_reference_math"], k["ptq_reference_math"] = scores(qat_file, "basic"), scores(ptq_file, "basic")
+                    k["qat_reference_math"] = scores(qat_file, "basic")
+                    k["ptq_reference_math"] = scores(ptq_file, "basic")
                 flog["kinds"][kind] = k
                 for split in ("choose", "confirm"):
                     print(f"[qat] {name} {kind} INT8, {split}: PTQ -> QAT top-1 {top1_cell(k['ptq'][split])} -> "
@@ -462,14 +475,16 @@ def stage_cpu(src: Path, pruned: Path, data: Data, args, weights_sha: str, disti
         if log["chosen"].startswith(("qat-", "ptq7-")):   # from the qat stage: the original, 7-bit weights
             extra.update({"built_from": "unpruned source", "calibration_method": "minmax",
                           "weight_rounding": "nearest, 7-bit weights (ORT reduce_range)" + (
-                              ", quantization-aware trained (qat/qat_log.json)" if log["chosen"].startswith("qat-") else "")})
+                              ", quantization-aware trained (qat/qat_log.json)"
+                              if log["chosen"].startswith("qat-") else "")})
         elif "int8" in c["precision"]:
             extra.update({"built_from": "unpruned source" if log["chosen"].startswith("unpruned") else "pruned",
                           "calibration_method": q["method"], "weight_rounding": q["rounding"],
                           "int8_layers": q["n_quantized"], "layers": q["n_layers"]})
         write_manifest(out, man, source_weights_sha256=weights_sha, precision=c["precision"],
                        variant=log["chosen"], figures=score_figures(c) | {k: c[k] for k in (
-                           "b1", "b8", "speedup_b1", "speedup_b8", "gflops", "params", "int8_mac_share")} | {"budget": args.budget},
+                           "b1", "b8", "speedup_b1", "speedup_b8", "gflops", "params", "int8_mac_share")}
+                       | {"budget": args.budget},
                        extra=extra)
 
     run_stage("cpu", paths.CPU_DIR, {"stage_code": own_code(stage_cpu),
@@ -582,12 +597,14 @@ def distill_section(log: dict) -> str:
     from .train.distill import describe
     out = ["\n## Pruning curve after distillation (top-1; pick: choose classes never trained on)\n",
            f"Picked: {describe(log['picked'])} (budget {log['budget']:.3f} on the pick split; {log['pick_basis']}).\n",
-           "| point | FLOPs removed | speed-up b1 / b8 | pick: refit -> distilled | confirm: refit -> distilled | steps |",
+           "| point | FLOPs removed | speed-up b1 / b8 | pick: refit -> distilled | confirm: refit -> distilled "
+           "| steps |",
            "|---|---|---|---|---|---|"]
     for p in sorted(log["points"], key=lambda p: p["flops_reduction"]):
         b = p["before_training"]
         out.append(f"| {p['point']} | {p['flops_reduction']:.1%} | {p['speedup_b1']:.2f}x / {p['speedup_b8']:.2f}x | "
-                   f"{top1_cell(b['pick'])} -> {top1_cell(p['pick'])} | {top1_cell(b['confirm'])} -> {top1_cell(p['confirm'])} | "
+                   f"{top1_cell(b['pick'])} -> {top1_cell(p['pick'])} | "
+                   f"{top1_cell(b['confirm'])} -> {top1_cell(p['confirm'])} | "
                    f"{p['steps_done']} |")
     return "\n".join(out) + "\n\n![distillation](distill_curve.png)\n"
 
@@ -598,6 +615,7 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Pa
 
     def build():
         import shutil
+
         from . import report
         cands, notes, graphs = report_candidates(src, pruned, cpu, fp16, int8_trt, qat_trt)
         rows = report.measure(cands, data.eval, data.eval_ref, notes, graphs=graphs)
@@ -610,8 +628,8 @@ def stage_report(src, pruned, cpu, fp16, int8_trt, data: Data, args, qat_trt: Pa
         report.prune_curve_chart(prune_log, paths.REPORT_DIR / "prune_curve.png")
         report.quant_curve_chart(qlogs, paths.REPORT_DIR / "quant_curve.png", args.budget)
         with open(paths.REPORT_DIR / "report.md", "a") as f:
-            f.write("\n## Pruning curve (FLOPs vs agreement)\n\n| KL/MAC threshold | FLOPs removed | search top-1 | eval top-1 |\n"
-                    "|---|---|---|---|\n")
+            f.write("\n## Pruning curve (FLOPs vs agreement)\n\n"
+                    "| KL/MAC threshold | FLOPs removed | search top-1 | eval top-1 |\n|---|---|---|---|\n")
             for p in sorted(prune_log["curve"], key=lambda p: p["flops_reduction"]):
                 f.write(f"| {p['threshold']:.3g} | {p['flops_reduction']:.1%} | {p['search']['top1_agreement']:.2%} "
                         f"| {p['eval']['top1_agreement']:.2%} |\n")
@@ -651,6 +669,7 @@ def stage_install(artifact: Path, manifest: Path, weights_sha: str) -> None:
 def stage_big(args) -> None:
     """EfficientNet-Lite2 for the cascade's cloud leg (build_engines.big_model): export, FP16 ONNX, figures."""
     from rtinfer import labeled_photos
+
     from . import big_model
     if args.labeled_dir:
         files, labels = labeled_photos.find(args.labeled_dir)
@@ -676,21 +695,13 @@ def stage_big(args) -> None:
 
 
 def quick_install(src: Path, weights_sha: str) -> None:
-    """`make demo`: serve the variant a full build installed if it is there and intact, else the plain export."""
-    try:
-        m = json.loads(INSTALLED_MANIFEST.read_text())
-        intact = (m["sha256"] == sha256_file(INSTALLED_MODEL) and INSTALLED_PORTABLE.exists()
-                  and m["inputs"][0]["dtype"] == "uint8")
-    except (OSError, KeyError, IndexError, ValueError):
-        intact = False
-    if intact:
-        print(f"[quick] serving the installed variant: {m['variant']} ({m['precision']})", flush=True)
-        return
-    install(src, portable=src, weights_sha=weights_sha, precision="fp32", variant="source-export",
-            figures={}, extra={"note": "plain export installed by `make demo` (build_engines --quick); "
-                                       "`make engines` builds, measures and installs the optimized variant"})
-    print("[quick] serving the plain FP32 export (no optimized variant built yet: `make engines` builds one)",
-          flush=True)
+    """`make engines-quick` (make demo, serve, ...): keep the installed variant if it is intact (a full build's, or an
+    earlier plain export), else install the plain export; say which one is served (build_engines.installed)."""
+    if installed.manifest() is None:
+        install(src, portable=src, weights_sha=weights_sha, precision="fp32", variant=installed.QUICK_VARIANT,
+                figures={}, extra={"note": "plain export installed by `make engines-quick` (build_engines --quick); "
+                                           "`make engines` builds, measures and installs the optimized variant"})
+    print(f"[quick] {installed.describe()}", flush=True)
 
 
 def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:
@@ -704,7 +715,8 @@ def stage_tensorrt(fp16: Path, int8_trt: Path) -> None:
 
 
 def _lock():
-    """One build at a time: tests and other targets run `make engines` too; a second run waits, then finds it up to date."""
+    """One build at a time: tests and other targets run `make engines` too; a second run waits, then finds it up to
+    date."""
     import fcntl
     paths.BUILD.mkdir(parents=True, exist_ok=True)
     f = open(paths.BUILD / ".lock", "w")

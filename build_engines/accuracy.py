@@ -50,7 +50,8 @@ def evaluate(models: dict, files: list[Path], labels: np.ndarray, crops, drafts)
                 ref = logits if ref is None else ref
                 row = {"model": name, "path": str(path), "crop": crop, "jpeg_draft": draft,
                        "decode_ms": round(ms, 2), **acc,
-                       "vs_first_points": 100 * (acc["top1_accuracy"] - labeled_photos.accuracy(ref, labels)["top1_accuracy"]),
+                       "vs_first_points":
+                           100 * (acc["top1_accuracy"] - labeled_photos.accuracy(ref, labels)["top1_accuracy"]),
                        "agreement_with_first": float(np.mean(ref.argmax(1) == logits.argmax(1)))}
                 rows.append(row)
                 print(f"  {name:28s} crop {crop:6s} draft {str(draft):5s} top-1 {acc['top1_accuracy']:.2%} "

@@ -15,13 +15,13 @@ import numpy as np
 from PIL import Image
 
 from rtinfer import imaging
+from rtinfer.labeled_photos import IMAGE_EXTS  # what the server accepts: JPEG, PNG
 
 from .hashing import sha256_file
 from .preprocess import to_uint8
 
 SKIMAGE_PHOTOS = ["astronaut.png", "chelsea.png", "coffee.png", "hubble_deep_field.jpg", "ihc.png",
                   "motorcycle_left.png", "motorcycle_right.png", "retina.jpg", "rocket.jpg"]
-from rtinfer.labeled_photos import IMAGE_EXTS  # noqa: E402  (what the server accepts: JPEG, PNG)
 CALIB_SEED, EVAL_SEED = 1001, 2002
 
 

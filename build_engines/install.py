@@ -9,14 +9,11 @@ backend (another ORT version, CUDA EP) gets a graph it can place on the GPU.
 from pathlib import Path
 
 from .hashing import sha256_file
+from .installed import MANIFEST, MODEL, PORTABLE
 from .manifest import write_manifest
 from .paths import CPU_MODEL_DIR
 from .sanity import check_sanity
 from .uint8_front import wrap_file
-
-MODEL = CPU_MODEL_DIR / "model.onnx"
-PORTABLE = CPU_MODEL_DIR / "model.portable.onnx"
-MANIFEST = CPU_MODEL_DIR / "manifest.json"
 
 
 def install(artifact: Path, *, portable: Path, weights_sha: str, precision: str, variant: str, figures: dict,
