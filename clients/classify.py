@@ -93,7 +93,7 @@ class PipelineClient:
         """Whether this envelope's authenticated header asks for a sealed answer (what the server honours)."""
         try:
             return envelope.parse_header(sealed)[0].seal_response
-        except envelope.RejectedRequest:
+        except envelope.Refusal:
             return False
 
     def request(self, sealed: bytes, top_k: int, request_id: str | None = None) -> dict:
@@ -117,7 +117,7 @@ class PipelineClient:
         if self.wants_sealed(request_envelope):
             sealed = ref if isinstance(ref, bytes) else str(ref).encode()
             if not sealed.startswith(envelope.MAGIC):
-                raise envelope.RejectedRequest("clear_response", "a sealed answer was asked for, but the answer "
+                raise envelope.Refusal("clear_response", "a sealed answer was asked for, but the answer "
                                                "came in clear: refused (downgraded on the way, or an old server)")
             body = json.loads(envelope.open_response(sealed, self.key, request_envelope).plaintext)
             if body["request_id"] != kwargs["request_id"]:

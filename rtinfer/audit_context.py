@@ -18,7 +18,7 @@ import hashlib
 import hmac
 import json
 
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 
 FIELDS = {"request_id": str, "client_id": str, "key_id": str, "pipeline": str, "envelope_sha256": str,
           "preprocess_version": str, "t_start_ns": int, "t_pre_done_ns": int}
@@ -46,7 +46,7 @@ def seal(ctx: dict, key: bytes | None) -> bytes:
 def open_context(raw: bytes, key: bytes | list[bytes] | None, request_id: str) -> dict:
     """The context, if it is well formed, carries a valid MAC under one of the accepted keys (when
     any is set: the current one and the one before a rotation), and names the request it arrives
-    with; else RejectedRequest. Freshness and single use: ``issued_ms`` and the
+    with; else Refusal. Freshness and single use: ``issued_ms`` and the
     replay store, checked for the whole batch by the caller."""
     try:
         ctx = json.loads(raw)
@@ -54,14 +54,14 @@ def open_context(raw: bytes, key: bytes | list[bytes] | None, request_id: str) -
         ctx = None
     if not isinstance(ctx, dict) or any(not isinstance(ctx.get(k), t) or isinstance(ctx.get(k), bool)
                                         for k, t in FIELDS.items()):
-        raise RejectedRequest("bad_context", "AUDIT_CTX is not an audit context made by preprocess")
+        raise Refusal("bad_context", "AUDIT_CTX is not an audit context made by preprocess")
     if key is not None:
         mac = ctx.get("mac")
         accepted = [key] if isinstance(key, bytes) else list(key)
         if not isinstance(mac, str) or not any([hmac.compare_digest(mac, mac_of(ctx, k)) for k in accepted]):
-            raise RejectedRequest("context_forged", "AUDIT_CTX is not authenticated: its MAC does not check")
+            raise Refusal("context_forged", "AUDIT_CTX is not authenticated: its MAC does not check")
     if ctx["request_id"] != request_id:
-        raise RejectedRequest("context_request_id", "AUDIT_CTX was made for another request id")
+        raise Refusal("context_request_id", "AUDIT_CTX was made for another request id")
     return ctx
 
 

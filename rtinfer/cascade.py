@@ -16,7 +16,8 @@ from typing import Callable
 import numpy as np
 
 from rtinfer import routing
-from rtinfer.guard import Refusal, attempt, unavailable
+from rtinfer.errors import Refusal
+from rtinfer.guard import attempt, unavailable
 from rtinfer.postprocess import Postprocessor, softmax
 from rtinfer.preprocess import Accepted, Preprocessor, Request
 

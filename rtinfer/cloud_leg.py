@@ -99,7 +99,7 @@ class CloudLeg:
         ref = response.as_numpy("AUDIT_REF").reshape(-1)[0]
         answer = ref if isinstance(ref, bytes) else str(ref).encode()
         if not answer.startswith(envelope.MAGIC):
-            raise envelope.RejectedRequest("clear_response", "a sealed answer was asked for, but the answer came "
+            raise envelope.Refusal("clear_response", "a sealed answer was asked for, but the answer came "
                                            "in clear: refused (downgraded on the way, or an old server)")
         body = json.loads(envelope.open_response(answer, self.key, sealed).plaintext)
         if body["request_id"] != request_id:

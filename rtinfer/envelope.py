@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
+from rtinfer.errors import NOT_AUTHENTICATED, Refusal
 
 MAGIC = b"RTE1"
 NONCE_LEN = 12
@@ -85,7 +85,7 @@ def open_response(sealed: bytes, key: bytes, request_envelope: bytes) -> Opened:
     """Client side: open a sealed result and check it answers ``request_envelope``."""
     opened = open_envelope(sealed, lambda header: key)
     if opened.header.kind != RESPONSE or opened.header.request_sha256 != hashlib.sha256(request_envelope).hexdigest():
-        raise RejectedRequest("wrong_response", "sealed response does not answer this request")
+        raise Refusal("wrong_response", "sealed response does not answer this request")
     return opened
 
 
@@ -99,13 +99,13 @@ def _seal_header(plaintext: bytes, key: bytes, hdr: Header, nonce: bytes | None)
 def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
     """Split an envelope into (header, aad, nonce, body) without decrypting."""
     if len(envelope) < MIN_LEN:
-        raise RejectedRequest("truncated", f"envelope truncated: {len(envelope)} bytes, at least {MIN_LEN} needed")
+        raise Refusal("truncated", f"envelope truncated: {len(envelope)} bytes, at least {MIN_LEN} needed")
     magic, hlen = PREFIX.unpack_from(envelope)
     if magic != MAGIC:
-        raise RejectedRequest("bad_format", "not an RTE1 envelope (bad magic bytes)")
+        raise Refusal("bad_format", "not an RTE1 envelope (bad magic bytes)")
     start = PREFIX.size
     if len(envelope) < start + hlen + NONCE_LEN + TAG_LEN:
-        raise RejectedRequest("truncated", f"envelope truncated: header says {hlen} header bytes, "
+        raise Refusal("truncated", f"envelope truncated: header says {hlen} header bytes, "
                               f"but only {len(envelope)} bytes in all")
     try:
         fields = json.loads(envelope[start:start + hlen])
@@ -120,7 +120,7 @@ def parse_header(envelope: bytes) -> tuple[Header, bytes, bytes, bytes]:
                         kind=str(fields.get("typ", REQUEST)), request_sha256=str(fields.get("rq", "")),
                         seal_response=fields.get("sr") == 1)
     except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
-        raise RejectedRequest("bad_format", "envelope header is not valid: it needs string 'kid', 'cid', 'aud' "
+        raise Refusal("bad_format", "envelope header is not valid: it needs string 'kid', 'cid', 'aud' "
                               "and an integer 'ts' (unix ms, 0 to 2^53 - 1)") from None
     aad = envelope[:start + hlen]
     nonce = envelope[start + hlen:start + hlen + NONCE_LEN]
@@ -137,12 +137,12 @@ def _utf8(text: str) -> bool:
 
 
 def open_envelope(envelope: bytes, key_for) -> Opened:
-    """Authenticate and decrypt; ``key_for(header)`` returns the AES key or raises RejectedRequest."""
+    """Authenticate and decrypt; ``key_for(header)`` returns the AES key or raises Refusal."""
     header, aad, nonce, body = parse_header(envelope)
     key = key_for(header)
     try:
         plaintext = AESGCM(key).decrypt(nonce, body, aad)
     except InvalidTag:
-        raise RejectedRequest("auth_failed", f"authentication failed for key id '{header.key_id}': "
+        raise Refusal("auth_failed", f"authentication failed for key id '{header.key_id}': "
                               "ciphertext, header or key do not match", public=NOT_AUTHENTICATED) from None
     return Opened(header, nonce, plaintext)

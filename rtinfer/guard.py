@@ -3,38 +3,24 @@
 Raising out of a Triton ``execute()`` fails every request of the dynamic batch and
 sends the traceback (with server paths) to the client. Every stage therefore runs
 each request's steps through ``attempt`` and every adapter answers through
-``respond``: a ``RejectedRequest`` keeps its reason; any other exception becomes
+``respond``: a ``Refusal`` raised keeps its reason; any other exception becomes
 a refusal with a fixed public message, so no exception name, message or path
 reaches a client. The detail goes to the audit record instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from rtinfer.errors import SERVER_TROUBLE, RejectedRequest, Unavailable
+from rtinfer.errors import SERVER_TROUBLE, Refusal, Unavailable
 
 CLIENT, SERVER = "client", "server"
 BAD_INPUT = "the request could not be processed: its input is malformed"
 _DETAIL_CHARS = 300
 
 
-@dataclass(frozen=True)
-class Refusal:
-    reason: str  # tag for the audit
-    detail: str  # for the audit: what went wrong, without traceback
-    public: str  # what the client is told
-    retryable: bool  # True: the server's trouble (UNAVAILABLE); False: the client's mistake (INVALID_ARG)
-
-    @property
-    def message(self) -> str:
-        return self.public
-
-
 def refusal(exc: BaseException, blame: str = SERVER) -> Refusal:
     """Classify an exception. ``blame``: who is at fault for an exception the code did not expect
     (CLIENT for a step that only reads the request's own bytes, like decoding its image)."""
-    if isinstance(exc, RejectedRequest):
-        return Refusal(exc.reason, str(exc)[:_DETAIL_CHARS * 4], exc.public, exc.retryable)
+    if isinstance(exc, Refusal):  # a copy: no traceback kept alive with the answer
+        return Refusal(exc.reason, exc.detail[:_DETAIL_CHARS * 4], exc.public, exc.retryable)
     detail = f"{type(exc).__name__}: {exc}"[:_DETAIL_CHARS]
     if blame == CLIENT and not isinstance(exc, (MemoryError, RecursionError)):
         return Refusal("bad_input", detail, BAD_INPUT, False)

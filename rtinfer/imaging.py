@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin
 
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 
 SIZE = 224
 CROP_PADDING = 32      # model card (EfficientNet-Lite, TF reference): shorter side to size + 32 (bicubic), centre crop
@@ -48,8 +48,8 @@ _PLAIN_MODES = {"RGB", "L", "1", "CMYK", "YCbCr"}
 BACKGROUND = (255, 255, 255)  # transparent pixels are shown on white, as browsers and viewers do
 
 
-def _bad(message: str) -> RejectedRequest:
-    return RejectedRequest("bad_image", message)
+def _bad(message: str) -> Refusal:
+    return Refusal("bad_image", message)
 
 
 def check_structure(data: bytes) -> None:
@@ -142,17 +142,17 @@ def decode(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, crop: str = DEF
             width, height = img.size
             limit, why = pixel_limit(data, max_pixels)
             if width * height > limit:
-                raise RejectedRequest("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
+                raise Refusal("too_many_pixels", f"image is {width}x{height} = {width * height} pixels, "
                                       f"more than the limit of {limit}{why}")
             if width < 1 or height < 1:
                 raise _bad("image has no pixels")
             if draft and img.format == "JPEG":
                 img.draft("RGB", _draft_size(width, height, crop, size))
             img.load()
-    except RejectedRequest:
+    except Refusal:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise RejectedRequest("too_many_pixels", "image dimensions are absurd (decompression bomb): "
+        raise Refusal("too_many_pixels", "image dimensions are absurd (decompression bomb): "
                               f"more than the limit of {max_pixels} pixels") from None
     except Image.UnidentifiedImageError:
         raise _bad("payload is not a JPEG or PNG image") from None
@@ -186,7 +186,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
             background = Image.new("RGBA", img.size, BACKGROUND + (255,))
             img = Image.alpha_composite(background, img)
         return img.convert("RGB")
-    except RejectedRequest:
+    except Refusal:
         raise
     except Exception:  # noqa: BLE001 - e.g. a palette image with transparency and no palette
         raise _bad(f"image could not be converted to RGB (malformed {mode} image)") from None

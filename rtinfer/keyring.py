@@ -36,7 +36,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
+from rtinfer.errors import NOT_AUTHENTICATED, Refusal
 from rtinfer.reloading import ReloadingFile
 
 ENV_VAR = "RTINFER_KEYRING"
@@ -100,10 +100,10 @@ class Keyring:
         """The key that opens (and answers) envelopes sealed with ``key_id``: active, or retired within grace."""
         entry = self._entries.get(key_id)
         if entry is None:  # the client is not told whether a key id exists; the audit is
-            raise RejectedRequest("unknown_key", f"unknown key id '{key_id}'", public=NOT_AUTHENTICATED)
+            raise Refusal("unknown_key", f"unknown key id '{key_id}'", public=NOT_AUTHENTICATED)
         until = entry.usable_until()
         if until is not None and (time.time() if now is None else now) > until:
-            raise RejectedRequest("retired_key", f"key id '{key_id}' was retired and its grace period has ended; "
+            raise Refusal("retired_key", f"key id '{key_id}' was retired and its grace period has ended; "
                                   "seal with an active key", public=NOT_AUTHENTICATED)
         return entry.key
 
@@ -131,7 +131,7 @@ class Keyring:
             why = f"is not one of the client ids bound to key id '{key_id}'"
         else:
             why = f"is bound to other keys; key id '{key_id}' (bound to no client id) may not claim it"
-        raise RejectedRequest("client_not_allowed", f"client id {shown} {why}",
+        raise Refusal("client_not_allowed", f"client id {shown} {why}",
                               public=f"client id {shown} may not be used with this key")
 
     def state_counts(self, *, now: float | None = None) -> dict[str, int]:

@@ -22,11 +22,12 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from rtinfer.errors import Refusal
 from rtinfer.keyring import Keyring, valid_client_id
 
 PREFIX = "rtinfer_"
 
-# Every refusal reason the stages give (rtinfer.errors.RejectedRequest / Unavailable, guard).
+# Every refusal reason the stages give (rtinfer.errors.Refusal / Unavailable, guard).
 REASONS = frozenset({
     "too_large", "batched_request", "truncated", "bad_format", "not_a_request", "wrong_pipeline",
     "unknown_key", "retired_key", "auth_failed", "client_mismatch", "client_not_allowed", "expired", "from_future",
@@ -256,7 +257,7 @@ def for_stage_or_none(pb_utils, stage: str, cfg) -> Exporter | None:
     stage serves without them (metrics never fail a model's load)."""
     from rtinfer import guard
     exporter = guard.attempt(for_stage, pb_utils, stage, cfg)
-    if isinstance(exporter, guard.Refusal):
+    if isinstance(exporter, Refusal):
         pb_utils.Logger.log_warn(f"{stage}: no stage metrics: {exporter.detail}")
         return None
     return exporter

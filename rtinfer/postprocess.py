@@ -27,8 +27,8 @@ import numpy as np
 
 from rtinfer import audit_context, envelope, metrics
 from rtinfer.audit import AuditWriter, now_iso
-from rtinfer.errors import RejectedRequest
-from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
+from rtinfer.errors import Refusal
+from rtinfer.guard import CLIENT, attempt, refusal, unavailable
 from rtinfer.internal_key import InternalKeys, fingerprint
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.replay import ReplayGuard
@@ -192,7 +192,7 @@ class Postprocessor:
             if isinstance(verdicts, Refusal):
                 out[i] = verdicts
             elif verdicts[k] is not None:
-                out[i] = refusal(RejectedRequest(*STORE_REASONS.get(verdicts[k].reason, (
+                out[i] = refusal(Refusal(*STORE_REASONS.get(verdicts[k].reason, (
                     "context_refused", "AUDIT_CTX refused"))))
 
     def _base(self, request_id: str, ctx: dict) -> dict:
@@ -203,7 +203,7 @@ class Postprocessor:
     def _served(self, request_id: str, ctx: dict, probs: np.ndarray, started: int, done: int,
                 result_key: bytes | None, route: dict | None = None) -> dict:
         if not np.isfinite(probs).all():
-            raise RejectedRequest("bad_logits", "the classifier's logits are not finite")
+            raise Refusal("bad_logits", "the classifier's logits are not finite")
         idx = int(probs.argmax())
         sealed = ctx.get("seal_response") is True
         record = {

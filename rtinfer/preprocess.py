@@ -13,8 +13,8 @@ import numpy as np
 
 from rtinfer import audit_context, envelope, imaging, metrics
 from rtinfer.audit import AuditWriter, now_iso
-from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
-from rtinfer.guard import CLIENT, Refusal, attempt, refusal, unavailable
+from rtinfer.errors import NOT_AUTHENTICATED, Refusal
+from rtinfer.guard import CLIENT, attempt, refusal, unavailable
 from rtinfer.internal_key import InternalKeys
 from rtinfer.keyring import Keyring, KeyringSource
 from rtinfer.replay import ReplayGuard
@@ -55,8 +55,6 @@ class Accepted:
     plaintext: bytes | None = None  # keep_plaintext (the cascade): the image bytes, for the big model's own crop
 
 
-Rejected = Refusal  # a refused request: reason, detail (audit), public message, retryable
-
 
 class Preprocessor:
     """Checks run cheapest first: size, then authentication, freshness, replay, and only then decoding."""
@@ -94,25 +92,25 @@ class Preprocessor:
     def _key_for(self, ring: Keyring):
         def key_for(header: envelope.Header) -> bytes:
             if header.kind != envelope.REQUEST:
-                raise RejectedRequest("not_a_request", "envelope is a sealed response, not a request")
+                raise Refusal("not_a_request", "envelope is a sealed response, not a request")
             if header.pipeline not in self.pipelines:  # the detail is for the audit only: which pipelines
-                raise RejectedRequest("wrong_pipeline", f"envelope is sealed for pipeline '{header.pipeline}', "
+                raise Refusal("wrong_pipeline", f"envelope is sealed for pipeline '{header.pipeline}', "
                                       f"this service serves {sorted(self.pipelines)}", public=NOT_AUTHENTICATED)
             return ring.key(header.key_id)
         return key_for
 
     def _open(self, req: Request, ring: Keyring) -> envelope.Opened:
         if req.count != 1:  # one response per request: a batch would fail or pass as a whole, unaudited per item
-            raise RejectedRequest("batched_request", f"one envelope per request, got {req.count}: "
+            raise Refusal("batched_request", f"one envelope per request, got {req.count}: "
                                   "send them as separate requests (the server batches them itself)")
         if len(req.envelope) > self.max_envelope_bytes:
-            raise RejectedRequest("too_large", f"envelope is {len(req.envelope)} bytes, "
+            raise Refusal("too_large", f"envelope is {len(req.envelope)} bytes, "
                                   f"more than the limit of {self.max_envelope_bytes}")
         with self.last.timed("decrypt_seconds"):
             opened = envelope.open_envelope(req.envelope, self._key_for(ring))
         hdr = opened.header
         if req.client_id and req.client_id != hdr.client_id:
-            raise RejectedRequest("client_mismatch", f"client id '{req.client_id}' in the request does not match "
+            raise Refusal("client_mismatch", f"client id '{req.client_id}' in the request does not match "
                                   f"the envelope's sealed client id '{hdr.client_id}'")
         ring.check_client(hdr.key_id, hdr.client_id)  # the sealed id is the key holder's claim: is it theirs?
         return opened  # freshness and replay: ReplayGuard.admit, for the batch, in one transaction
@@ -217,7 +215,7 @@ class Preprocessor:
         try:  # the header, when it parses, says who claims to have sent it (not authenticated if rejected)
             hdr = envelope.parse_header(req.envelope)[0]
             rec.update(key_id=hdr.key_id, claimed_client_id=hdr.client_id, claimed_pipeline=hdr.pipeline)
-        except RejectedRequest:
+        except Refusal:
             pass
         return rec
 

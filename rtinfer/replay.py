@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from rtinfer.errors import RejectedRequest, Unavailable
+from rtinfer.errors import Refusal, Unavailable
 
 DEFAULT_WINDOW_S = 300.0
 DEFAULT_FUTURE_SKEW_S = 30.0
@@ -69,13 +69,13 @@ class ReplayGuard:
         check_window(timestamp_ms, self.window_ms, self.skew_ms, now_ms)
 
     def admit(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None,
-              windowed: bool = True) -> list[RejectedRequest | None]:
+              windowed: bool = True) -> list[Refusal | None]:
         """(key id, nonce, timestamp ms) of a batch -> None (fresh, now recorded) or why it is refused
         (expired, from the future, replayed), all in one transaction with one clock reading.
         Raises ``Unavailable`` when the store is locked or failing (nothing recorded then)."""
         if not items:
             return []
-        out: list[RejectedRequest | None] = []
+        out: list[Refusal | None] = []
         with self._lock:
             try:
                 cur = self._db.cursor()
@@ -86,7 +86,7 @@ class ReplayGuard:
                         try:
                             if windowed:
                                 self.check_window(ts, now_ms=now)
-                        except RejectedRequest as exc:
+                        except Refusal as exc:
                             out.append(exc)
                             continue
                         cur.execute("INSERT OR IGNORE INTO seen (id, ts) VALUES (?, ?)", (nonce_id(key_id, nonce), ts))
@@ -145,15 +145,15 @@ def check_window(timestamp_ms: int, window_ms: int, skew_ms: int, now_ms: int | 
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     age = now_ms - timestamp_ms
     if age > window_ms:
-        raise RejectedRequest("expired", f"envelope was sealed {age / 1000:.1f} s ago, outside the "
+        raise Refusal("expired", f"envelope was sealed {age / 1000:.1f} s ago, outside the "
                               f"{window_ms / 1000:.0f} s replay window; seal it again")
     if -age > skew_ms:
-        raise RejectedRequest("from_future", f"envelope is sealed {-age / 1000:.1f} s in the future, more than "
+        raise Refusal("from_future", f"envelope is sealed {-age / 1000:.1f} s in the future, more than "
                               f"the allowed clock skew of {skew_ms / 1000:.0f} s")
 
 
-def replayed() -> RejectedRequest:
-    return RejectedRequest("replayed", "envelope was already received (replay): its nonce was seen within the "
+def replayed() -> Refusal:
+    return Refusal("replayed", "envelope was already received (replay): its nonce was seen within the "
                            "replay window")
 
 

@@ -47,7 +47,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from rtinfer.errors import RejectedRequest, Unavailable
+from rtinfer.errors import Refusal, Unavailable
 from rtinfer.keyring import read_private
 from rtinfer.replay import (
     DEFAULT_FUTURE_SKEW_S,
@@ -88,18 +88,18 @@ class RedisReplayGuard:
         return self.prefix + nonce_id(key_id, nonce).hex().encode()
 
     def admit(self, items: list[tuple[str, bytes, int]], *, now_ms: int | None = None,
-              windowed: bool = True) -> list[RejectedRequest | None]:
+              windowed: bool = True) -> list[Refusal | None]:
         """(key id, nonce, timestamp ms) of a batch -> None (fresh, now recorded) or why it is refused
         (expired, from the future, replayed). Raises ``Unavailable`` when Redis does not answer in time
         or answers with an error."""
-        out: list[RejectedRequest | None] = [None] * len(items)
+        out: list[Refusal | None] = [None] * len(items)
         todo = []
         for i, (_, _, ts) in enumerate(items):
             try:
                 if windowed:
                     self.check_window(ts, now_ms=now_ms)
                 todo.append(i)
-            except RejectedRequest as exc:
+            except Refusal as exc:
                 out[i] = exc
         if not todo:
             return out

@@ -7,7 +7,7 @@ import numpy as np
 from clients import samples
 from rtinfer import audit, envelope, routing
 from rtinfer.cascade import Cascade, CloudAnswer, CloudMiss
-from rtinfer.guard import Refusal
+from rtinfer.errors import Refusal
 from rtinfer.keyring import Keyring
 from rtinfer.postprocess import Postprocessor
 from rtinfer.preprocess import Preprocessor, Request

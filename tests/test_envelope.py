@@ -4,7 +4,7 @@ import os
 import pytest
 
 from rtinfer import envelope
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 
 KEY, OTHER = os.urandom(32), os.urandom(32)
 META = dict(key_id="k1", client_id="alice", pipeline="pipeline")
@@ -27,7 +27,7 @@ def test_fresh_nonce_each_time():
 
 
 def reason_of(data, key=KEY):
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         envelope.open_envelope(data, opener(key))
     return info.value.reason, str(info.value)
 
@@ -114,7 +114,7 @@ def test_ts_at_or_above_2_pow_53_or_negative_is_bad_format(ts):
     sealed = envelope.seal(b"image", KEY, **META, timestamp_ms=ts)  # authentic: the AEAD would open it
     reason, msg = reason_of(sealed)
     assert reason == "bad_format" and "'ts'" in msg, msg
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         envelope.parse_header(sealed)
     assert info.value.reason == "bad_format"
 
@@ -126,14 +126,15 @@ def test_ts_edges_through_the_preprocess_stage(tmp_path, ts, reason):
     replay window (expired, not bad_format), 2^53 - 1 far in the future, 2^53 and 2^53 + 1 malformed; each
     refusal is audited with that reason and nothing is recorded as seen."""
     from rtinfer import audit, replay
+    from rtinfer.errors import Refusal
     from rtinfer.keyring import Keyring
-    from rtinfer.preprocess import Preprocessor, Rejected, Request
+    from rtinfer.preprocess import Preprocessor, Request
     writer = audit.AuditWriter(tmp_path / "pre.jsonl")
     store = replay.ReplayGuard(tmp_path / "nonces.db")
     pre = Preprocessor(Keyring({"k1": KEY}), writer, pipelines={"pipeline"}, replay=store)
     [result] = pre.run([Request(envelope.seal(b"image", KEY, **META, timestamp_ms=ts), request_id="r")])
     writer.close()
-    assert isinstance(result, Rejected) and result.reason == reason, result
+    assert isinstance(result, Refusal) and result.reason == reason, result
     assert store.size() == 0
     store.close()
     [rec] = audit.read_records(tmp_path)

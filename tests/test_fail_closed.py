@@ -26,7 +26,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, envelope, internal_key
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 from rtinfer.postprocess import result_mac
 
 from conftest import model_repository_with, require_model
@@ -117,7 +117,7 @@ def test_sealing_is_decided_by_the_sealed_header(server, keys, audit_dir, keyrin
     plain_kwargs = c.request(c.seal(samples.photo("coffee")), 1)
     clear = c.client.infer(**plain_kwargs)  # a real answer in clear ...
     wanted_sealed = c.request(c.seal(samples.photo("coffee"), seal_response=True), 1)
-    with pytest.raises(RejectedRequest, match="came in clear"):
+    with pytest.raises(Refusal, match="came in clear"):
         c.result(wanted_sealed, clear)  # ... is refused for a request that asked for a sealed one
     raw.close(), c.close()
 

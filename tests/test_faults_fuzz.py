@@ -1,6 +1,6 @@
 """Fuzzing the envelope parser, the stage and the image decoder (hypothesis, bounded in examples and time).
 
-The property: whatever the bytes, the result is a value or a RejectedRequest (a clean
+The property: whatever the bytes, the result is a value or a Refusal (a clean
 per-request INVALID_ARG), never another exception (which would fail a whole batch).
 """
 from __future__ import annotations
@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from rtinfer import audit, envelope, imaging, keyring
-from rtinfer.errors import RejectedRequest
-from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
+from rtinfer.errors import Refusal
+from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 KEY = os.urandom(32)
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
@@ -62,7 +62,7 @@ edits = st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(0, 2), st.intege
 @FUZZ
 @given(st.binary(max_size=2048))
 def test_random_bytes_never_escape_as_another_exception(data):
-    with pytest.raises(RejectedRequest):
+    with pytest.raises(Refusal):
         envelope.open_envelope(data, opener)
 
 
@@ -72,7 +72,7 @@ def test_mutated_envelopes_are_refused_cleanly(ed):
     data = mutate(VALID, ed)
     try:
         opened = envelope.open_envelope(data, opener)
-    except RejectedRequest:
+    except Refusal:
         return
     assert opened.plaintext == SEEDS[0]  # only an equivalent envelope may open (e.g. a no-op edit)
 
@@ -85,7 +85,7 @@ def test_mutated_envelopes_are_refused_cleanly(ed):
                  .map(lambda v: __import__("json").dumps(v).encode())))
 def test_any_header_is_refused_cleanly(header):
     data = struct.pack(">4sH", envelope.MAGIC, len(header)) + header + os.urandom(12 + 16 + 4)
-    with pytest.raises(RejectedRequest):
+    with pytest.raises(Refusal):
         envelope.open_envelope(data, opener)
 
 
@@ -94,7 +94,7 @@ def test_any_header_is_refused_cleanly(header):
 def test_image_decoder_on_mutated_images(seed, ed):
     try:
         x = imaging.preprocess(mutate(seed, ed), max_pixels=1_000_000)
-    except RejectedRequest:
+    except Refusal:
         return
     assert x.shape == (224, 224, 3) and x.dtype == np.uint8
 
@@ -125,12 +125,12 @@ def test_preprocess_stage_answers_every_request_of_a_batch(batch):
                 assert isinstance(r, Accepted), (i, r)  # a valid seed is never refused
                 assert r.image.shape == (224, 224, 3) and r.image.dtype == np.uint8
             elif kind == RANDOM:
-                assert isinstance(r, Rejected), (i, r)
+                assert isinstance(r, Refusal), (i, r)
             else:
-                assert isinstance(r, (Accepted, Rejected)), (i, r)
+                assert isinstance(r, (Accepted, Refusal)), (i, r)
                 if isinstance(r, Accepted):  # only an equivalent envelope may open (a no-op edit)
                     assert envelope.open_envelope(data, opener).plaintext == SEEDS[0]
-            if isinstance(r, Rejected):
+            if isinstance(r, Refusal):
                 refused[f"r{i}"] = r.reason
         records = audit.read_records(d)
         assert {rec["request_id"]: rec["reason"] for rec in records} == refused

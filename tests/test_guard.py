@@ -1,11 +1,11 @@
 """rtinfer.guard: how a request's exception becomes its refusal (the adapters' use of it is tested on a
 real server in test_fail_closed.py and test_faults_image_fuzz.py)."""
 from rtinfer import guard
-from rtinfer.errors import NOT_AUTHENTICATED, SERVER_TROUBLE, RejectedRequest, Unavailable
+from rtinfer.errors import NOT_AUTHENTICATED, SERVER_TROUBLE, Refusal, Unavailable
 
 
 def test_client_mistakes_keep_their_reason_and_public_message():
-    r = guard.refusal(RejectedRequest("unknown_key", "unknown key id 'k9'", public=NOT_AUTHENTICATED))
+    r = guard.refusal(Refusal("unknown_key", "unknown key id 'k9'", public=NOT_AUTHENTICATED))
     assert (r.reason, r.public, r.retryable) == ("unknown_key", NOT_AUTHENTICATED, False)
     assert r.detail == "unknown key id 'k9'" and r.message == NOT_AUTHENTICATED
 
@@ -73,7 +73,7 @@ class _Request:
 def test_answers_are_sent_before_the_after_work_and_nothing_raises():
     log, pb = [], _Pb()
     reqs = [_Request(log), _Request(log, fail_sends=1), _Request(log, fail_sends=2)]
-    refused = guard.Refusal("bad_input", "x", guard.BAD_INPUT, False)
+    refused = Refusal("bad_input", "x", guard.BAD_INPUT, False)
     out = guard.respond(pb, reqs, lambda rs: [["t"], refused, ["t"]],
                         after=lambda: log.append(("after",)) or 1 / 0)  # after() fails: nobody is told
     assert out is None and [e[0] for e in log] == ["send", "send", "after"]
@@ -96,6 +96,6 @@ def test_without_after_the_answers_are_returned_and_a_failing_handler_refuses_ev
     out = guard.respond(pb, reqs, lambda rs: 1 / 0)
     assert log == [] and [r.error.code for r in out] == ["UNAVAILABLE", "UNAVAILABLE"]
     assert all("ZeroDivision" not in r.error.message for r in out)
-    refused = guard.Refusal("bad_input", "x", guard.BAD_INPUT, False)
+    refused = Refusal("bad_input", "x", guard.BAD_INPUT, False)
     out = guard.respond(pb, reqs, lambda rs: [refused, ["t"]])
     assert out[0].error.code == "INVALID_ARG" and out[1].output_tensors == ["t"]

@@ -9,7 +9,7 @@ from PIL import Image
 
 from clients import samples
 from rtinfer import imaging
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 
 from helpers import png_bytes as _png, png_chunk as _chunk, png_header_only as _png_header_only
 
@@ -104,7 +104,7 @@ def test_palette_trns_without_plte_is_a_clean_refusal():
     outside the decoder's guard. A palette image without its palette is malformed: bad_image."""
     ihdr = struct.pack(">IIBBBBB", 4, 4, 8, 3, 0, 0, 0)
     data = _png(ihdr, _chunk(b"tRNS", b"\x00"), _chunk(b"IDAT", zlib.compress(b"\x00" * 20)))
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         imaging.preprocess(data)
     assert info.value.reason == "bad_image" and "PLTE" in str(info.value)
 
@@ -114,7 +114,7 @@ def test_conversion_failure_is_a_clean_refusal(monkeypatch):
     def broken(self, *a, **k):
         raise AssertionError("internal detail /usr/lib/python3/PIL")
     monkeypatch.setattr(Image.Image, "convert", broken)
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         imaging.preprocess(_encode(Image.new("L", (8, 8))))
     assert info.value.reason == "bad_image"
     assert "Assertion" not in str(info.value) and "/" not in str(info.value)
@@ -131,7 +131,7 @@ def test_jpeg_draft_decodes_less_and_agrees():
 
 
 def test_png_header_bomb_refused_before_inflating():
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         imaging.preprocess(_png_header_only(100_000, 100_000))
     assert info.value.reason == "too_many_pixels"
 
@@ -139,14 +139,14 @@ def test_png_header_bomb_refused_before_inflating():
 def test_png_chunk_flood_refused():
     ihdr = struct.pack(">IIBBBBB", 8, 8, 8, 2, 0, 0, 0)
     flood = _chunk(b"tEXt", b"k\x00v") * (imaging.MAX_PNG_CHUNKS + 5)
-    with pytest.raises(RejectedRequest, match="chunks"):
+    with pytest.raises(Refusal, match="chunks"):
         imaging.preprocess(_png(ihdr, flood))
 
 
 def test_jpeg_scan_flood_refused():
     data = samples.photo("coffee")
     bomb = data[:-2] + b"\xff\xda" * (imaging.MAX_JPEG_SCANS + 1) + b"\xff\xd9"
-    with pytest.raises(RejectedRequest, match="scans"):
+    with pytest.raises(Refusal, match="scans"):
         imaging.preprocess(bomb)
 
 
@@ -155,17 +155,17 @@ def test_jpeg_scan_flood_refused():
     (samples.photo("coffee")[:2000], "bad_image"),  # a JPEG cut short
 ])
 def test_rejections(data, reason):
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         imaging.preprocess(data)
     assert info.value.reason == reason, str(info.value)
 
 
 def test_pixel_limit_is_configurable():
-    with pytest.raises(RejectedRequest, match="more than the limit of 1000"):
+    with pytest.raises(Refusal, match="more than the limit of 1000"):
         imaging.preprocess(samples.photo("chelsea"), max_pixels=1000)
 
 
 def test_other_formats_refused():
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         imaging.preprocess(_encode(Image.new("RGB", (10, 10)), "GIF"))
     assert info.value.reason == "bad_image"

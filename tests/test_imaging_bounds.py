@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from rtinfer import imaging
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 
 MAX_CPU_S = 1.0      # generous: twice the worst allowed image measured, a third of the old 16-bit cost
 MAX_RSS_MB = 300     # generous: about three times the worst allowed image, under a third of the old 1 GiB
@@ -36,13 +36,13 @@ HOSTILE = ("16-bit grey", "16-bit RGB", "16-bit grey+alpha", "16-bit RGBA", "RGB
 _MEASURE = """
 import json, resource, sys
 from rtinfer import imaging
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 data = open(sys.argv[1], "rb").read()
 before = resource.getrusage(resource.RUSAGE_SELF)
 try:
     imaging.preprocess(data)
     outcome = "ok"
-except RejectedRequest as exc:
+except Refusal as exc:
     outcome = exc.reason
 after = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"outcome": outcome,
@@ -105,13 +105,13 @@ def test_largest_png_of_each_kind_allowed_is_decoded_within_the_bounds(kind, tmp
 def test_costly_png_is_refused_from_its_header_with_a_clear_reason():
     """Refused before any pixel is inflated (the IDAT is not even zlib data), saying which limit and why."""
     data = png(HOSTILE_SIDE, 16, 0, idat=b"not zlib")
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         imaging.preprocess(data)
     assert info.value.reason == "too_many_pixels"
     message = str(info.value)
     assert "6324x6324" in message and "(16-bit grey:" in message and "max_pixels 40000000" in message, message
     # 8-bit RGB PNGs have a limit of their own too (inflated rows plus what is held): refused from the header
-    with pytest.raises(RejectedRequest, match=r"\(8-bit RGB: 7 bytes"):
+    with pytest.raises(Refusal, match=r"\(8-bit RGB: 7 bytes"):
         imaging.preprocess(png(HOSTILE_SIDE, 8, 2, idat=b"not zlib"))
 
 

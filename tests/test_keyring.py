@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from rtinfer import keyring
-from rtinfer.errors import NOT_AUTHENTICATED, RejectedRequest
+from rtinfer.errors import NOT_AUTHENTICATED, Refusal
 
 
 def test_load_and_lookup(tmp_path):
@@ -15,7 +15,7 @@ def test_load_and_lookup(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     ring = keyring.Keyring.load(path)
     assert ring.key_ids == ["a", "b"] and len(ring.key("a")) == 32
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         ring.key("zzz")
     assert info.value.reason == "unknown_key"
     assert "key'" not in repr(ring) and ring.key("a").hex() not in repr(ring)
@@ -82,7 +82,7 @@ def test_unknown_and_retired_key_ids_are_not_told_to_the_client(tmp_path):
     keyring.retire_key(path, "k1", grace_s=0, now=1.0)
     ring = keyring.Keyring.load(path)
     for kid, reason in (("k1", "retired_key"), ("nope", "unknown_key")):
-        with pytest.raises(RejectedRequest) as info:
+        with pytest.raises(Refusal) as info:
             ring.key(kid)
         assert info.value.reason == reason and kid in str(info.value)  # the detail, for the audit
         assert info.value.public == NOT_AUTHENTICATED  # the same for both, for the client

@@ -14,8 +14,9 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, envelope, replay
+from rtinfer.errors import Refusal
 from rtinfer.launch.server import ROOT
-from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
+from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 NOW = 1_700_000_000_000
 
@@ -91,10 +92,10 @@ def test_preprocessor_rejects_replays_and_expired_and_audits_the_reason(tmp_path
                         timestamp_ms=int(time.time() * 1000) - 301_000)
     out = pre.run([Request(fresh, "r1"), Request(fresh, "r2"), Request(old, "r3")])
     assert isinstance(out[0], Accepted)
-    assert isinstance(out[1], Rejected) and out[1].reason == "replayed"
-    assert isinstance(out[2], Rejected) and out[2].reason == "expired" and "replay window" in out[2].message
+    assert isinstance(out[1], Refusal) and out[1].reason == "replayed"
+    assert isinstance(out[2], Refusal) and out[2].reason == "expired" and "replay window" in out[2].message
     assert audited(trail) == {"r2": "replayed", "r3": "expired"}
-    assert isinstance(pre.run([Request(fresh, "r4")])[0], Rejected)  # and in a later batch
+    assert isinstance(pre.run([Request(fresh, "r4")])[0], Refusal)  # and in a later batch
     assert audited(trail)["r4"] == "replayed"
     pre.audit.close()
 

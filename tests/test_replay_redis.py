@@ -22,8 +22,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, audit_context, envelope, replay
-from rtinfer.errors import Unavailable
-from rtinfer.guard import Refusal
+from rtinfer.errors import Refusal, Unavailable
 from rtinfer.keyring import Keyring
 from rtinfer.launch.process import free_port
 from rtinfer.launch.redis_server import RedisServer, redis_binary

@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, keyring
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 from rtinfer.launch.server import TritonServer
 
 from conftest import require_model
@@ -30,7 +30,7 @@ def test_retired_key_opens_during_grace_then_is_refused(tmp_path):
     keyring.retire_key(path, "k1", grace_s=60, now=1000.0)
     ring = keyring.Keyring.load(path)
     assert len(ring.key("k1", now=1059.0)) == 32  # decrypt-only within grace
-    with pytest.raises(RejectedRequest) as info:
+    with pytest.raises(Refusal) as info:
         ring.key("k1", now=1061.0)
     assert info.value.reason == "retired_key" and "grace period has ended" in str(info.value)
     with pytest.raises(keyring.KeyringError, match="no active key"):

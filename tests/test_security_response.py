@@ -13,7 +13,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import audit, envelope
-from rtinfer.errors import RejectedRequest
+from rtinfer.errors import Refusal
 
 KEY = os.urandom(32)
 
@@ -24,9 +24,9 @@ def test_response_is_bound_to_its_request():
     res = envelope.seal_response(b'{"ok":1}', KEY, key_id="k1", client_id="alice", pipeline="pipeline",
                                  request_sha256=hashlib.sha256(req).hexdigest())
     assert envelope.open_response(res, KEY, req).plaintext == b'{"ok":1}'
-    with pytest.raises(RejectedRequest, match="does not answer this request"):
+    with pytest.raises(Refusal, match="does not answer this request"):
         envelope.open_response(res, KEY, other)
-    with pytest.raises(RejectedRequest, match="does not answer"):
+    with pytest.raises(Refusal, match="does not answer"):
         envelope.open_response(req, KEY, req)  # a request is not a response
 
 

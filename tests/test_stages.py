@@ -5,10 +5,10 @@ import os
 import numpy as np
 
 from rtinfer import audit, envelope
-from rtinfer.guard import Refusal
+from rtinfer.errors import Refusal
 from rtinfer.keyring import Keyring
 from rtinfer.postprocess import Postprocessor
-from rtinfer.preprocess import Accepted, Preprocessor, Rejected, Request
+from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 from helpers import palette_png_trns_no_plte
 
@@ -42,7 +42,7 @@ def test_preprocess_refuses_several_envelopes_in_one_request(tmp_path):
     pre = Preprocessor(Keyring({"k1": KEY}), writer, pipelines={"pipeline"})
     sealed = envelope.seal(b"x", KEY, key_id="k1", client_id="c", pipeline="pipeline")
     [result] = pre.run([Request(sealed, request_id="r", count=2)])
-    assert isinstance(result, Rejected) and result.reason == "batched_request"
+    assert isinstance(result, Refusal) and result.reason == "batched_request"
     assert "one envelope per request, got 2" in result.message
     writer.close()
     [rec] = audit.read_records(tmp_path)
@@ -101,7 +101,7 @@ def test_any_exception_of_one_request_fails_it_alone(tmp_path, monkeypatch):
                          timestamp_ms=int("1" + "0" * 400))]
     out = pre.run([Request(e, f"g{i}") for i, e in enumerate(good)] + [Request(e, f"b{i}") for i, e in enumerate(bad)])
     assert all(isinstance(r, Accepted) for r in out[:3])
-    assert all(isinstance(r, Rejected) and not r.retryable for r in out[3:])
+    assert all(isinstance(r, Refusal) and not r.retryable for r in out[3:])
     assert out[3].reason == "bad_input" and "secret" not in out[3].public and "ZeroDivision" not in out[3].public
     assert out[5].reason == "bad_format"
     writer.close()
