@@ -15,7 +15,7 @@ from typing import Callable
 
 import numpy as np
 
-from rtinfer import routing
+from rtinfer import imaging, routing
 from rtinfer.errors import Refusal
 from rtinfer.guard import attempt, unavailable
 from rtinfer.postprocess import Postprocessor, softmax
@@ -94,8 +94,26 @@ class Cascade:
 
     def _fail(self, results: list, rows: list[int], requests: list[Request], why: Refusal, started_ns: int) -> list:
         """The edge model failed: those requests are refused as retryable, audited (UNAVAILABLE either way).
-        Their nonces stay recorded: a client retries with a newly sealed envelope (docs/architecture.md "Errors clients get")."""
+        Their nonces stay recorded: a client retries with a newly sealed envelope
+        (docs/architecture.md "Errors clients get")."""
         attempt(self.pre.audit.append, [self.pre.rejection_record(requests[i], why, started_ns) for i in rows])
         for i in rows:
             results[i] = why
         return results
+
+
+class LocalCloud:
+    """The cloud in this server: the big classifier (``infer``: images uint8 [n,size,size,3] -> logits) on the
+    escalated rows' own image bytes, decoded and cropped at its size (the model card's transform for it:
+    shorter side to size + 32, centre crop), with the preprocessor's limits."""
+
+    def __init__(self, infer: EdgeFn, pre: Preprocessor, *, size: int, model_id: str):
+        self.infer, self.pre, self.size, self.model_id = infer, pre, size, model_id
+
+    def __call__(self, rows: list[Accepted]) -> list[CloudAnswer]:
+        t0 = time.perf_counter()
+        x = np.stack([imaging.preprocess(r.plaintext, max_pixels=self.pre.max_pixels, draft=self.pre.jpeg_draft,
+                                         size=self.size) for r in rows])
+        probs = softmax(np.asarray(self.infer(x), np.float32))
+        ms = (time.perf_counter() - t0) * 1e3
+        return [CloudAnswer(p, self.model_id, ms) for p in probs]

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import json
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -58,6 +59,34 @@ def result_mac(key: bytes, envelope_sha256: str, index: int) -> str:
     return hmac.new(key, f"{envelope_sha256}:{index}".encode(), hashlib.sha256).hexdigest()
 
 
+@dataclass
+class Rows:
+    """One Triton request to this stage: its rows' logits and audit contexts, its request id and parameters."""
+    logits: np.ndarray  # [n, classes] float32
+    contexts: list  # n AUDIT_CTX (bytes); [Refusal] for a request that could not be read (audited, answered alone)
+    request_id: str = ""
+    params: dict = field(default_factory=dict)
+
+
+def read_request(pb_utils, request, classes: int = NUM_CLASSES) -> Rows:
+    """The stage's view of one Triton request (``LOGITS`` [n, classes], ``AUDIT_CTX`` [n, 1]); one that cannot
+    be read becomes one row whose context is its Refusal. ``pb_utils`` is passed in by the adapter: no Triton
+    import here."""
+    def read():
+        params = json.loads(request.parameters() or "{}")
+        lg = np.asarray(pb_utils.get_input_tensor_by_name(request, "LOGITS").as_numpy(), np.float32)
+        lg = lg.reshape(-1, classes)
+        ctx = pb_utils.get_input_tensor_by_name(request, "AUDIT_CTX").as_numpy().reshape(-1)
+        if lg.shape[0] != len(ctx):
+            raise ValueError("LOGITS and AUDIT_CTX have different batch sizes")
+        return Rows(lg, [bytes(c) for c in ctx], str(request.request_id()), params if isinstance(params, dict) else {})
+    rows = attempt(read, blame=CLIENT)
+    if isinstance(rows, Refusal):
+        rid = attempt(lambda: str(request.request_id()))
+        rows = Rows(np.zeros((1, classes), np.float32), [rows], rid if isinstance(rid, str) else "")
+    return rows
+
+
 class Postprocessor:
     def __init__(self, audit: AuditWriter, labels: tuple[str, ...], *, models: dict[str, str], version: str = "1",
                  keyring: Keyring | KeyringSource | None = None, internal_keys: InternalKeys | None = None,
@@ -74,9 +103,33 @@ class Postprocessor:
         self.ctx_store = ctx_store  # contexts used, for their freshness window
         self.last = metrics.Report()  # what the last run() observed (outcomes, timings), for the adapter
 
+    @property
+    def classes(self) -> int:
+        """The width of LOGITS and PROBS: one label per class."""
+        return len(self.labels)
+
+    def run_requests(self, requests: list[Rows]) -> list:
+        """``run`` for the adapter's batch of Triton requests: per request, its rows' probabilities [n, classes]
+        and audit refs (record hash or sealed result), or the first Refusal among its rows (that request fails;
+        the others of the batch do not). Never raises."""
+        logits = (np.concatenate([r.logits for r in requests]) if requests
+                  else np.zeros((0, self.classes), np.float32))
+        contexts = [c for r in requests for c in r.contexts]
+        ids = [r.request_id for r in requests for _ in r.contexts]
+        params = [r.params for r in requests for _ in r.contexts]
+        probs, refs = self.run(logits, contexts, ids, params)
+        out, start = [], 0
+        for r in requests:
+            n = len(r.contexts)
+            mine = refs[start:start + n]
+            refused = [x for x in mine if isinstance(x, Refusal)]
+            out.append(refused[0] if refused else (probs[start:start + n], mine))
+            start += n
+        return out
+
     def run(self, logits: np.ndarray, contexts: list[bytes], request_ids: list[str],
             params: list[dict] | None = None, routes: list[dict] | None = None) -> tuple[np.ndarray, list]:
-        """Batch of logits [N,1000] + audit contexts + Triton request ids (+ request parameters)
+        """Batch of logits [N, classes] + audit contexts + Triton request ids (+ request parameters)
         -> probabilities and, per row, the record hash (str), the sealed result (bytes), or the
         Refusal that failed that row alone. Never raises.
 

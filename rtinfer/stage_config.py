@@ -1,7 +1,9 @@
-"""Reads a Python-backend stage's settings from its Triton model config and environment.
+"""Reads a Python-backend stage's settings from its Triton model config and environment, and builds the stages.
 
 Config ``parameters`` win; an empty value falls back to the environment, so one
-model repository serves every host and the host's paths stay out of it.
+model repository serves every host and the host's paths stay out of it. The factories
+(``preprocessor``, ``postprocessor``, ``cloud_leg``, ``cascade``) build what the three
+adapters (preprocess, postprocess, cascade) run, so each adapter only converts tensors.
 """
 from __future__ import annotations
 
@@ -11,9 +13,13 @@ import os
 import re
 import socket
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from rtinfer import audit, audit_context, checkpoint, internal_key, keyring, replay
+from rtinfer import audit, audit_context, checkpoint, imaging, internal_key, keyring, labels, replay, routing
+from rtinfer.cascade import Cascade
+from rtinfer.postprocess import Postprocessor
+from rtinfer.preprocess import DEFAULT_MAX_ENVELOPE_BYTES, Preprocessor
 
 # Which replica of a fleet this server is (every audit record and checkpoint names it; default: the
 # host name), and the fleet's replica ids as its launcher knows them (its checkpoints name them, so a
@@ -26,14 +32,101 @@ ENV_REPLAY_STORE, ENV_REDIS_PASSWORD, ENV_REDIS_CA = ("RTINFER_REPLAY_STORE", "R
                                                       "RTINFER_REDIS_CA")
 
 
+@dataclass(frozen=True)
+class CascadeModels:
+    edge: str  # the edge classifier (this server, BLS)
+    edge_file: str  # its file, where the model has several ("" = the manifest's main artifact)
+    big: str  # the big classifier in this server (BLS), when no remote cloud is set
+    big_size: int  # the big classifier's input size (crop)
+
+    @property
+    def edge_spec(self) -> str:
+        return f"e={self.edge}/{self.edge_file}".rstrip("/")
+
+    def served(self, remote: bool) -> str:
+        """The classifiers this replica serves, as ``installed_classifiers`` reads them."""
+        return self.edge_spec if remote else f"{self.edge_spec},c={self.big}"
+
+
 class StageConfig:
     def __init__(self, args: dict):
         self.config = json.loads(args["model_config"])
         self.instance = args["model_instance_name"]
         self.model_dir = Path(args["model_repository"])  # <repo>/<model>
+        self.version = str(args.get("model_version", "1"))  # what the audit records name as the stage's version
 
     def param(self, key: str, default: str = "") -> str:
         return self.config.get("parameters", {}).get(key, {}).get("string_value", "") or default
+
+    def dims(self, tensor: str) -> list[int] | None:
+        """The dims of an input or output of this model's config (the batch dimension left out), None if the
+        config names no such tensor."""
+        for item in self.config.get("input", []) + self.config.get("output", []):
+            if item.get("name") == tensor:
+                return [int(d) for d in item.get("dims", [])]
+        return None
+
+    def preprocessor(self, *, stage: str = "preprocess", keep_plaintext: bool = False) -> Preprocessor:
+        """The preprocess stage as the parameters say: keyring, audit chain, replay store, limits, crop.
+        The cascade: ``stage="cascade"``, ``keep_plaintext`` (the image bytes, for the big model or the cloud)."""
+        p = self.param
+        return Preprocessor(
+            self.keyring(), self.audit_writer(), pipelines=set(p("pipelines", stage).split(",")),
+            replay=self.replay_guard(),
+            max_envelope_bytes=int(p("max_envelope_bytes", str(DEFAULT_MAX_ENVELOPE_BYTES))),
+            max_pixels=int(p("max_pixels", str(imaging.DEFAULT_MAX_PIXELS))), version=self.version,
+            crop=p("crop", imaging.DEFAULT_CROP),
+            crop_by_pipeline=dict(kv.split("=", 1) for kv in p("crop_by_pipeline").split(",") if kv),
+            jpeg_draft=p("jpeg_draft", "true").lower() == "true", ctx_key=self.internal_keys(),
+            keep_plaintext=keep_plaintext, stage=stage)
+
+    def postprocessor(self, *, stage: str = "postprocess", sharing: Preprocessor | None = None) -> Postprocessor:
+        """The postprocess stage: one label per class of PROBS (checked against this config's dims).
+        ``sharing``: the cascade's preprocessor, whose audit chain (one per cascade instance), keyring and
+        internal keys it uses."""
+        names = labels.names()
+        dims = self.dims("PROBS")
+        if dims and dims[-1] != len(names):
+            raise ValueError(f"{self.config.get('name', 'this model')}: PROBS has {dims[-1]} classes, "
+                             f"the label file {len(names)}")
+        return Postprocessor(
+            sharing.audit if sharing else self.audit_writer(), names, models=self.classifier_models(),
+            version=self.version, keyring=sharing.keys if sharing else self.keyring(),
+            internal_keys=sharing.ctx_key if sharing else self.internal_keys(), ctx_store=self.context_store(),
+            stage=stage)
+
+    def cloud_leg(self):
+        """The cascade's remote cloud (``rtinfer.cloud_leg.CloudLeg``) when ``cloud_url`` is set, else None (the
+        big model in this server answers escalations)."""
+        p = self.param
+        if not p("cloud_url"):
+            return None
+        from rtinfer import access
+        from rtinfer.cloud_leg import CloudLeg
+        ring = keyring.Keyring.load(keyring.resolve_path(p("cloud_keyring")))
+        return CloudLeg(
+            p("cloud_url"), key=ring.key(p("cloud_key_id")), key_id=p("cloud_key_id"),
+            client_id=p("cloud_client_id", "edge"), pipeline=p("cloud_pipeline", "pipeline"),
+            api_key=access.read_secret(file=p("cloud_api_key_file") or None), tls_ca=p("cloud_tls_ca") or None,
+            insecure_loopback_only=access.flag("cloud_insecure_loopback_only", p("cloud_insecure_loopback_only")),
+            deadline_s=float(p("cloud_deadline_s", "1.0")), attempts=int(p("cloud_attempts", "2")),
+            breaker=routing.Breaker(failures=int(p("cloud_breaker_failures", "3")),
+                                    reset_s=float(p("cloud_breaker_reset_s", "5"))))
+
+    def cascade_models(self) -> CascadeModels:
+        """The classifiers the cascade asks (``edge_model``[/``edge_model_file``], ``cloud_model`` at
+        ``cloud_size``)."""
+        p = self.param
+        return CascadeModels(p("edge_model", "classifier_onnx"), p("edge_model_file"),
+                             p("cloud_model", "classifier_big"), int(p("cloud_size", "260")))
+
+    def cascade(self, pre: Preprocessor, post: Postprocessor, cloud=None) -> Cascade:
+        """The cascade's logic: the decision (``confidence_metric``, ``threshold``) and the ids its audit records
+        give the edge and cloud classifiers (a remote ``cloud``: its URL and pipeline)."""
+        m, repo = self.cascade_models(), self.model_dir.parent
+        cloud_id = cloud.model_id if cloud else classifier_ids(f"c={m.big}", repo)["c"]
+        policy = routing.Policy(self.param("confidence_metric", "top1"), float(self.param("threshold", "0.5")))
+        return Cascade(pre, post, policy, edge_model=classifier_ids(m.edge_spec, repo)["e"], cloud_model=cloud_id)
 
     def keyring(self) -> keyring.KeyringSource:
         """Reloaded when the file changes (rotation without a restart)."""

@@ -1,13 +1,17 @@
 """Stage logic driven directly (no server): one bad row fails alone and is audited."""
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
+import pytest
 
-from rtinfer import audit, envelope
+from rtinfer import audit, envelope, keyring, stage_config
+from rtinfer.cascade import Cascade
 from rtinfer.errors import Refusal
 from rtinfer.keyring import Keyring
-from rtinfer.postprocess import Postprocessor
+from rtinfer.postprocess import Postprocessor, Rows, read_request
 from rtinfer.preprocess import Accepted, Preprocessor, Request
 
 from helpers import palette_png_trns_no_plte
@@ -253,3 +257,106 @@ def test_a_context_signed_with_a_key_the_checker_has_not_reloaded_yet_is_served(
     recs = {r["request_id"]: r for r in audit.read_records(tmp_path) if r["stage"] == "postprocess"}
     assert recs["good"]["event"] == "served" and recs["good"]["client_id"] == "alice"
     assert recs["forged"]["event"] == "rejected" and recs["forged"]["reason"] == "context_forged"
+
+
+class _Tensor:
+    def __init__(self, array):
+        self.array = array
+
+    def as_numpy(self):
+        return self.array
+
+
+class _Request:
+    """What postprocess.read_request reads of a Triton request."""
+
+    def __init__(self, request_id, tensors, parameters="{}"):
+        self.id, self.tensors, self.params = request_id, tensors, parameters
+
+    def request_id(self):
+        return self.id
+
+    def parameters(self):
+        return self.params
+
+
+class _PbUtils:
+    @staticmethod
+    def get_input_tensor_by_name(request, name):
+        return _Tensor(request.tensors[name]) if name in request.tensors else None
+
+
+def test_postprocess_reads_each_request_and_answers_each_alone(tmp_path):
+    """rtinfer.postprocess.read_request and Postprocessor.run_requests (what the adapter calls): rows of a
+    request that cannot be read, or one of whose rows is refused, fail that request only."""
+    writer = audit.AuditWriter(tmp_path / "post.jsonl")
+    post = Postprocessor(writer, tuple(f"c{i}" for i in range(10)), models={})
+    assert post.classes == 10
+    rng = np.random.default_rng(0)
+    ctx = lambda rid: np.array([[context(rid)]], dtype=np.object_)
+    requests = [
+        _Request("a", {"LOGITS": rng.normal(size=(1, 10)).astype(np.float32), "AUDIT_CTX": ctx("a")}),
+        _Request("b", {"LOGITS": np.zeros((1, 7), np.float32), "AUDIT_CTX": ctx("b")}),  # wrong width
+        _Request("c", {"AUDIT_CTX": ctx("c")}),  # no LOGITS
+        _Request("d", {"LOGITS": rng.normal(size=(2, 10)).astype(np.float32),
+                       "AUDIT_CTX": np.array([[context("d")], [b"not json"]], dtype=np.object_)}),
+        _Request("e", {"LOGITS": rng.normal(size=(1, 10)).astype(np.float32), "AUDIT_CTX": ctx("e")}, "{bad"),
+    ]
+    rows = [read_request(_PbUtils, r, post.classes) for r in requests]
+    assert all(isinstance(r, Rows) for r in rows) and rows[0].request_id == "a" and len(rows[3].contexts) == 2
+    for i in (1, 2, 4):
+        assert isinstance(rows[i].contexts[0], Refusal) and rows[i].contexts[0].reason == "bad_input"
+        assert rows[i].logits.shape == (1, 10)
+    out = post.run_requests(rows)
+    assert len(out) == 5
+    probs, refs = out[0]
+    assert probs.shape == (1, 10) and abs(float(probs.sum()) - 1) < 1e-5 and isinstance(refs[0], str)
+    assert all(isinstance(out[i], Refusal) for i in (1, 2, 3, 4))
+    assert post.run_requests([]) == []
+    writer.close()
+    events = sorted((r["request_id"], r["event"]) for r in audit.read_records(tmp_path))
+    assert events == [("a", "served"), ("b", "rejected"), ("c", "rejected"), ("d", "rejected"), ("d", "served"),
+                      ("e", "rejected")]
+
+
+def _stage_config(name: str, tmp_path, monkeypatch, **extra):
+    """A StageConfig as Triton hands one to the model (this repository's config of ``name``, its parameters)."""
+    repo = Path(__file__).resolve().parents[1] / "model_repository"
+    monkeypatch.setenv(keyring.ENV_VAR, str(keyring.write_new(tmp_path / "keys" / "keyring.json")))
+    monkeypatch.setenv(audit.ENV_DIR, str(tmp_path / "audit"))
+    text = (repo / name / "config.pbtxt").read_text()
+    params = {k: {"string_value": v} for k, v in
+              re.findall(r'\{ key: "([^"]+)" value: \{ string_value: "([^"]*)" \} \}', text)}
+    config = {"name": name, "parameters": params, **extra}
+    return stage_config.StageConfig({"model_config": json.dumps(config), "model_instance_name": f"{name}_0_0",
+                                     "model_repository": str(repo / name), "model_version": "3"})
+
+
+def test_stage_config_builds_each_adapters_stages(tmp_path, monkeypatch):
+    """The factories the three adapters call: preprocess and postprocess each with their own audit chain; the
+    cascade's postprocessor shares its preprocessor's chain, keyring and internal keys."""
+    pre = _stage_config("preprocess", tmp_path, monkeypatch).preprocessor()
+    assert pre.pipelines == {"pipeline"} and pre.stage == "preprocess" and pre.version == "3"
+    assert not pre.keep_plaintext
+    probs = {"output": [{"name": "PROBS", "data_type": "TYPE_FP32", "dims": [1000]}]}
+    post = _stage_config("postprocess", tmp_path, monkeypatch, **probs).postprocessor()
+    assert post.classes == 1000 and post.stage == "postprocess" and post.audit.path != pre.audit.path
+    assert post.models.get("pipeline", "").startswith("classifier_")
+    cfg = _stage_config("cascade", tmp_path, monkeypatch)
+    cpre = cfg.preprocessor(stage="cascade", keep_plaintext=True)
+    cpost = cfg.postprocessor(stage="cascade", sharing=cpre)
+    assert cpre.pipelines == {"cascade"} and cpre.keep_plaintext
+    assert cpost.audit is cpre.audit and cpost.keys is cpre.keys and cpost.internal_keys is cpre.ctx_key
+    assert cfg.cloud_leg() is None  # no cloud_url: the big model in this server
+    models = cfg.cascade_models()
+    casc = cfg.cascade(cpre, cpost)
+    assert isinstance(casc, Cascade) and casc.edge_model.startswith(models.edge + "/1")
+    assert casc.cloud_model.startswith(models.big + "/1") and models.served(remote=True) == models.edge_spec
+    bad = _stage_config("postprocess", tmp_path, monkeypatch,
+                        output=[{"name": "PROBS", "data_type": "TYPE_FP32", "dims": [10]}])
+    with pytest.raises(ValueError, match="10 classes"):
+        bad.postprocessor()
+    for stage in (pre, post, cpre):
+        stage.audit.close()
+    for store in (pre.replay, post.ctx_store, cpre.replay, cpost.ctx_store):
+        store.close()

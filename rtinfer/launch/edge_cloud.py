@@ -68,7 +68,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with cloud, edge:
-        print(f"cloud: gRPC+TLS 127.0.0.1:{s['ports']['grpc_port']} (pid {cloud.proc.pid}), audit {args.work / 'audit-cloud'}")
+        print(f"cloud: gRPC+TLS 127.0.0.1:{s['ports']['grpc_port']} (pid {cloud.proc.pid}), "
+              f"audit {args.work / 'audit-cloud'}")
         print(f"edge:  gRPC {edge.grpc_url}, HTTP {edge.http_url}, audit {args.work / 'audit-edge'}")
         print(f"try:   python -m clients.classify build/samples/chelsea.jpg --url {edge.grpc_url} --pipeline cascade "
               f"--keyring {args.keyring}")

@@ -108,7 +108,8 @@ def with_targets(models, repo: Path = ROOT / "model_repository", config_name: st
     out = []
     for m in models:
         params = model_params(Path(repo), m, config_name)
-        called = [params[k] for k in BLS_PARAMS if params.get(k) and not (k == "cloud_model" and params.get("cloud_url"))]
+        called = [params[k] for k in BLS_PARAMS
+                  if params.get(k) and not (k == "cloud_model" and params.get("cloud_url"))]
         for name in (m, *called):
             if name not in out:
                 out.append(name)

@@ -1,22 +1,20 @@
-"""Triton adapter for the postprocess stage; the logic is rtinfer.postprocess.
+"""Triton adapter for the postprocess stage: Triton tensors to and from rtinfer.postprocess, built by
+rtinfer.stage_config.
 
 Never raises out of ``execute()`` (rtinfer.guard): a request whose tensors cannot be
 read, or whose row the stage refuses, fails alone."""
-import json
-
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from rtinfer import guard, labels, metrics, stage_config
-from rtinfer.postprocess import Postprocessor
+from rtinfer import guard, metrics, stage_config
+from rtinfer.errors import Refusal
+from rtinfer.postprocess import read_request
 
 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = stage_config.StageConfig(args)
-        self.post = Postprocessor(cfg.audit_writer(), labels.names(), models=cfg.classifier_models(),
-                                  version=args["model_version"], keyring=cfg.keyring(),
-                                  internal_keys=cfg.internal_keys(), ctx_store=cfg.context_store())
+        self.post = cfg.postprocessor()
         self.metrics = metrics.for_stage_or_none(pb_utils, "postprocess", cfg)
         if self.metrics is not None:  # the classifier files this replica serves (rtinfer_model_info)
             guard.attempt(lambda: self.metrics.models(cfg.installed_classifiers()))
@@ -26,25 +24,11 @@ class TritonPythonModel:
         return guard.respond(pb_utils, requests, self._handle, after=lambda: self._export(len(requests)))
 
     def _handle(self, requests):
-        rows = [_read(request) for request in requests]
-        logits, contexts, ids, params = [], [], [], []
-        for lg, ctx, rid, prm in rows:
-            logits.append(lg)
-            contexts.extend(ctx)
-            ids.extend([rid] * len(ctx))
-            params.extend([prm] * len(ctx))
-        probs, refs = self.post.run(np.concatenate(logits) if logits else np.zeros((0, 1000), np.float32),
-                                    contexts, ids, params)
-        out, start = [], 0
-        for row in rows:
-            n = len(row[1])
-            mine = refs[start:start + n]
-            errors = [r for r in mine if isinstance(r, guard.Refusal)]
-            out.append(errors[0] if errors else [
-                pb_utils.Tensor("PROBS", probs[start:start + n]),
-                pb_utils.Tensor("AUDIT_REF", np.array(mine, dtype=np.object_).reshape(n, 1))])
-            start += n
-        return out
+        results = self.post.run_requests([read_request(pb_utils, r, self.post.classes) for r in requests])
+        return [r if isinstance(r, Refusal) else
+                [pb_utils.Tensor("PROBS", r[0]),
+                 pb_utils.Tensor("AUDIT_REF", np.array(r[1], dtype=np.object_).reshape(-1, 1))]
+                for r in results]
 
     def _export(self, batch: int):
         """Stage metrics (rtinfer.metrics) on Triton's metrics port; a failure here fails no request."""
@@ -56,20 +40,3 @@ class TritonPythonModel:
     def finalize(self):
         self.post.audit.close()
         self.post.ctx_store.close()
-
-
-def _read(request):
-    """(logits [n,1000], n contexts, request id, parameters) of one request; one that cannot be read
-    becomes one row whose context is its Refusal (the stage audits it and answers it alone)."""
-    def read():
-        params = json.loads(request.parameters() or "{}")
-        lg = np.asarray(pb_utils.get_input_tensor_by_name(request, "LOGITS").as_numpy(), np.float32).reshape(-1, 1000)
-        ctx = pb_utils.get_input_tensor_by_name(request, "AUDIT_CTX").as_numpy().reshape(-1)
-        if lg.shape[0] != len(ctx):
-            raise ValueError("LOGITS and AUDIT_CTX have different batch sizes")
-        return lg, [bytes(c) for c in ctx], str(request.request_id()), params if isinstance(params, dict) else {}
-    row = guard.attempt(read, blame=guard.CLIENT)
-    if isinstance(row, guard.Refusal):
-        rid = guard.attempt(lambda: str(request.request_id()))
-        row = np.zeros((1, 1000), np.float32), [row], rid if isinstance(rid, str) else "", {}
-    return row
