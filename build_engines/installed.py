@@ -5,8 +5,8 @@ FP32 export that ``make engines-quick`` installs on a fresh clone, or the varian
 chose. The cascade's big model (``classifier_big``) only the full build installs.
 
     python -m build_engines.installed                    # which variant is served, how to build a better one
-    python -m build_engines.installed --models           # ... and on stdout the models to expose: pipeline[,cascade]
-    python -m build_engines.installed --require-cascade  # ... and exit 2 unless the cascade can load
+    python -m build_engines.installed --models           # the models to expose: pipeline[,cascade]
+    python -m build_engines.installed --require-cascade  # exit 2 unless the cascade can load
 
 Light on purpose (no ONNX import): every serving target runs it.
 """
@@ -71,20 +71,21 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m build_engines.installed", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     what = p.add_mutually_exclusive_group()
-    what.add_argument("--models", action="store_true", help="also print the models to expose, comma-separated")
-    what.add_argument("--require-cascade", action="store_true", help="exit 2 unless the cascade's big model is built")
+    what.add_argument("--models", action="store_true",
+                      help="print only the models to expose, comma-separated (what is left out: on stderr)")
+    what.add_argument("--require-cascade", action="store_true",
+                      help="print nothing, exit 2 (saying why) unless the cascade's big model is built")
     args = p.parse_args(argv)
     m = manifest()
-    out = sys.stderr if args.models else sys.stdout  # stdout carries the model list alone
-    print(f"[installed] {describe(m)}", file=out, flush=True)
-    if not m:
-        return 2
+    if not m or not (args.models or args.require_cascade):  # `make engines-quick` said which variant is served
+        print(f"[installed] {describe(m)}", file=sys.stderr if args.models else sys.stdout, flush=True)
+        return 0 if m else 2
     if args.require_cascade and not cascade_ready():
-        print("[installed] this needs the cascade's big model (classifier_big): run `make engines` first", file=out)
+        print("[installed] this needs the cascade's big model (classifier_big): run `make engines` first")
         return 2
     if args.models:
         if not cascade_ready():
-            print(f"[installed] {cascade_note()}", file=out)
+            print(f"[installed] {cascade_note()}", file=sys.stderr, flush=True)
         print(",".join(served_models()))
     return 0
 

@@ -67,5 +67,13 @@ def test_the_cascade_is_exposed_only_once_its_big_model_is_built(repo, capsys):
     assert "run `make engines` first" in capsys.readouterr().out
     installed.BIG_MODEL.write_bytes(b"lite2")
     assert installed.main(["--models"]) == 0
-    assert capsys.readouterr().out == "pipeline,cascade\n"
+    assert capsys.readouterr() == ("pipeline,cascade\n", "")
     assert installed.main(["--require-cascade"]) == 0
+    assert capsys.readouterr() == ("", "")
+
+
+def test_without_a_classifier_the_serving_targets_stop(repo, capsys):
+    for argv in (["--models"], ["--require-cascade"]):
+        assert installed.main(argv) == 2
+        out, err = capsys.readouterr()
+        assert "no classifier installed" in out + err and "pipeline" not in out

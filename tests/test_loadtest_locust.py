@@ -7,7 +7,7 @@ import subprocess
 from rtinfer import keyring
 from rtinfer.launch.server import ROOT
 
-from helpers import locust  # noqa: F401 (re-exported: other modules import it here)
+from helpers import locust
 
 
 def test_locustfile_headless_records_successes_per_protocol(server, keyring_path, tmp_path):
@@ -34,11 +34,11 @@ def test_make_loadtest_fails_naming_the_impossible_slo(server, keyring_path, tmp
     slo = tmp_path / "impossible.toml"
     slo.write_text("p50_ms = 0.001\nerror_rate = 0.5\n")
     target = f"--grpc {server.grpc_url} --http {server.http_url} --metrics {server.metrics_url}"
-    # -o engines -o keys: the session server already proves the model and keyring exist, and the
-    # engines step would wait on another build's lock; only the loadtest recipe is under test.
-    proc = subprocess.run(["make", "--no-print-directory", "-o", "engines", "-o", "keys", "loadtest", f"KEYRING={keyring_path}", f"SLO={slo}",
-                           "DURATION=3s", "USERS=2", "SPAWN_RATE=2", f"LOADTEST_OUT={tmp_path / 'out'}",
-                           f"LOADTEST_TARGET={target}"],
+    # -o engines-quick -o keys: the session server already proves the model and keyring exist, and the
+    # engines-quick step would wait on another build's lock; only the loadtest recipe is under test.
+    proc = subprocess.run(["make", "--no-print-directory", "-o", "engines-quick", "-o", "keys", "loadtest",
+                           f"KEYRING={keyring_path}", f"SLO={slo}", "DURATION=3s", "USERS=2", "SPAWN_RATE=2",
+                           f"LOADTEST_OUT={tmp_path / 'out'}", f"LOADTEST_TARGET={target}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=90)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]

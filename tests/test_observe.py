@@ -19,8 +19,8 @@ def test_make_observe_attack_raises_its_alerts_and_clean_traffic_none(tmp_path):
     require_haproxy()
     promtool()
     out = tmp_path / "observe"
-    # -o engines: the model is there (require_model); only the observe recipe is under test
-    proc = subprocess.run(["make", "--no-print-directory", "-o", "engines", "observe", f"OBSERVE_OUT={out}",
+    # -o engines-quick: the model is there (require_model); only the observe recipe is under test
+    proc = subprocess.run(["make", "--no-print-directory", "-o", "engines-quick", "observe", f"OBSERVE_OUT={out}",
                            "OBSERVE_ARGS=--clean-s 20 --surge-s 0 --attack-s 30"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     text = proc.stdout + proc.stderr
