@@ -47,7 +47,8 @@ def combine(small: np.ndarray, big: np.ndarray, labels: np.ndarray, metric: str,
     pred = np.where(escalate, big.argmax(1), small.argmax(1))
     hits = int(np.sum(pred == labels))
     return {"metric": metric, "threshold": threshold, "top1": hits / len(labels),
-            "top1_ci95": labeled_photos.wilson(hits, len(labels)), "escalated": float(escalate.mean()), "n": len(labels)}
+            "top1_ci95": labeled_photos.wilson(hits, len(labels)), "escalated": float(escalate.mean()),
+            "n": len(labels)}
 
 
 def grid(small, big, labels) -> list[dict]:
@@ -100,7 +101,8 @@ def chart(rows_confirm: list[dict], chosen: dict, path: Path) -> None:
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     for metric, style in (("top1", "-o"), ("margin", "-s")):
         rs = [r for r in rows_confirm if r["metric"] == metric and r["threshold"] <= 1]
-        a.plot([r["escalated"] * 100 for r in rs], [r["top1"] * 100 for r in rs], style, ms=3, label=f"cascade ({metric})")
+        a.plot([r["escalated"] * 100 for r in rs], [r["top1"] * 100 for r in rs], style, ms=3,
+               label=f"cascade ({metric})")
         b.plot([r["threshold"] for r in rs], [r["escalated"] * 100 for r in rs], style, ms=3, label=metric)
     small = next(r for r in rows_confirm if r["threshold"] == 0.0)
     big = next(r for r in rows_confirm if r["threshold"] == ALWAYS)
@@ -154,7 +156,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m clients.cascade_curve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "imagenet-sample-dev")
-    p.add_argument("--within-points", type=float, default=0.5, help="goal: top-1 within this of big-only (choose split)")
+    p.add_argument("--within-points", type=float, default=0.5,
+                   help="goal: top-1 within this of big-only (choose split)")
     p.add_argument("--out", type=Path, default=ROOT / "build" / "cascade")
     p.add_argument("--no-serve", action="store_true", help="offline figures only (no latency)")
     p.add_argument("--extra-thresholds", type=float, nargs="*", default=[], help="also serve these (chosen metric)")
@@ -189,7 +192,8 @@ def main(argv=None) -> int:
                 s = served(f, y, metric, t, key, "curve", ring_path, work)
                 s["label"] = label
                 print(f"[cascade-curve] {label}: top-1 {_pct(s['served_top1'])}, escalated "
-                      f"{_pct(s['escalated_served'])}, mean {s['mean_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms", flush=True)
+                      f"{_pct(s['escalated_served'])}, mean {s['mean_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms",
+                      flush=True)
                 doc["served"].append(s)
     (args.out / "cascade_curve.json").write_text(json.dumps(doc, indent=1, default=float) + "\n")
     (args.out / "cascade_curve.md").write_text(markdown(doc))

@@ -125,8 +125,9 @@ class Arms:
             def call() -> int:
                 inp = mod.InferInput("ENVELOPE", [1, 1], "BYTES")
                 inp.set_data_from_numpy(np.array([[sealer.next()]], dtype=np.object_))
-                res = client.infer("pipeline", [inp], outputs=[mod.InferRequestedOutput("PROBS", class_count=self.top_k),
-                                                             mod.InferRequestedOutput("AUDIT_REF")],
+                res = client.infer("pipeline", [inp],
+                                   outputs=[mod.InferRequestedOutput("PROBS", class_count=self.top_k),
+                                            mod.InferRequestedOutput("AUDIT_REF")],
                                    request_id=uuid.uuid4().hex, parameters={"client_id": "bench"})
                 if len(res.as_numpy("PROBS").reshape(-1)) != self.top_k:
                     raise ValueError("wrong number of classes")

@@ -109,8 +109,8 @@ def one_client(args, key, out: Path) -> dict:
     row["paired_median_diff_ms"] = round(float(np.median(diffs)), 2)
     log(f"  p50 sqlite {row['sqlite']['p50_ms']} ms, redis {row['redis']['p50_ms']} ms: {row['added_p50_ms']:+} ms "
         f"(median of paired differences {row['paired_median_diff_ms']:+} ms); store per batch (pre, post): "
-        + ", ".join(f"{n} {row[n]['replay_check']['preprocess']['mean_ms']}, {row[n]['replay_check']['postprocess']['mean_ms']} ms"
-                    for n in ("sqlite", "redis")))
+        + ", ".join(f"{n} {row[n]['replay_check']['preprocess']['mean_ms']}, "
+                    f"{row[n]['replay_check']['postprocess']['mean_ms']} ms" for n in ("sqlite", "redis")))
     return row
 
 
@@ -143,7 +143,8 @@ def saturated(args, key, out: Path) -> dict:
                        "generator_cpu_s_per_s": round(cpu / (args.seconds + 2.0), 2),
                        "load_avg": round(os.getloadavg()[0], 2)}
                 rounds.append(row)
-                log(f"  round {r + 1} {name}: {row['throughput']} req/s, p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, "
+                log(f"  round {r + 1} {name}: {row['throughput']} req/s, p50 {row['p50_ms']} ms, "
+                    f"p99 {row['p99_ms']} ms, "
                     f"errors {row['errors']}, queue {row['queue_us_per_request']} us/request, "
                     f"generator CPU {row['generator_cpu_s_per_s']} cores")
     per = {}
@@ -153,10 +154,12 @@ def saturated(args, key, out: Path) -> dict:
                      "throughput_rounds": [x["throughput"] for x in rows],
                      "p50_ms_mean": round(float(np.mean([x["p50_ms"] for x in rows])), 1),
                      "p99_ms_mean": round(float(np.mean([x["p99_ms"] for x in rows])), 1),
-                     "queue_us_per_request_mean": round(float(np.mean([x["queue_us_per_request"] or 0 for x in rows])), 1),
+                     "queue_us_per_request_mean":
+                         round(float(np.mean([x["queue_us_per_request"] or 0 for x in rows])), 1),
                      "errors": sum(x["errors"] for x in rows)}
     names = list(fleets)
-    ratio = per[names[1]]["throughput_mean"] / per[names[0]]["throughput_mean"] if per[names[0]]["throughput_mean"] else None
+    first, second = per[names[0]]["throughput_mean"], per[names[1]]["throughput_mean"]
+    ratio = second / first if first else None
     return {"clients": args.clients, "seconds": args.seconds, "rounds": rounds, "per_fleet": per,
             "throughput_ratio_2_over_1": round(ratio, 3) if ratio else None}
 
@@ -177,7 +180,8 @@ def table(report: dict) -> str:
               "| queue time per request | errors |", "|---|---|---|---|---|---|"]
     for name, r in sat["per_fleet"].items():
         lines.append(f"| {name} | {r['throughput_mean']} req/s ({', '.join(map(str, r['throughput_rounds']))}) "
-                     f"| {r['p50_ms_mean']} ms | {r['p99_ms_mean']} ms | {r['queue_us_per_request_mean'] / 1000:.1f} ms "
+                     f"| {r['p50_ms_mean']} ms | {r['p99_ms_mean']} ms "
+                     f"| {r['queue_us_per_request_mean'] / 1000:.1f} ms "
                      f"| {r['errors']} |")
     lines += ["", f"2 replicas / 1 replica throughput: {sat['throughput_ratio_2_over_1']}"]
     return "\n".join(lines) + "\n"
@@ -224,7 +228,8 @@ def main(argv=None) -> int:
     target.ensure_keyring(args.keyring)
     key = Keyring.load(args.keyring).key(args.key_id)
     report = {"command": "make bench-fleet " + " ".join(
-                  f"BENCH_FLEET_{k.upper()}={getattr(args, k):g}" for k in ("requests", "seconds", "rounds", "clients")),
+                  f"BENCH_FLEET_{k.upper()}={getattr(args, k):g}"
+                  for k in ("requests", "seconds", "rounds", "clients")),
               "host": host(), "requests": args.requests, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     report["one_client"] = one_client(args, key, args.out)
     report["saturated"] = saturated(args, key, args.out)

@@ -41,8 +41,8 @@ def timed_calls(clients: dict[str, PipelineClient], image: bytes, n: int) -> dic
 
 def summary(ms: list[float]) -> dict:
     a = np.array(ms)
-    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 2), "p90_ms": round(float(np.percentile(a, 90)), 2),
-            "mean_ms": round(float(a.mean()), 2)}
+    return {"n": len(a), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p90_ms": round(float(np.percentile(a, 90)), 2), "mean_ms": round(float(a.mean()), 2)}
 
 
 def main(argv=None) -> int:

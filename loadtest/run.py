@@ -99,9 +99,9 @@ def main(argv=None) -> int:
     (args.out / "breakdown.json").write_text(json.dumps([s.row() for s in stages], indent=1))
     table = metrics.markdown(stages)
     (args.out / "breakdown.md").write_text(table + "\n")
-    png = plots.breakdown(stages, Path(f"{prefix}_stats_history.csv"), args.out / "breakdown.png",
-                          f"{args.pipeline}: {'step load' if args.step else f'{args.users} users'}, {wall:.0f} s, "
-                          f"target gRPC {tgt.grpc} / HTTP {tgt.http}", ensembles=(args.pipeline,))
+    plots.breakdown(stages, Path(f"{prefix}_stats_history.csv"), args.out / "breakdown.png",
+                    f"{args.pipeline}: {'step load' if args.step else f'{args.users} users'}, {wall:.0f} s, "
+                    f"target gRPC {tgt.grpc} / HTTP {tgt.http}", ensembles=(args.pipeline,))
     verdicts = slo.check(stats_csv, thresholds)
     summary = ["# Load test", "", f"Locust: `{' '.join(cmd[3:])}`", "", "## Per-stage breakdown (server side)", "",
                "Triton's counts include the ramp-up; with a fixed user count Locust's percentiles start after it "

@@ -435,8 +435,8 @@ def verify_file(path: str | os.PathLike, *, prev: str | None = GENESIS, seq: int
             if not isinstance(seq, int) or (seq == 0) != (prev == GENESIS):
                 return _broken(report, lineno, "first record's seq and prev do not fit together")
         if rec.get("prev") != prev:
-            return _broken(report, lineno, FIRST_LINK if lineno == 1 else
-                           "prev does not match the previous record's hash (a record was deleted, inserted or reordered)")
+            return _broken(report, lineno, FIRST_LINK if lineno == 1 else "prev does not match the previous "
+                           "record's hash (a record was deleted, inserted or reordered)")
         if rec.get("seq") != seq:
             return _broken(report, lineno, f"seq is {rec.get('seq')}, expected {seq}")
         if record_hash(rec) != claimed:

@@ -11,7 +11,6 @@ for one they use. The same rewrite as rtinfer.launch.server.repository_with (the
 without importing rtinfer (the NGC image's Python has the stages' dependencies, not the launcher's).
 """
 import json
-import os
 import re
 import shutil
 import sys
@@ -55,7 +54,8 @@ def prepare(src: Path, dst: Path, params: dict) -> list[str]:
                 (target / "configs").mkdir()
                 for cfg in sorted(child.iterdir()):
                     if cfg.suffix == ".pbtxt":
-                        (target / "configs" / cfg.name).write_text(rewrite(cfg.read_text(), params[entry.name], str(cfg)))
+                        rewritten = rewrite(cfg.read_text(), params[entry.name], str(cfg))
+                        (target / "configs" / cfg.name).write_text(rewritten)
                         changed.append(f"{entry.name}/configs/{cfg.name}")
                     else:
                         (target / "configs" / cfg.name).symlink_to(cfg.resolve())
