@@ -1,6 +1,6 @@
-"""Audit promises of docs/formats.md "Verifying the audit trail" and of rtinfer/audit.py's docstring that no other test exercised (issue 23, 4):
-records swapped in place are found ("reordering"), and a new audit directory is made 0700, by the writer
-and by a real server whose audit directory did not exist.
+"""Audit promises of docs/formats.md "Verifying the audit trail" and of rtinfer/audit.py's docstring that no other
+test exercised (issue 23, 4): records swapped in place are found ("reordering"), and a new audit directory is made
+0700, by the writer and by a real server whose audit directory did not exist.
 
 Everything runs on the real AuditWriter, verifier, CLI and signer on temp directories.
 """
@@ -25,7 +25,8 @@ from conftest import require_model
 def write(path: Path, n: int, batch: int = 1, **kw) -> list[dict]:
     w = audit.AuditWriter(path, **kw)
     for i in range(0, n, batch):
-        w.append([{"event": "served", "request_id": f"r{j}", "top1": {"index": j}} for j in range(i, min(n, i + batch))])
+        w.append([{"event": "served", "request_id": f"r{j}", "top1": {"index": j}}
+                  for j in range(i, min(n, i + batch))])
     w.close()
     return audit.read_records(path)
 
@@ -48,7 +49,8 @@ def verify_cli(path, *args) -> subprocess.CompletedProcess:
 
 # ------------------------------------------------------------------ reordering
 
-@pytest.mark.parametrize("i, j", [(2, 3), (0, 1), (0, 5), (4, 5)], ids=["middle", "first-two", "first-last", "last-two"])
+@pytest.mark.parametrize("i, j", [(2, 3), (0, 1), (0, 5), (4, 5)],
+                         ids=["middle", "first-two", "first-last", "last-two"])
 def test_records_swapped_in_place_are_found(tmp_path, i, j):
     f = tmp_path / "preprocess_0_0.jsonl"
     before = write(f, 6)

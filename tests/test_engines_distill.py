@@ -136,7 +136,8 @@ def test_moments_in_chunks_equal_one_pass(centre_crops):
 
 def test_fit_and_pick_halve_the_choose_classes_and_never_touch_confirm():
     classes = np.arange(1000)
-    part = {s: {int(c) for c in classes if labeled_photos.in_split(int(c), s)} for s in ("fit", "pick", "choose", "confirm")}
+    part = {s: {int(c) for c in classes if labeled_photos.in_split(int(c), s)}
+            for s in ("fit", "pick", "choose", "confirm")}
     assert part["fit"] | part["pick"] == part["choose"] and not part["fit"] & part["pick"]
     assert not (part["fit"] | part["pick"]) & part["confirm"]
     even = {c for c in classes if c % 2 == 0}          # imagenet-sample-dev: even classes only

@@ -139,7 +139,8 @@ class Load:
                 break
             sealed = c.seal(image)
             rid = f"fleet-{n}-{i}-{uuid.uuid4().hex[:8]}"
-            rec = {"envelope": sealed, "client": c.client_id, "t0": time.monotonic(), "t1": None, "outcome": "no answer"}
+            rec = {"envelope": sealed, "client": c.client_id, "t0": time.monotonic(), "t1": None,
+                   "outcome": "no answer"}
             with self.lock:
                 self.requests[rid] = rec
             try:
@@ -327,7 +328,8 @@ def test_prometheus_scrapes_each_replica_through_the_gateway(fleet, tmp_path):
     from rtinfer.launch.prometheus import binary
     gw = fleet.gateway
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text("global: {scrape_interval: 1s, scrape_timeout: 1s}\n" + (gw.workdir / "prometheus-scrape.yml").read_text())
+    cfg.write_text("global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+                   + (gw.workdir / "prometheus-scrape.yml").read_text())
     subprocess.run([binary("promtool"), "check", "config", str(cfg)], check=True, capture_output=True, timeout=60)
     port = free_port()
     proc = subprocess.Popen([binary(), f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'data'}",
@@ -373,7 +375,8 @@ def test_redis_down_under_load_refuses_unavailable_audited_and_recovers(fleet, k
     counts = load.summary()
     assert not load.failures(), load.failures()[:5]
     while_down = [(rid, r["outcome"]) for rid, r in load.requests.items() if r["t0"] >= down and r["t1"] <= up0]
-    assert while_down and all(o == "unavailable" for _, o in while_down), [x for x in while_down if x[1] != "unavailable"]
+    assert while_down and all(o == "unavailable" for _, o in while_down), \
+        [x for x in while_down if x[1] != "unavailable"]
     recs = check_served_audited_once(load, fleet)
     refused = [rid for rid, r in load.requests.items() if r["outcome"] == "unavailable"]
     for rid in refused:  # refused, and audited as such where it was refused

@@ -68,7 +68,7 @@ def differential(check, cpp, seed: int, n: int):
     """Run n generated cases; returns (per-mutator tallies, violations)."""
     generated = list(grpc_cases.cases(seed, n))
     by_rpc = collections.defaultdict(list)
-    for k, (_, rpc, body) in enumerate(generated):
+    for k, (_, rpc, _body) in enumerate(generated):
         by_rpc[rpc].append(k)
     cpp_names = {}
     for rpc, idx in by_rpc.items():

@@ -16,7 +16,7 @@ from rtinfer.launch.server import ROOT, TritonServer
 from rtinfer.preprocess import Preprocessor, Request
 
 from conftest import settled
-from helpers import metric_value as value, parse_metrics as parse  # noqa: F401 (re-exported: other modules import them here)
+from helpers import metric_value as value, parse_metrics as parse
 
 KEY = bytes(range(32))
 def test_client_labels_are_bounded_and_forged_ids_take_no_slot():

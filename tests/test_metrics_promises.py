@@ -182,7 +182,7 @@ class _Metrics:
             cls.failures += 1
             raise RuntimeError("metric update failed: the server process is gone")
 
-    def Metric(self, labels, buckets=None):  # noqa: N802 - pb_utils' name
+    def Metric(self, labels, buckets=None):  # pb_utils' name
         self.check()
         family = self
 

@@ -10,7 +10,7 @@ import pytest
 from rtinfer import metrics
 from rtinfer.launch.server import ROOT
 
-from helpers import promtool  # noqa: F401 (re-exported: other modules import it here)
+from helpers import promtool
 
 PROM = ROOT / "deploy" / "prometheus"
 RULES = sorted((PROM / "rules").glob("*.yml"))

@@ -179,5 +179,7 @@ def test_locustfile_takes_the_access_options(secured, keyring_path, certs, tmp_p
     for protocol in ("grpc", "http"):
         row = rows[(protocol, "pipeline")]
         assert int(row["Request Count"]) > 0 and int(row["Failure Count"]) == 0, row
-    proc, rows = locust(secured, keyring_path, tmp_path / "nokey", seconds=2, extra=["--triton-tls-ca", str(certs["ca"])])
-    assert all(int(r["Failure Count"]) == int(r["Request Count"]) > 0 for r in rows.values() if r["Name"] != "Aggregated")
+    proc, rows = locust(secured, keyring_path, tmp_path / "nokey", seconds=2,
+                        extra=["--triton-tls-ca", str(certs["ca"])])
+    assert all(int(r["Failure Count"]) == int(r["Request Count"]) > 0
+               for r in rows.values() if r["Name"] != "Aggregated")

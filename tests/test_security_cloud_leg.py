@@ -142,7 +142,7 @@ def test_a_spent_deadline_does_not_take_the_half_open_trial(tmp_path):
     """An escalation whose deadline is already spent makes no call: it must leave the breaker's single
     half-open trial for the next escalation, or the breaker never calls the cloud again."""
     now = [0.0]
-    clock = lambda: now[0]  # noqa: E731
+    clock = lambda: now[0]
     certs = access.loopback_certs(tmp_path)
     breaker = routing.Breaker(failures=1, reset_s=5.0, clock=clock)
     cloud = leg(f"127.0.0.1:{free_port()}", tmp_path, tls_ca=str(certs["ca"]), deadline_s=0.01,
