@@ -263,7 +263,8 @@ def test_kserve_runtime_matches_the_statefulset(rendered):
     isvc = one(rendered["values-kserve.yaml"], "InferenceService")["spec"]
     strip = lambda args: [a for a in args if not re.match(r"--(http|grpc|metrics)-port=", a)]
     assert strip(runtime["args"]) == strip(container(sts_spec, "triton")["args"])
-    assert isvc["predictor"]["model"]["runtime"] == one(rendered["values-kserve.yaml"], "ServingRuntime")["metadata"]["name"]
+    serving_runtime = one(rendered["values-kserve.yaml"], "ServingRuntime")
+    assert isvc["predictor"]["model"]["runtime"] == serving_runtime["metadata"]["name"]
     assert [c["name"] for c in isvc["predictor"]["initContainers"]] == [c["name"] for c in sts_spec["initContainers"]]
     sts_env = env_of(container(sts_spec, "triton"))
     kserve_env = {e["name"]: e.get("value", e.get("valueFrom")) for e in isvc["predictor"]["model"]["env"]}
@@ -319,7 +320,8 @@ def test_haproxy_accepts_the_rendered_gateway(rendered, values_name, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ALERT" not in result.stdout + result.stderr
     # and a broken second file is refused (the check above can fail)
-    (tmp_path / "kubernetes.cfg").write_text(data["kubernetes.cfg"].replace("backend triton_grpc", "backend triton_grcp"))
+    (tmp_path / "kubernetes.cfg").write_text(data["kubernetes.cfg"].replace("backend triton_grpc",
+                                                                            "backend triton_grcp"))
     broken = subprocess.run([haproxy_binary(), "-c", *argv[1:]], env={**os.environ, **env},
                             capture_output=True, text=True, timeout=60)
     assert broken.returncode != 0
@@ -364,7 +366,8 @@ def test_triton_arguments_agree_with_server_py(chart, rendered, values_name, tmp
     config_name = values["triton"]["modelConfigName"] or None
     assert config_name == ("cpu" if values_name == "values.yaml" else None)
     server = TritonServer(REPO, models=values["gateway"]["models"], config_name=config_name, workdir=tmp_path)
-    host_specific = re.compile(r"--(model-repository|backend-directory|cache-directory|(http|grpc|metrics)-(address|port))=")
+    host_specific = re.compile(
+        r"--(model-repository|backend-directory|cache-directory|(http|grpc|metrics)-(address|port))=")
     expected = [a for a in server.command()[1:] if not host_specific.match(a)]
     chart_args = [a for a in triton["args"] if not host_specific.match(a)]
     assert chart_args == expected
@@ -375,7 +378,7 @@ def test_triton_arguments_agree_with_server_py(chart, rendered, values_name, tmp
     for model in values["triton"]["loadModels"]:
         assert (REPO / model / "config.pbtxt").exists()
     # the model repository Triton serves is the one the init container prepares
-    assert f"--model-repository=/run/rtinfer/model_repository" in triton["args"]
+    assert "--model-repository=/run/rtinfer/model_repository" in triton["args"]
     prepare = container(spec, "prepare-repository")
     assert prepare["command"][3] == "/run/rtinfer/model_repository"
     assert prepare["command"][2] == values["triton"]["modelRepository"]["imagePath"]
@@ -415,7 +418,8 @@ def test_ports_probes_and_network_policy_agree(chart, rendered, values_name):
     assert triton["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": ports["http"]}
     # the metrics port is in no Service: scraped from the pods
     for svc in (o for o in objects if o["kind"] == "Service"):
-        assert all(p.get("targetPort") != "metrics" and p["port"] != ports["metrics"] for p in svc["spec"]["ports"]), svc
+        assert all(p.get("targetPort") != "metrics" and p["port"] != ports["metrics"]
+                   for p in svc["spec"]["ports"]), svc
     gateway_svc = one(objects, "Service", f"{RELEASE}-gateway")
     assert {p["targetPort"] for p in gateway_svc["spec"]["ports"]} == {"http", "grpc"}
     # NetworkPolicy: Triton's HTTP/gRPC from the gateway pods only, metrics from Prometheus only
@@ -467,12 +471,13 @@ def test_audit_on_per_pod_volumes_and_keys_from_secrets(chart, rendered, values_
     sync = container(spec, "key-sync")
     assert sync["restartPolicy"] == "Always"  # a native sidecar: keeps copying rotated Secrets
     targets = {arg.rsplit("=", 1)[1] for arg in sync["command"] if "=" in arg and not arg.startswith("--")}
-    assert {Path(p).name for k, p in env.items() if isinstance(p, str) and p.startswith("/run/rtinfer/keys/")} == targets
+    assert {Path(p).name for p in env.values() if isinstance(p, str) and p.startswith("/run/rtinfer/keys/")} == targets
     assert spec["securityContext"]["runAsNonRoot"] is True and spec["automountServiceAccountToken"] is False
     # per-pod SQLite would end replay protection at one pod: the stages get the shared store
     for model in values["triton"]["loadModels"] + ["preprocess", "postprocess"]:
         params = model_params(REPO, model, values["triton"]["modelConfigName"] or None)
-        assert params.get("replay_store", "") == "", f"{model} sets replay_store: the pod's RTINFER_REPLAY_STORE would be ignored"
+        assert params.get("replay_store", "") == "", \
+            f"{model} sets replay_store: the pod's RTINFER_REPLAY_STORE would be ignored"
 
 
 def test_fleet_replica_ids_only_for_a_fixed_count(chart):
@@ -487,7 +492,8 @@ def test_fleet_replica_ids_only_for_a_fixed_count(chart):
 
 @pytest.mark.parametrize("values, message", [
     ({"redis": {"enabled": False}}, "shared replay store"),
-    ({"redis": {"enabled": False}, "autoscaling": {"enabled": False}, "triton": {"replicas": 2}}, "shared replay store"),
+    ({"redis": {"enabled": False}, "autoscaling": {"enabled": False}, "triton": {"replicas": 2}},
+     "shared replay store"),
     ({"gateway": {"models": ["pipeline", "cascade"]}}, "triton.loadModels does not load"),
     ({"triton": {"modelRepository": {"source": "volume"}}}, "claimName"),
     ({"secrets": {"apiKey": {"secretName": "k"}}}, "apiKeyDigests"),
@@ -583,7 +589,8 @@ def test_redis_as_rendered_with_the_stages_client(rendered, tmp_path):
     dirs = {name: tmp_path / name for name in ("etc", "secret", "run", "data")}
     for d in dirs.values():
         d.mkdir()
-    moved = lambda text: (text.replace("/etc/redis/rtinfer/", f"{dirs['etc']}/").replace("/run/secrets/redis/", f"{dirs['secret']}/")
+    moved = lambda text: (text.replace("/etc/redis/rtinfer/", f"{dirs['etc']}/")
+                          .replace("/run/secrets/redis/", f"{dirs['secret']}/")
                           .replace("/run/redis/", f"{dirs['run']}/").replace("dir /data", f"dir {dirs['data']}")
                           .replace("bind 0.0.0.0", "bind 127.0.0.1").replace("port 6379", f"port {port}")
                           .replace("-p 6379", f"-p {port}"))
@@ -592,7 +599,8 @@ def test_redis_as_rendered_with_the_stages_client(rendered, tmp_path):
     password = "s3cret-pass"
     (dirs["secret"] / "password").write_text(password + "\n")  # a trailing newline, as kubectl --from-file keeps it
     env = {**os.environ, "PATH": f"{Path(redis_server.redis_binary()).parent}:{os.environ['PATH']}"}
-    proc = subprocess.Popen(["sh", str(dirs["etc"] / "start.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(["sh", str(dirs["etc"] / "start.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 20
         while subprocess.run(["sh", str(dirs["etc"] / "ping.sh")], env=env).returncode != 0:
@@ -608,7 +616,8 @@ def test_redis_as_rendered_with_the_stages_client(rendered, tmp_path):
         assert client.set("rtinfer:test:nonce", 1, nx=True, px=60000) is True
         assert client.set("rtinfer:test:nonce", 1, nx=True, px=60000) is None  # a replay
         for forbidden in (lambda: client.set("other", 1), lambda: client.config_get("appendfsync"),
-                          lambda: client.flushall(), lambda: client.keys("*"), lambda: client.get("rtinfer:test:nonce")):
+                          lambda: client.flushall(), lambda: client.keys("*"),
+                          lambda: client.get("rtinfer:test:nonce")):
             with pytest.raises(redis.exceptions.NoPermissionError):
                 forbidden()
         once = dict(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
@@ -707,7 +716,8 @@ def test_every_option_renders_valid_objects(chart):
                           "adminKey": {"secretName": "a"}, "auditSigningKey": {"secretName": ""}},
               "triton": {"modelRepository": {"source": "volume", "claimName": "models"},
                          "modelParameters": {"postprocess": {"audit_fsync": "batch"}}},
-              "autoscaling": {"enabled": False}, "networkPolicy": {"gatewayFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}
+              "autoscaling": {"enabled": False},
+              "networkPolicy": {"gatewayFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}
     objects = render(chart, values)
     for obj in objects:
         validate_k8s(obj, KUBE_VERSIONS[0])
@@ -719,7 +729,8 @@ def test_every_option_renders_valid_objects(chart):
     assert "RTINFER_AUDIT_SIGNING_KEY" not in env_of(container(spec, "triton"))
     prepare = container(spec, "prepare-repository")
     assert json.loads(prepare["command"][4]) == {"postprocess": {"audit_fsync": "batch"}}
-    assert {"name": "model-source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in spec["volumes"]
+    source = {"name": "model-source", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+    assert source in spec["volumes"]
     assert not [o for o in objects if o["kind"] == "HorizontalPodAutoscaler"]
 
 
@@ -753,7 +764,8 @@ class _StubDNS:
             self.names.append(".".join(labels))
             answer = (b"\xc0\x0c" + (1).to_bytes(2, "big") + (1).to_bytes(2, "big") + (5).to_bytes(4, "big")
                       + (4).to_bytes(2, "big") + socket.inet_aton("127.0.0.1")) if qtype == 1 else b""
-            header = query[:2] + b"\x81\x80" + b"\x00\x01" + (b"\x00\x01" if answer else b"\x00\x00") + b"\x00\x00\x00\x00"
+            header = (query[:2] + b"\x81\x80" + b"\x00\x01" + (b"\x00\x01" if answer else b"\x00\x00")
+                      + b"\x00\x00\x00\x00")
             self.sock.sendto(header + question + answer, peer)
 
     def close(self):
