@@ -28,15 +28,15 @@ import grpc.experimental.gevent as grpc_gevent
 
 grpc_gevent.init_gevent()
 
-import numpy as np  # noqa: E402
-import tritonclient.grpc as grpcclient  # noqa: E402
-import tritonclient.http as httpclient  # noqa: E402
-from locust import User, events, task  # noqa: E402
-from tritonclient.utils import InferenceServerException  # noqa: E402
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from locust import User, events, task
+from tritonclient.utils import InferenceServerException
 
-from loadtest.payloads import Sealer  # noqa: E402
-from rtinfer import access  # noqa: E402
-from rtinfer.keyring import Keyring  # noqa: E402
+from loadtest.payloads import Sealer
+from rtinfer import access
+from rtinfer.keyring import Keyring
 
 
 @events.init_command_line_parser.add_listener

@@ -641,7 +641,6 @@ SCRIPTS = CHART / "files" / "scripts"
 def test_key_sync_makes_0600_copies_and_follows_rotation(tmp_path):
     src, dst = tmp_path / "secret", tmp_path / "keys"
     src.mkdir()
-    ring = keyring.Keyring.__module__ and None  # noqa: F841 (the module is what reads the copy)
     path = src / "keyring.json"
     subprocess.run([sys.executable, "-m", "rtinfer.keyring", "init", str(tmp_path / "ring.json")], check=True,
                    cwd=ROOT, capture_output=True)

@@ -15,9 +15,7 @@ from tritonclient.utils import InferenceServerException
 from clients import samples
 from clients.classify import PipelineClient
 from rtinfer import access, audit
-
-# loopback_certs and pem_key are re-exported: other modules import them here
-from rtinfer.access import loopback_certs as make_ca_and_server_cert, pem_key as _pem_key  # noqa: F401
+from rtinfer.access import loopback_certs as make_ca_and_server_cert
 from rtinfer.launch.server import TritonServer
 
 from conftest import require_model
