@@ -117,10 +117,12 @@ INTEGRATION_NAMES = frozenset({
     "require_model", "BUILD", "SOURCE_DIR", "PRUNED_DIR", "CPU_DIR", "FP16_DIR", "INT8_TRT_DIR", "REPORT_DIR",
     "IMAGES_DIR", "CPU_MODEL_DIR",
 })
-# Subprocesses that start servers or builds: python -m of a launcher, and make (unless a dry run or `make help`).
+# Subprocesses that start servers or builds: python -m of a launcher or of the build, and make (unless asked for
+# help or a dry run).
 LAUNCHERS = re.compile(r"rtinfer\.(launch\.)?(gateway|server|edge_cloud|observe|redis_server|prometheus)"
-                       r"|loadtest\.(run|bench|fleet_bench|gateway_overhead)|clients\.(demo|evaluate|cascade_curve)")
-MAKE_RUNS_NOTHING = {"-n", "--dry-run", "--just-print", "help"}
+                       r"|loadtest\.(run|bench|fleet_bench|gateway_overhead)|clients\.(demo|evaluate|cascade_curve)"
+                       r"|build_engines(\.bench)?")
+RUNS_NOTHING = {"-n", "--dry-run", "--just-print", "help", "-h", "--help"}
 SERVER_BINARIES = {"tritonserver", "haproxy", "redis-server", "prometheus"}
 TESTS = Path(__file__).resolve().parent
 
@@ -141,11 +143,10 @@ def _built_path(node: ast.BinOp) -> bool:
 def _launches(argv: list[str]) -> bool:
     """Whether this command line starts a server (not a check such as ``haproxy -c``) or a build."""
     name = os.path.basename(argv[0]) if argv else ""
-    if name == "make":
-        return not MAKE_RUNS_NOTHING & set(argv[1:])
     if name in SERVER_BINARIES:
         return not {"-c", "-v", "--version"} & set(argv[1:])
-    return any(LAUNCHERS.fullmatch(a) for a in argv)
+    module = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else ""
+    return (name == "make" or bool(LAUNCHERS.fullmatch(module))) and not RUNS_NOTHING & set(argv[1:])
 
 
 def _argv(node: ast.List | ast.Tuple) -> list[str]:
