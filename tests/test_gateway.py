@@ -310,33 +310,45 @@ def test_admin_and_statistics_apis_are_refused_even_with_the_admin_key(gateway, 
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
-def test_health_is_open_pipeline_metadata_needs_the_key_other_models_are_refused(gateway, protocol):
-    """Health and readiness stay open (probes); a model's config and metadata need the inference key
-    (they name parameters, key-file paths and the cloud's address); other models are refused."""
+def test_health_is_open_metadata_needs_the_key_steps_are_readable_over_http_only(gateway, gated_triton, protocol):
+    """Health and readiness stay open (probes); a model's config and metadata need the inference key.
+    Over HTTP the gateway answers them from its stripped snapshot, the pipeline's steps' too (what
+    perf_analyzer reads): no parameters (key-file paths, audit directories, the cloud's address). Over gRPC
+    the steps' stay refused (a Lua service cannot send gRPC trailers); a step is never ready nor inferable."""
     c = triton_client(gateway, protocol)
     key = access.headers(protocol, GATED_API_KEY)
     assert c.is_server_live() and c.is_server_ready() and c.get_server_metadata()
     assert c.is_model_ready("pipeline")
-    for call in (c.get_model_metadata, c.get_model_config):
-        for headers, status in ((None, "401"), ({k: "wrong" for k in key}, "401")):
-            with pytest.raises(InferenceServerException) as info:
-                call("pipeline", headers=headers)
-            assert str(info.value.status()) in (status, "StatusCode.UNAUTHENTICATED"), info.value
-            assert "API key" in info.value.message()
+    for model in ["pipeline"] + (COMPOSING if protocol == "http" else []):
+        for call in (c.get_model_metadata, c.get_model_config):
+            for headers, status in ((None, "401"), ({k: "wrong" for k in key}, "401")):
+                with pytest.raises(InferenceServerException) as info:
+                    call(model, headers=headers)
+                assert str(info.value.status()) in (status, "StatusCode.UNAUTHENTICATED"), (model, info.value)
+                assert "API key" in info.value.message()
     meta = c.get_model_metadata("pipeline", headers=key, as_json=True) if protocol == "grpc" else \
         c.get_model_metadata("pipeline", headers=key)
     assert meta["name"] == "pipeline"
     assert c.get_model_config("pipeline", headers=key)
+    direct = httpclient.InferenceServerClient(gated_triton.http_url)
     for model in COMPOSING:
-        for call in (c.get_model_metadata, c.get_model_config):
-            with pytest.raises(InferenceServerException) as info:
-                call(model, headers=key)
-            assert str(info.value.status()) in REFUSED, (model, info.value)
+        if protocol == "http":
+            assert c.get_model_metadata(model, headers=key)["name"] == model
+            config = c.get_model_config(model, headers=key)
+            assert config["name"] == model and config["input"] and config["output"]
+            assert direct.get_model_config(model)["parameters"]  # Triton's own config has them
+            assert "parameters" not in config and "default_model_filename" not in config, config.keys()
+        else:
+            for call in (c.get_model_metadata, c.get_model_config):
+                with pytest.raises(InferenceServerException) as info:
+                    call(model, headers=key)
+                assert str(info.value.status()) in REFUSED, (model, info.value)
         if protocol == "http":  # tritonclient.http answers False instead of raising
-            assert not c.is_model_ready(model)
+            assert not c.is_model_ready(model, headers=key)
         else:
             with pytest.raises(InferenceServerException):
-                c.is_model_ready(model)
+                c.is_model_ready(model, headers=key)
+    direct.close()
     c.close()
 
 

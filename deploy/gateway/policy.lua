@@ -7,7 +7,9 @@
 --   lua.rtinfer_http <models>        HTTP/REST: normalize the path, allow only the routes a
 --                                    client of <models> needs, forward the canonical path.
 --                                    <models>: the exposed models, comma-separated
---                                    ("pipeline" or "pipeline,cascade").
+--                                    ("pipeline" or "pipeline,cascade"). With a snapshot
+--                                    (GW_MODEL_DOCS), config and metadata are answered from it.
+--   lua.rtinfer_model_doc            (service) a config or metadata document of the snapshot.
 --   lua.rtinfer_grpc_route           gRPC: allow only the unary methods a client needs.
 --   lua.rtinfer_grpc_body <models> <max>  gRPC: check the whole message with grpc_message.lua
 --                                    (what Triton's protobuf parser reads, exactly one model
@@ -45,6 +47,7 @@ local REFUSALS = {
   incomplete_message   = {413, 8,  "gRPC message incomplete or larger than the gateway's buffer"},
   malformed_message    = {400, 3,  "malformed gRPC message"},
   body_not_allowed     = {400, 3,  "this request takes no body"},
+  doc_not_found        = {404, 5,  "no such model or version"},
 }
 
 local function refuse(txn, reason)
@@ -109,18 +112,62 @@ local function normalize(path)
   return "/" .. table.concat(segments, "/")
 end
 
+-- ---------------------------------------------------------------- model documents
+
+-- The snapshot rtinfer/launch/model_docs.py wrote when the gateway started (GW_MODEL_DOCS): canonical
+-- path -> compact JSON, one "<path>\t<json>" per line, for "/v2" (the extensions the gateway serves)
+-- and "/v2/models/<m>[/versions/N][/config]" of the exposed models and their ensembles' steps, with
+-- parameters, file names, paths and addresses stripped. Benchmarks (perf_analyzer, Model Analyzer) read
+-- an ensemble's steps' config; this answers those reads without forwarding anything about a step to
+-- Triton. Without a snapshot (nil), the exposed models' config and metadata and "/v2" go to Triton, and
+-- no other model's are answered. Read once, at start (a missing file stops HAProxy).
+local model_docs = nil
+local documented = {}  -- model name -> true: the models the snapshot has documents of
+
+core.register_init(function()
+  local path = os.getenv("GW_MODEL_DOCS")
+  if path == nil or path == "" then
+    return
+  end
+  local f = assert(io.open(path, "rb"))
+  model_docs = {}
+  for line in f:lines() do
+    local key, body = line:match("^(/[^\t]*)\t(.+)$")
+    if key ~= nil then
+      model_docs[key] = body
+      local name = key:match("^/v2/models/([^/]+)$")
+      if name ~= nil then
+        documented[name] = true
+      end
+    end
+  end
+  f:close()
+end)
+
 -- The routes a client of the exposed models needs, on the canonical path (case-sensitive,
--- as Triton's own routing is). Versions: a positive integer.
+-- as Triton's own routing is). Versions: a positive integer. Returns the method, and the document
+-- key when the answer comes from the snapshot.
 local function http_route(canon, model)
-  if canon == "/v2" or canon == "/v2/health/live" or canon == "/v2/health/ready" then
+  if canon == "/v2" then
+    return "GET", model_docs and canon
+  end
+  if canon == "/v2/health/live" or canon == "/v2/health/ready" then
     return "GET"
   end
   local name, rest = canon:match("^/v2/models/([^/]+)(.*)$")
-  if name == nil or not grpc_message.exposed(model, name) then
+  if name == nil then
+    return nil
+  end
+  local exposed = grpc_message.exposed(model, name)
+  if not exposed and not documented[name] then
     return nil
   end
   local tail = rest:match("^/versions/[1-9]%d*(.*)$") or rest
-  if tail == "" or tail == "/ready" or tail == "/config" then
+  if tail == "" or tail == "/config" then
+    return "GET", model_docs and canon  -- read-only, stripped: an exposed model's or one of its steps'
+  elseif not exposed then
+    return nil  -- a step: its config and metadata only, never ready, infer or anything else
+  elseif tail == "/ready" then
     return "GET"
   elseif tail == "/infer" then
     return "POST"
@@ -134,7 +181,7 @@ core.register_action("rtinfer_http", {"http-req"}, function(txn, model)
     return refuse(txn, "bad_path")
   end
   txn:set_var("txn.route", canon)
-  local method = http_route(canon, model)
+  local method, doc = http_route(canon, model)
   if method == nil then
     return refuse(txn, "route_not_allowed")
   end
@@ -144,6 +191,12 @@ core.register_action("rtinfer_http", {"http-req"}, function(txn, model)
   if method == "GET" and (txn.f:req_hdr_cnt("transfer-encoding") > 0 or
                           (txn.f:req_hdr_cnt("content-length") > 0 and txn.sf:req_hdr("content-length") ~= "0")) then
     return refuse(txn, "body_not_allowed")  -- nothing for a backend to read as a second request
+  end
+  if doc ~= nil then  -- haproxy.cfg answers it with lua.rtinfer_model_doc, after the key check
+    if model_docs[doc] == nil then
+      return refuse(txn, "doc_not_found")
+    end
+    txn:set_var("txn.doc", doc)
   end
   -- Triton sees exactly the path that was checked; the query string is dropped.
   txn.http:req_set_uri(canon)
@@ -182,6 +235,20 @@ core.register_action("rtinfer_grpc_body", {"http-req"}, function(txn, model, max
     refuse(txn, reason)
   end
 end, 2)
+
+core.register_service("rtinfer_model_doc", "http", function(applet)
+  local body = model_docs and model_docs[applet:get_var("txn.doc") or ""]
+  if body == nil then  -- haproxy.cfg uses this service only for a document that exists
+    body = '{"error":"gateway: ' .. REFUSALS.doc_not_found[3] .. '"}'
+    applet:set_status(404)
+  else
+    applet:set_status(200)
+  end
+  applet:add_header("content-type", "application/json")
+  applet:add_header("content-length", tostring(#body))
+  applet:start_response()
+  applet:send(body)
+end)
 
 core.register_action("rtinfer_refuse", {"http-req"}, function(txn, reason)
   refuse(txn, reason)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rtinfer import access
+from rtinfer.launch import model_docs
 from rtinfer.launch.process import die_with_parent, free_port, stop_process
 from rtinfer.launch.server import ROOT, Endpoints, TritonServer
 
@@ -105,7 +106,11 @@ class Gateway(Endpoints):
                  http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0, model: str = "pipeline",
                  api_keys=(), tls_cert: str | None = None, tls_key: str | None = None,
                  tls_client_ca: str | None = None, rate_limit: int = 0,
-                 workdir: str | os.PathLike = ROOT / "build" / "gateway", log_file: str | None = None):
+                 workdir: str | os.PathLike = ROOT / "build" / "gateway", log_file: str | None = None,
+                 docs: bool = True):
+        """``docs``: take the stripped config/metadata snapshot at start (rtinfer.launch.model_docs) and answer
+        HTTP config and metadata reads from it, the exposed models' ensemble steps' included; False: those
+        reads of the exposed models go to Triton and no other model's are answered (as without a snapshot)."""
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("gateway TLS needs both a certificate and its key")
         if tls_client_ca and not tls_cert:
@@ -127,6 +132,7 @@ class Gateway(Endpoints):
         self.workdir = Path(workdir) / f"gateway-{self.http_port}"
         self.log_file = Path(log_file) if log_file else self.workdir / "haproxy.log"
         self.stats_socket = self.workdir.absolute() / "admin.sock"  # haproxy reads a relative one as host:port
+        self.docs_file = self.workdir / "model-docs.tsv" if docs else None
         self.proc: subprocess.Popen | None = None
 
     @classmethod
@@ -181,9 +187,11 @@ class Gateway(Endpoints):
         env.update(GW_DIR=str(CONFIG_DIR), GW_MODEL=self.model,
                    GW_HTTP_BIND=self.http_url, GW_GRPC_BIND=self.grpc_url,
                    GW_METRICS_BIND=f"{self.host}:{self.metrics_port}", GW_STATS_SOCKET=str(self.stats_socket))
-        for unset in ("GW_TLS_PEM", "GW_TLS_CLIENT_CA", "GW_API_KEYS", "GW_RATE_LIMIT",
+        for unset in ("GW_TLS_PEM", "GW_TLS_CLIENT_CA", "GW_API_KEYS", "GW_RATE_LIMIT", "GW_MODEL_DOCS",
                       access.API_KEY_ENV, access.ADMIN_KEY_ENV):  # HAProxy needs no plaintext key
             env.pop(unset, None)
+        if self.docs_file is not None:
+            env["GW_MODEL_DOCS"] = str(self.docs_file.absolute())
         if self.tls:  # HAProxy wants the certificate and its key in one file
             pem = Path(self.tls_cert).read_bytes().rstrip(b"\n") + b"\n" + Path(self.tls_key).read_bytes()
             env["GW_TLS_PEM"] = str(self._private("server.pem", pem))
@@ -207,6 +215,8 @@ class Gateway(Endpoints):
         self.workdir.chmod(0o700)
         if len(str(self.stats_socket)) > 100:  # a Unix socket path has at most 107 bytes
             self.stats_socket = Path(tempfile.mkdtemp(prefix="rtinfer-gw-")) / "admin.sock"
+        if self.docs_file is not None:  # from the first replica, over loopback (one model repository for all)
+            model_docs.write(model_docs.snapshot(self.replicas[0].http, self.model.split(",")), self.docs_file)
         env = self.environment()
         log = open(self.log_file, "ab")
         self.proc = subprocess.Popen(self.command(),
