@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from clients import samples
 from clients.classify import PipelineClient
-from rtinfer import access, audit
+from rtinfer import access
 from rtinfer.launch.gateway import CONFIG_DIR, MAX_REQUEST_BYTES, Gateway
 from rtinfer.launch.process import free_port
 from rtinfer.launch.server import ROOT
@@ -548,7 +548,8 @@ def test_serve_command_puts_the_gateway_in_front_of_a_loopback_triton(keyring_pa
         triton = re.search(r"on loopback: HTTP (\S+):\d+\s+gRPC (\S+):\d+", lines[1])
         assert triton and triton.group(1) == triton.group(2) == "127.0.0.1", lines[1]
         for protocol, port in (("grpc", grpc_port), ("http", http_port)):
-            c = PipelineClient(f"127.0.0.1:{port}", protocol=protocol, key=keys.key("k1"), key_id="k1", client_id="serve")
+            c = PipelineClient(f"127.0.0.1:{port}", protocol=protocol, key=keys.key("k1"), key_id="k1",
+                               client_id="serve")
             assert c.classify(samples.photo("chelsea"), top_k=1).predictions[0].index in CATS
             c.pipeline = "preprocess"
             with pytest.raises(InferenceServerException) as info:

@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import http.client
 import random
 import re
 import zlib
@@ -26,7 +25,7 @@ from rtinfer.launch.gateway import Gateway
 from rtinfer.launch.server import ROOT
 
 from conftest import GATED_API_KEY, require_haproxy
-from grpc_cases import field_bytes, varint
+from grpc_cases import field_bytes
 from test_gateway import envelope_request, http_send, log_after, raw_infer, raw_refusal
 from test_security_access import make_ca_and_server_cert
 

@@ -14,8 +14,8 @@ SERVING = ("demo", "serve", "serve-direct", "evaluate", "loadtest", "bench", "ob
 
 
 def phony() -> list[str]:
-    m = re.search(r"^\.PHONY:((?:.*\\\n)*.*)$", MAKEFILE, re.M)
-    return m.group(1).replace("\\\n", " ").split()
+    lines = re.findall(r"^\.PHONY:((?:.*\\\n)*.*)$", MAKEFILE, re.M)
+    return " ".join(lines).replace("\\\n", " ").split()
 
 
 def prerequisites() -> dict[str, list[str]]:
