@@ -204,6 +204,18 @@ BENCH_SECONDS ?= 6
 bench: engines-quick keys haproxy ## bare ONNX Runtime vs the pipeline through the gateway vs FastAPI, one run
 	$(PY) -m loadtest.bench --keyring $(KEYRING) --levels $(BENCH_LEVELS) --seconds $(BENCH_SECONDS) --doc
 
+# NVIDIA's perf_analyzer (tritonclient 2.50.0's, unpacked from pinned wheels by deploy/perf_analyzer/) through the
+# gateway over HTTP, against its own Triton and gateway on free loopback ports: PA_REQUESTS requests per level of
+# PA_CONCURRENCY, each with its own sealed envelope; PA_ENVELOPES fewer than the requests stops it before perf_analyzer
+# would replay one. JSON, table and CSV in build/perf_analyzer/ (docs/performance.md "perf_analyzer").
+PA_CONCURRENCY ?= 1,2
+PA_REQUESTS    ?= 500
+PA_ENVELOPES   ?=
+.PHONY: perf-analyzer
+perf-analyzer: engines-quick keys haproxy ## NVIDIA's perf_analyzer through the gateway (HTTP), one sealed envelope per request
+	$(PY) -m loadtest.perf_analyzer --keyring $(KEYRING) --concurrency $(PA_CONCURRENCY) --requests $(PA_REQUESTS) \
+	  $(if $(PA_ENVELOPES),--envelopes $(PA_ENVELOPES))
+
 # Monitoring, for real (docs/monitoring.md "make observe"): Triton + gateway + Prometheus (rules time-compressed) on
 # loopback, clean Locust load, a valid surge, then injected abuse; prints the alerts that fired and
 # writes $(OBSERVE_OUT)/alerts.json and observe.png. Fails when an expected alert did not fire or
