@@ -422,10 +422,14 @@ def test_slow_clients_are_cut_off(gateway, gated_triton):
     # HAProxy answers 408 when a timeout for the request ran out, and its log has the time the request took
     # (%Ta, ms: its own timer), which says WHICH timeout fired: 30 s for headers and a gRPC message, 5 s for
     # the body of a refused request, not the 300 s client timeout that a trickle keeps resetting.
-    log = gateway.log_text()[mark:]
-
     def logged(pattern: str) -> int:
-        found = re.search(r" (\d+) \d+ (\d+) " + pattern, log)
+        deadline = time.monotonic() + 10  # HAProxy writes the line when the transaction ends, just after the reply
+        while True:
+            log = gateway.log_text()[mark:]
+            found = re.search(r" (\d+) \d+ (\d+) " + pattern, log)
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert found and found.group(1) == "408", (pattern, log[-2000:])
         return int(found.group(2))
 
