@@ -14,7 +14,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import uuid
 
 import grpc
@@ -33,6 +32,7 @@ from rtinfer.launch.process import free_port
 from rtinfer.launch.server import ROOT
 
 from conftest import GATED_ADMIN_KEY, GATED_API_KEY, require_haproxy
+from helpers import log_after
 from test_pipeline_server import BAD_ENVELOPES, CATS, expect_rejected, records_for
 
 PROTOCOLS = ["grpc", "http"]
@@ -61,16 +61,6 @@ def url(target, protocol):
 
 def triton_client(target, protocol):
     return (grpcclient if protocol == "grpc" else httpclient).InferenceServerClient(url(target, protocol))
-
-
-def log_after(gw, mark: int, pattern: str) -> list[str]:
-    """Access-log lines written after ``mark`` (a length of the log) that match ``pattern``."""
-    deadline = time.monotonic() + 5
-    while True:  # HAProxy writes the line when the transaction ends, just after the reply
-        lines = [ln for ln in gw.log_text()[mark:].splitlines() if re.search(pattern, ln)]
-        if lines or time.monotonic() > deadline:
-            return lines
-        time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ limits
